@@ -1,0 +1,424 @@
+"""ImbalanceSeg: segmentation with per-class confidence for imbalanced structures.
+
+This file holds the Module, Widget, Logic and Test classes, as Slicer's
+scripted-module convention expects. The Logic never imports Qt: it takes the
+MRML scene it works on, so the same code runs inside 3D Slicer and in plain
+Python on the ``slicer-core`` wheel (tests, the demo, batch scripts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+_MODULE_DIR = Path(__file__).resolve().parent
+
+
+def _add_library_paths() -> None:
+    """Make ``imbalanceseglib`` and ``ImbalanceSegSlicer`` importable.
+
+    Installed extension: both sit beside this file (qt-scripted-modules).
+    Source tree: the library lives in ../ImbalanceSegLib/src.
+    """
+    for candidate in (_MODULE_DIR, _MODULE_DIR.parent / "ImbalanceSegLib" / "src"):
+        if candidate.is_dir() and str(candidate) not in sys.path:
+            sys.path.insert(0, str(candidate))
+
+
+_add_library_paths()
+
+try:  # Inside the 3D Slicer application.
+    import qt  # noqa: F401
+    import slicer
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.util import VTKObservationMixin
+
+    IN_SLICER_APP = True
+except ImportError:  # Plain Python with slicer-core: no Qt, no application.
+    import slicer  # the slicer-core wheel provides the MRML classes
+
+    IN_SLICER_APP = False
+
+    class ScriptedLoadableModule:  # minimal stand-ins so the Logic can be imported
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            raise RuntimeError("the ImbalanceSeg widget needs the 3D Slicer application")
+
+    class ScriptedLoadableModuleTest:
+        pass
+
+    class VTKObservationMixin:
+        pass
+
+
+ProgressCallback = Callable[[str, float], None]
+
+#: Python packages the module needs in Slicer's Python, besides torch (PyTorch extension).
+PIP_REQUIREMENTS = ["monai>=1.3", "safetensors>=0.4"]
+
+
+def _missing_python_packages() -> List[str]:
+    import importlib.util
+    names = {"torch": "torch", "monai": "monai", "safetensors": "safetensors"}
+    return [pkg for mod, pkg in names.items() if importlib.util.find_spec(mod) is None]
+
+
+def bundled_models_dir() -> Path:
+    """Folder of the models that ship with the extension."""
+    for candidate in (_MODULE_DIR / "Resources" / "Models", _MODULE_DIR.parent / "Resources" / "Models"):
+        if candidate.is_dir():
+            return candidate
+    return _MODULE_DIR / "Resources" / "Models"
+
+
+def demo_data_dir() -> Path:
+    for candidate in (_MODULE_DIR / "Resources" / "Demo", _MODULE_DIR.parent / "Resources" / "Demo"):
+        if candidate.is_dir():
+            return candidate
+    return _MODULE_DIR / "Resources" / "Demo"
+
+
+#
+# Module
+#
+
+
+class ImbalanceSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "ImbalanceSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["ImbalanceSeg developers"]
+        self.parent.helpText = (
+            "Segment a volume with a trained ImbalanceSeg model. Besides the segmentation, the module "
+            "keeps the per-class probabilities (confidence maps), an uncertainty map (normalised "
+            "entropy) and a per-class table of volumes and mean confidence, compared with a reference "
+            "segmentation when one is given.")
+        self.parent.acknowledgementText = (
+            "Demo data: Colin27 T1 (Holmes et al. 1998) with the AAL atlas (Tzourio-Mazoyer et al. 2002), "
+            "as distributed by Debian's mricron-data package. See Resources/Demo/SOURCES.md.")
+
+
+#
+# Results
+#
+
+
+@dataclass
+class SegmentationResult:
+    """Nodes and numbers produced by one run of :meth:`ImbalanceSegLogic.process`."""
+
+    segmentationNode: Any
+    probabilityNodes: List[Any]
+    uncertaintyNode: Any
+    tableNode: Any
+    rows: List[Dict[str, Any]]
+    classNames: List[str]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def nodes(self) -> List[Any]:
+        return [self.segmentationNode, *self.probabilityNodes, self.uncertaintyNode, self.tableNode]
+
+
+TABLE_COLUMNS = [
+    {"name": "Segment", "type": "string", "description": "Class name from the model card"},
+    {"name": "Voxel count", "type": "int", "unit": "voxels", "description": "Voxels assigned to the class"},
+    {"name": "Volume", "type": "double", "unit": "ml", "description": "Segment volume"},
+    {"name": "Mean probability", "type": "double", "unit": "",
+     "description": "Mean predicted probability of the class over the voxels of its segment (empty: no voxels)"},
+    {"name": "Reference voxel count", "type": "int", "unit": "voxels",
+     "description": "Voxels of the matching reference segment"},
+    {"name": "Dice", "type": "double", "unit": "",
+     "description": "Dice against the reference segment with the same name (empty: no reference, or absent in both)"},
+]
+
+
+#
+# Logic
+#
+
+
+class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
+    """Runs a model bundle on a volume node and creates result nodes in ``scene``.
+
+    The user's nodes are only read. Every result is a new node; if anything
+    fails, the nodes created so far are removed again, so the scene is exactly
+    as before.
+    """
+
+    def __init__(self, scene=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        if scene is None:
+            if not IN_SLICER_APP:
+                raise ValueError("ImbalanceSegLogic needs a scene outside the Slicer application")
+            scene = slicer.mrmlScene
+        self.scene = scene
+        self._bundles: Dict[Any, Any] = {}
+
+    # -- models -----------------------------------------------------------------
+
+    @staticmethod
+    def availableModels(extraFolders: Sequence[os.PathLike] = ()) -> List[Path]:
+        from imbalanceseglib.bundle import BUNDLE_SUFFIX
+        models: List[Path] = []
+        for folder in (bundled_models_dir(), *map(Path, extraFolders)):
+            if folder.is_dir():
+                models.extend(sorted(folder.glob(f"*{BUNDLE_SUFFIX}")))
+        return models
+
+    def loadModel(self, path: os.PathLike):
+        """Load (and cache) a bundle; raises BundleError with a clear message."""
+        from imbalanceseglib.bundle import load_bundle
+        path = Path(path)
+        key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else None)
+        if key not in self._bundles:
+            self._bundles[key] = load_bundle(path)
+        return self._bundles[key]
+
+    # -- processing -------------------------------------------------------------
+
+    def process(self, inputVolumeNode, model, referenceSegmentationNode=None, device: str = "cpu",
+                progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None) -> SegmentationResult:
+        """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle)."""
+        from imbalanceseglib.inference import predict
+        from ImbalanceSegSlicer import scene as sc
+
+        progress = progress or (lambda stage, frac: None)
+        if inputVolumeNode is None or not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode"):
+            raise ValueError("select a scalar input volume")
+        if inputVolumeNode.GetScene() is not self.scene:
+            raise ValueError("the input volume is not in this logic's scene")
+        if inputVolumeNode.GetImageData() is None:
+            raise ValueError(f"input volume {inputVolumeNode.GetName()!r} has no image data")
+        bundle = model if hasattr(model, "network") else self.loadModel(model)
+        sc.ensure_scene_logic(self.scene)
+        timings: Dict[str, float] = {}
+        base = baseName or inputVolumeNode.GetName()
+        created: List[Any] = []
+        try:
+            t = time.perf_counter()
+            image = sc.sitk_from_volume_node(inputVolumeNode)
+            prediction = predict(image, bundle, device=device, progress=progress)
+            timings.update({f"inference.{k}": v for k, v in prediction.timings.items()})
+            timings["inference"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            progress("results", 0.0)
+            classes = bundle.classes
+            seg_node = sc.segmentation_from_labelmap(self.scene, prediction.label_image(), inputVolumeNode,
+                                                     classes[1:], f"{base} segmentation")
+            created.append(seg_node)
+            prob_nodes = []
+            for i, cls in enumerate(classes):
+                node = sc.add_probability_volume(self.scene, prediction.probability_image(i),
+                                                 f"{base} probability {cls['name']}", colormap="Inferno")
+                created.append(node)
+                prob_nodes.append(node)
+            unc_node = sc.add_probability_volume(self.scene, prediction.uncertainty_image(),
+                                                 f"{base} uncertainty", colormap="Viridis")
+            created.append(unc_node)
+            reference = None
+            if referenceSegmentationNode is not None:
+                from ImbalanceSegSlicer.reference import reference_label_array
+                reference = reference_label_array(self.scene, referenceSegmentationNode, inputVolumeNode,
+                                                  [c["name"] for c in classes])
+            rows = self.classRows(prediction, image.GetSpacing(), reference)
+            table = sc.table_node_from_rows(
+                self.scene, f"{base} class table", TABLE_COLUMNS,
+                [[r["Segment"], r["Voxel count"], r["Volume"], r["Mean probability"],
+                  r["Reference voxel count"], r["Dice"]] for r in rows])
+            created.append(table)
+            timings["results"] = time.perf_counter() - t
+            progress("results", 1.0)
+        except BaseException:
+            for node in reversed(created):
+                if node is not None and node.GetScene() is self.scene:
+                    self.scene.RemoveNode(node)
+            raise
+        return SegmentationResult(seg_node, prob_nodes, unc_node, table, rows,
+                                  [c["name"] for c in classes], timings)
+
+    @staticmethod
+    def classRows(prediction, spacing: Sequence[float], reference=None) -> List[Dict[str, Any]]:
+        """Per foreground class: voxels, volume (ml), mean probability, reference voxels, Dice."""
+        import numpy as np
+        from imbalanceseglib.metrics import overlap_metrics
+
+        n = len(prediction.class_names)
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        counts = np.bincount(prediction.labels.ravel(), minlength=n)
+        ref_metrics, matched = None, {}
+        if reference is not None:
+            ref_labels, matched = reference
+            ref_metrics = overlap_metrics(prediction.labels, ref_labels, n)
+        rows = []
+        for c in range(1, n):
+            name = prediction.class_names[c]
+            mask = prediction.labels == c
+            mean_p = float(prediction.probabilities[c][mask].mean()) if counts[c] else None
+            row = {"Segment": name, "Voxel count": int(counts[c]), "Volume": counts[c] * voxel_ml,
+                   "Mean probability": mean_p, "Reference voxel count": None, "Dice": None}
+            if ref_metrics is not None and name in matched:
+                row["Reference voxel count"] = ref_metrics[c]["reference_voxels"]
+                row["Dice"] = ref_metrics[c]["dice"]
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def formatRows(rows: List[Dict[str, Any]]) -> str:
+        """The class table as aligned text (for the terminal and logs)."""
+        def fmt(v, spec):
+            return "-" if v is None else format(v, spec)
+        lines = [f"{'Segment':<22}{'Voxels':>9}{'Volume ml':>11}{'Mean p':>9}{'Ref voxels':>12}{'Dice':>8}"]
+        for r in rows:
+            lines.append(f"{r['Segment']:<22}{r['Voxel count']:>9d}{r['Volume']:>11.2f}"
+                         f"{fmt(r['Mean probability'], '.3f'):>9}{fmt(r['Reference voxel count'], 'd'):>12}"
+                         f"{fmt(r['Dice'], '.3f'):>8}")
+        return "\n".join(lines)
+
+
+#
+# Widget (thin: connects the GUI to the Logic)
+#
+
+
+class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+
+    def setup(self):
+        import ctk
+        import qt
+        ScriptedLoadableModuleWidget.setup(self)
+        box = ctk.ctkCollapsibleButton()
+        box.text = "Segment"
+        self.layout.addWidget(box)
+        form = qt.QFormLayout(box)
+        self.inputSelector = slicer.qMRMLNodeComboBox()
+        self.inputSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        self.inputSelector.addEnabled = False
+        self.inputSelector.removeEnabled = False
+        self.inputSelector.setMRMLScene(slicer.mrmlScene)
+        self.inputSelector.toolTip = "Volume to segment"
+        form.addRow("Input volume:", self.inputSelector)
+        self.modelSelector = qt.QComboBox()
+        self.modelSelector.toolTip = "Trained model bundle (.imbseg)"
+        form.addRow("Model:", self.modelSelector)
+        self.referenceSelector = slicer.qMRMLNodeComboBox()
+        self.referenceSelector.nodeTypes = ["vtkMRMLSegmentationNode"]
+        self.referenceSelector.noneEnabled = True
+        self.referenceSelector.addEnabled = False
+        self.referenceSelector.removeEnabled = False
+        self.referenceSelector.setMRMLScene(slicer.mrmlScene)
+        self.referenceSelector.toolTip = "Optional reference segmentation (segments matched by name) for Dice"
+        form.addRow("Reference (optional):", self.referenceSelector)
+        self.deviceSelector = qt.QComboBox()
+        self.deviceSelector.addItems(["cpu", "cuda"])
+        form.addRow("Device:", self.deviceSelector)
+        self.applyButton = qt.QPushButton("Apply")
+        self.applyButton.toolTip = "Run the model"
+        form.addRow(self.applyButton)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.visible = False
+        form.addRow(self.progressBar)
+        self.statusLabel = qt.QLabel("")
+        self.statusLabel.wordWrap = True
+        form.addRow(self.statusLabel)
+        self.layout.addStretch(1)
+        self.applyButton.connect("clicked(bool)", self.onApply)
+        self.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self._populateModels()
+        self.updateButtons()
+
+    def _populateModels(self):
+        self.modelSelector.clear()
+        try:
+            models = ImbalanceSegLogic.availableModels()
+        except ImportError:
+            models = []
+        for path in models:
+            self.modelSelector.addItem(path.stem, str(path))
+
+    def updateButtons(self, *args):
+        self.applyButton.enabled = self.inputSelector.currentNode() is not None and self.modelSelector.count > 0
+
+    def _ensureDependencies(self) -> bool:
+        missing = _missing_python_packages()
+        if not missing:
+            return True
+        if slicer.app.testingEnabled():
+            raise RuntimeError(f"missing Python packages in testing mode: {missing}")
+        if not slicer.util.confirmOkCancelDisplay(
+                "ImbalanceSeg needs these Python packages, which will be installed now:\n"
+                + "\n".join(missing) + "\n(torch through the PyTorch extension)"):
+            return False
+        if "torch" in missing:
+            import PyTorchUtils
+            PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+        others = [r for r in PIP_REQUIREMENTS if r.split(">")[0].split("=")[0] in missing]
+        if others:
+            slicer.util.pip_install(others)
+        return not _missing_python_packages()
+
+    def onApply(self):
+        import qt
+        if not self._ensureDependencies():
+            return
+        if self.logic is None:
+            self.logic = ImbalanceSegLogic(slicer.mrmlScene)
+        self.progressBar.visible = True
+
+        def progress(stage, fraction):
+            self.progressBar.value = int(100 * fraction)
+            self.statusLabel.text = f"{stage}…"
+            slicer.app.processEvents()
+
+        with slicer.util.tryWithErrorDisplay("ImbalanceSeg failed.", waitCursor=True):
+            result = self.logic.process(self.inputSelector.currentNode(), self.modelSelector.currentData,
+                                        self.referenceSelector.currentNode(),
+                                        device=self.deviceSelector.currentText, progress=progress)
+            slicer.util.setSliceViewerLayers(background=self.inputSelector.currentNode(),
+                                             foreground=result.probabilityNodes[1], foregroundOpacity=0.4)
+            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.tableNode.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            self.statusLabel.text = "Done in " + f"{sum(v for k, v in result.timings.items() if '.' not in k):.1f} s"
+        self.progressBar.visible = False
+
+
+#
+# Test (runs inside Slicer's test runner on the demo case)
+#
+
+
+class ImbalanceSegTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_demo_segmentation()
+
+    def test_demo_segmentation(self):
+        from ImbalanceSegSlicer.scenarios import run_demo_scenario
+        result = run_demo_scenario(slicer.mrmlScene)
+        self.assertEqual(result["segment_names"], result["class_names"][1:])
+        for name, dice in result["dice"].items():
+            self.assertGreater(dice, result["min_dice"][name], name)
+        self.delayDisplay("ImbalanceSeg demo test passed")

@@ -1,0 +1,112 @@
+"""Command line: ``imbalanceseg train | predict | card``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_training_data
+    from .training import TrainConfig, prepare_case, train
+
+    cfg_path = Path(args.config)
+    spec = json.loads(cfg_path.read_text())
+    base = Path(args.data_root) if args.data_root else cfg_path.parent
+    config = TrainConfig.from_dict(spec["train"])
+    if args.iterations:
+        config.iterations = args.iterations
+    print(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
+    t0 = time.perf_counter()
+    train_pairs, val_pairs = load_training_data(spec["data"], base, log=lambda s: print(s, flush=True))
+    train_cases = [prepare_case(i, l, config, n) for i, l, n in train_pairs]
+    val_cases = [prepare_case(i, l, config, n) for i, l, n in val_pairs]
+    print(f"[train] {len(train_cases)} training and {len(val_cases)} validation cases "
+          f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    path = train(config, train_cases, val_cases, Path(args.out), resume=not args.no_resume,
+                 log=lambda s: print(s, flush=True), extra_card={"training_data": spec["data"]})
+    print(f"[train] bundle written: {path}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .bundle import load_bundle
+    from .images import read_image, write_image
+    from .inference import predict
+
+    bundle = load_bundle(args.model)
+    image = read_image(args.input, "input volume")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(stage: str, frac: float) -> None:
+        print(f"\r[predict] {stage:<12} {100 * frac:5.1f}%", end="", flush=True)
+
+    pred = predict(image, bundle, device=args.device, progress=progress)
+    print()
+    write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
+    for i, name in enumerate(pred.class_names):
+        write_image(pred.probability_image(i), out / f"probability_{i:02d}.nrrd")
+    write_image(pred.uncertainty_image(), out / "uncertainty.nrrd")
+    (out / "classes.json").write_text(json.dumps(bundle.classes, indent=2))
+    print(f"[predict] wrote {out} ({', '.join(f'{k} {v:.2f}s' for k, v in pred.timings.items())})")
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from .bundle import read_card
+
+    card = read_card(args.model)
+    if args.json:
+        print(json.dumps(card, indent=2))
+        return 0
+    print(f"{card['name']}: {card.get('description', '')}")
+    pre = card["preprocessing"]
+    print(f"  modality {pre.get('modality')}, spacing {pre.get('target_spacing')} mm, patch {pre.get('patch_size')}")
+    val = card.get("validation", {}).get("per_class", {})
+    demo = card.get("demo_case", {}).get("per_class", {})
+    print(f"  {'class':<20}{'val Dice':>10}{'demo Dice':>11}")
+    for c in card["classes"][1:]:
+        v = val.get(c["name"], {}).get("dice")
+        d = demo.get(c["name"], {}).get("dice")
+        print(f"  {c['name']:<20}{'' if v is None else f'{v:.3f}':>10}{'' if d is None else f'{d:.3f}':>11}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="imbalanceseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model from a JSON config")
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="output folder (checkpoint and bundle)")
+    p.add_argument("--data-root", help="folder that data paths in the config are relative to (default: the config's folder)")
+    p.add_argument("--iterations", type=int, help="override the number of iterations")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("predict", help="segment one volume")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_predict)
+    p = sub.add_parser("card", help="show a model card")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_card)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"imbalanceseg: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Image I/O and the geometric and intensity preprocessing a model bundle prescribes.
+
+Arrays follow SimpleITK/numpy order (z, y, x); spacing, origin and direction
+follow ITK (x, y, z; LPS physical space).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_path
+
+CANONICAL_ORIENTATION = "LPS"
+
+
+class ImageError(ValueError):
+    """An image cannot be used as given (wrong dimension, empty, non-finite, ...)."""
+
+
+def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Refuse images the library cannot segment, naming the problem."""
+    if image.GetDimension() != 3:
+        raise ImageError(f"{what} is {image.GetDimension()}-D; ImbalanceSeg segments 3-D volumes")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(
+            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed")
+    size = image.GetSize()
+    if min(size) < 1:
+        raise ImageError(f"{what} has an empty dimension (size {size})")
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ImageError(f"{what} has invalid voxel spacing {spacing}")
+    return image
+
+
+def read_image(path: Union[str, Path], what: Optional[str] = None) -> sitk.Image:
+    path = Path(path)
+    what = what or str(path)
+    if not path.exists():
+        raise ImageError(f"{what}: file not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise ImageError(f"{what}: cannot be read as an image ({first})") from exc
+    return check_image(image, what)
+
+
+def write_image(image: sitk.Image, path: Union[str, Path], compress: bool = True) -> Path:
+    """Write atomically (temporary file beside the target, then rename)."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    with atomic_path(path, suffix=suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+    return path
+
+
+def array_from_image(image: sitk.Image, dtype=np.float32) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).astype(dtype, copy=False)
+
+
+def image_from_array(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(reference)
+    return out
+
+
+def orientation_code(image: sitk.Image) -> str:
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """Permute/flip axes (no interpolation) so the array axes run along L, P, S."""
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+@dataclass
+class Geometry:
+    size: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    origin: Tuple[float, float, float]
+    direction: Tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+
+def resample_to_spacing(image: sitk.Image, spacing: Sequence[float],
+                        interpolator=sitk.sitkLinear, default_value: float = 0.0) -> sitk.Image:
+    """Resample onto a grid with ``spacing`` covering the same physical extent."""
+    old_size = np.array(image.GetSize(), dtype=float)
+    old_spacing = np.array(image.GetSpacing(), dtype=float)
+    new_spacing = np.array(spacing, dtype=float)
+    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int)
+    # Keep the centre of the field of view fixed.
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    old_centre_idx = (old_size - 1) / 2.0
+    centre = np.array(image.GetOrigin()) + direction @ (old_centre_idx * old_spacing)
+    new_origin = centre - direction @ (((new_size - 1) / 2.0) * new_spacing)
+    return sitk.Resample(image, [int(s) for s in new_size], sitk.Transform(), interpolator,
+                         tuple(new_origin), tuple(new_spacing), image.GetDirection(),
+                         default_value, image.GetPixelID())
+
+
+def needs_resampling(image: sitk.Image, target_spacing: Optional[Sequence[float]], rtol: float = 0.02) -> bool:
+    if target_spacing is None:
+        return False
+    return not np.allclose(image.GetSpacing(), target_spacing, rtol=rtol)
+
+
+def normalise_intensities(array: np.ndarray, params: Dict[str, Any]) -> np.ndarray:
+    """Apply the intensity normalisation recorded in a model card.
+
+    Schemes:
+    * ``percentile_zscore``: clip to the [lower, upper] percentiles of the volume,
+      then subtract the mean and divide by the standard deviation of the clipped volume;
+    * ``fixed_zscore``: clip to [clip_min, clip_max], then (x - mean) / std with the
+      fixed mean/std of the card (CT-style);
+    * ``none``.
+    """
+    scheme = params.get("scheme", "percentile_zscore")
+    array = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ImageError(f"image has {bad} NaN or infinite voxel values; fix or mask them before segmenting")
+    if scheme == "none":
+        return array.copy()
+    if scheme == "percentile_zscore":
+        lo, hi = np.percentile(array, [params.get("lower_percentile", 0.5), params.get("upper_percentile", 99.5)])
+        clipped = np.clip(array, lo, hi)
+        std = float(clipped.std())
+        return ((clipped - float(clipped.mean())) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+    if scheme == "fixed_zscore":
+        clipped = np.clip(array, params["clip_min"], params["clip_max"])
+        return ((clipped - params["mean"]) / params["std"]).astype(np.float32)
+    raise ImageError(f"unknown intensity normalisation scheme {scheme!r}")

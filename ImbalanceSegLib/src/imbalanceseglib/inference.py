@@ -1,0 +1,179 @@
+"""Sliding-window inference that keeps the per-class probabilities.
+
+``predict`` takes a SimpleITK image in any orientation and spacing, applies the
+bundle's preprocessing (canonical axis order, target spacing, intensity
+normalisation), runs the network with Gaussian-blended sliding windows (MONAI),
+applies the card's calibration, and returns per-class probabilities, the label
+map and a normalised-entropy uncertainty map on the *input* grid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+
+from .bundle import BundleError, ModelBundle
+from .images import (check_image, image_from_array, needs_resampling, normalise_intensities,
+                     orientation_code, resample_to_spacing, to_canonical)
+
+ProgressCallback = Callable[[str, float], None]
+
+
+def _noop_progress(stage: str, fraction: float) -> None:
+    pass
+
+
+@dataclass
+class Prediction:
+    """Per-class probabilities (C, z, y, x), labels and uncertainty on the input grid."""
+
+    probabilities: np.ndarray
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    reference: sitk.Image
+    class_names: List[str]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def _image(self, array: np.ndarray) -> sitk.Image:
+        return image_from_array(array, self.reference)
+
+    def probability_image(self, index: int) -> sitk.Image:
+        return self._image(self.probabilities[index])
+
+    def label_image(self) -> sitk.Image:
+        return self._image(self.labels)
+
+    def uncertainty_image(self) -> sitk.Image:
+        return self._image(self.uncertainty)
+
+
+def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Entropy of the class distribution at each voxel divided by log(C): 0 certain, 1 uniform."""
+    c = probabilities.shape[0]
+    p = np.clip(probabilities, 1e-12, 1.0)
+    ent = -(probabilities * np.log(p)).sum(axis=0)
+    return (ent / math.log(c)).astype(np.float32)
+
+
+def apply_calibration(logits: torch.Tensor, calibration: Optional[Dict[str, Any]]) -> torch.Tensor:
+    """Turn logits (N, C, ...) into probabilities following the card's calibration entry.
+
+    ``{"method": "none"}`` (or no entry) is the plain softmax; ``temperature``
+    divides the logits by one temperature, or by one per class when a list is given.
+    """
+    method = (calibration or {}).get("method", "none")
+    if method == "none":
+        return torch.softmax(logits, dim=1)
+    if method == "temperature":
+        t = calibration["temperature"]
+        if isinstance(t, (list, tuple)):
+            if len(t) != logits.shape[1]:
+                raise BundleError(f"calibration has {len(t)} temperatures for {logits.shape[1]} classes")
+            tt = torch.tensor(t, dtype=logits.dtype, device=logits.device).view(1, -1, *([1] * (logits.ndim - 2)))
+        else:
+            tt = float(t)
+        return torch.softmax(logits / tt, dim=1)
+    raise BundleError(f"unknown calibration method {method!r} in the model card")
+
+
+def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's sliding window visits for this shape (for progress)."""
+    n = 1
+    for s, r in zip(shape, roi):
+        if s <= r:
+            continue
+        step = max(1, int(r * (1 - overlap)))
+        n *= math.ceil((s - r) / step) + 1
+    return n
+
+
+def sliding_window_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequence[int],
+                          overlap: float = 0.5, sw_batch_size: int = 2, device: str = "cpu",
+                          progress: ProgressCallback = _noop_progress) -> torch.Tensor:
+    """Logits (1, C, z, y, x) for one normalised volume (z, y, x)."""
+    dev = torch.device(device)
+    network = network.to(dev).eval()
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(dev)
+    padded_shape = [max(s, r) for s, r in zip(volume.shape, roi_size)]
+    total_batches = max(1, math.ceil(count_windows(padded_shape, roi_size, overlap) / sw_batch_size))
+    done = [0]
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        out = network(batch)
+        done[0] += 1
+        progress("network", min(1.0, done[0] / total_batches))
+        return out
+
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, roi_size=list(roi_size), sw_batch_size=sw_batch_size,
+                                          predictor=predictor, overlap=overlap, mode="gaussian",
+                                          sw_device=dev, device=torch.device("cpu"))
+    return logits
+
+
+def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap: float = 0.5,
+            sw_batch_size: int = 2, progress: Optional[ProgressCallback] = None) -> Prediction:
+    """Segment one volume with a bundle; see the module docstring."""
+    progress = progress or _noop_progress
+    if bundle.network is None:
+        raise BundleError("bundle was loaded without weights; use load_bundle()")
+    check_image(image, "input volume")
+    timings: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    pre = bundle.preprocessing
+    in_ch = bundle.card["network"].get("params", {}).get("in_channels", 1)
+    if in_ch != 1:
+        raise BundleError(f"model expects {in_ch} input channels; ImbalanceSeg passes one volume")
+    progress("preprocess", 0.0)
+    original = sitk.Cast(image, sitk.sitkFloat32)
+    canonical = to_canonical(original)
+    resampled = needs_resampling(canonical, pre.get("target_spacing"))
+    work = resample_to_spacing(canonical, pre["target_spacing"]) if resampled else canonical
+    volume = normalise_intensities(sitk.GetArrayViewFromImage(work), pre.get("normalization", {}))
+    timings["preprocess"] = time.perf_counter() - t0
+    progress("preprocess", 1.0)
+
+    t1 = time.perf_counter()
+    roi = pre.get("patch_size") or [min(s, 96) for s in volume.shape]
+    logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap,
+                                   sw_batch_size=sw_batch_size, device=device, progress=progress)
+    probs_t = apply_calibration(logits, bundle.card.get("calibration"))[0]
+    probs = probs_t.numpy().astype(np.float32, copy=False)
+    timings["network"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    progress("postprocess", 0.0)
+    probs = _to_input_grid(probs, work, canonical, original, resampled)
+    labels = np.argmax(probs, axis=0).astype(np.uint8)
+    uncertainty = normalised_entropy(probs)
+    timings["postprocess"] = time.perf_counter() - t2
+    progress("postprocess", 1.0)
+    return Prediction(probabilities=probs, labels=labels, uncertainty=uncertainty, reference=original,
+                      class_names=bundle.class_names, timings=timings)
+
+
+def _to_input_grid(probs: np.ndarray, work: sitk.Image, canonical: sitk.Image, original: sitk.Image,
+                   resampled: bool) -> np.ndarray:
+    """Map per-class probabilities from the working grid back to the input grid."""
+    code = orientation_code(original)
+    out = np.empty((probs.shape[0],) + tuple(reversed(original.GetSize())), dtype=np.float32)
+    for c in range(probs.shape[0]):
+        img = image_from_array(probs[c], work)
+        if resampled:
+            # Resample straight onto the input grid (handles any direction matrix).
+            img = sitk.Resample(img, original, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        else:
+            img = sitk.DICOMOrient(img, code)  # exact inverse of the axis permutation/flip
+        out[c] = sitk.GetArrayViewFromImage(img)
+    if resampled:
+        total = out.sum(axis=0, keepdims=True)
+        total[total <= 0] = 1.0
+        out /= total
+    return out

@@ -1,0 +1,46 @@
+"""Overlap metrics used by training, the model card and the module's table.
+
+Empty-structure policy (one place, used everywhere): when a class is absent from
+both the reference and the prediction, Dice, sensitivity and precision are
+*undefined* and returned as ``None`` (never NaN and never a silent 1 or 0);
+callers report such classes as "absent". When exactly one side is empty the
+metric is 0 (a missed or hallucinated structure).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+def confusion_counts(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, 3) array of true positives, false positives and false negatives per class."""
+    pred = np.asarray(pred).ravel().astype(np.int64)
+    ref = np.asarray(ref).ravel().astype(np.int64)
+    if pred.shape != ref.shape:
+        raise ValueError("prediction and reference must have the same number of voxels")
+    joint = np.bincount(ref * num_classes + pred, minlength=num_classes * num_classes)
+    cm = joint[: num_classes * num_classes].reshape(num_classes, num_classes)  # rows: ref, cols: pred
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    return np.stack([tp, fp, fn], axis=1)
+
+
+def overlap_metrics(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> List[Dict[str, Optional[float]]]:
+    """Per-class Dice, sensitivity and precision following the empty-structure policy."""
+    out = []
+    for tp, fp, fn in confusion_counts(pred, ref, num_classes):
+        tp, fp, fn = int(tp), int(fp), int(fn)
+        ref_n, pred_n = tp + fn, tp + fp
+        dice = None if ref_n + pred_n == 0 else 2.0 * tp / (ref_n + pred_n)
+        sens = None if ref_n == 0 else tp / ref_n
+        prec = None if pred_n == 0 else tp / pred_n
+        out.append({"dice": dice, "sensitivity": sens, "precision": prec,
+                    "reference_voxels": ref_n, "predicted_voxels": pred_n})
+    return out
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> List[Optional[float]]:
+    return [m["dice"] for m in overlap_metrics(pred, ref, num_classes)]

@@ -1,0 +1,109 @@
+"""Network architectures that a model bundle may name.
+
+A bundle stores an architecture *name* and its keyword arguments as JSON; the
+loader builds the network from this registry only, so loading a bundle never
+imports or executes code named by the file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+from torch import nn
+
+
+class _ConvBlock(nn.Sequential):
+    """Two (conv3x3x3 -> instance norm -> leaky ReLU) layers; the first may stride."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(
+            nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.InstanceNorm3d(cout, affine=True),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv3d(cout, cout, 3, padding=1, bias=False),
+            nn.InstanceNorm3d(cout, affine=True),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class UNet3D(nn.Module):
+    """A plain nnU-Net-style 3D U-Net.
+
+    Strided convolutions downsample, transposed convolutions upsample, skip
+    connections concatenate. ``features`` gives the channel count at each
+    resolution level; the input size must be divisible by ``2**(len(features)-1)``
+    (sliding-window inference takes care of that).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2,
+                 features: Sequence[int] = (16, 32, 64, 128)):
+        super().__init__()
+        if len(features) < 2:
+            raise ValueError("UNet3D needs at least two resolution levels (features)")
+        if in_channels < 1 or out_channels < 2:
+            raise ValueError("UNet3D needs in_channels >= 1 and out_channels >= 2")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.features = [int(f) for f in features]
+        self.encoders = nn.ModuleList()
+        cin = self.in_channels
+        for level, f in enumerate(self.features):
+            self.encoders.append(_ConvBlock(cin, f, stride=1 if level == 0 else 2))
+            cin = f
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for f_skip, f_deep in zip(reversed(self.features[:-1]), reversed(self.features[1:])):
+            self.upsamplers.append(nn.ConvTranspose3d(f_deep, f_skip, 2, stride=2, bias=False))
+            self.decoders.append(_ConvBlock(2 * f_skip, f_skip))
+        self.head = nn.Conv3d(self.features[0], self.out_channels, 1)
+
+    @property
+    def size_divisor(self) -> int:
+        return 2 ** (len(self.features) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips: List[torch.Tensor] = []
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)
+        x = skips.pop()
+        for up, dec in zip(self.upsamplers, self.decoders):
+            x = up(x)
+            x = dec(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
+
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
+    "UNet3D": UNet3D,
+}
+
+_ALLOWED_KWARGS = {
+    "UNet3D": {"in_channels": int, "out_channels": int, "features": list},
+}
+
+
+def available_architectures() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def build_network(arch: str, params: Dict[str, Any]) -> nn.Module:
+    """Build a registered network from JSON-safe parameters, validating them first."""
+    if arch not in _REGISTRY:
+        raise ValueError(
+            f"unknown network architecture {arch!r}; known: {', '.join(available_architectures())}")
+    allowed = _ALLOWED_KWARGS[arch]
+    clean: Dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in allowed:
+            raise ValueError(f"network parameter {key!r} is not accepted by {arch}")
+        kind = allowed[key]
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"network parameter {key!r} must be an integer, got {value!r}")
+        elif kind is list:
+            if not isinstance(value, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in value):
+                raise ValueError(f"network parameter {key!r} must be a list of positive integers")
+        clean[key] = value
+    return _REGISTRY[arch](**clean)

@@ -1,0 +1,308 @@
+"""Supervised training with rare-class-aware patch sampling, atomic checkpoints and resume.
+
+``train`` takes preprocessed cases and a :class:`TrainConfig`, writes
+``checkpoint.pt`` (atomically, loadable with ``weights_only=True``) every
+``checkpoint_every`` iterations, resumes from it when asked, and ends with a
+model bundle whose card records the method, hyper-parameters, class voxel
+fractions of the training data and per-class validation Dice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .atomic import atomic_path
+from .bundle import BUNDLE_SUFFIX, save_bundle
+from .images import (check_image, needs_resampling, normalise_intensities, resample_to_spacing,
+                     to_canonical)
+from .inference import sliding_window_logits
+from .losses import DEFAULT_LOSS, build_loss
+from .metrics import overlap_metrics
+from .networks import build_network
+
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    classes: List[Dict[str, Any]]
+    target_spacing: List[float]
+    patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])
+    features: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    normalization: Dict[str, Any] = field(default_factory=lambda: {
+        "scheme": "percentile_zscore", "lower_percentile": 0.5, "upper_percentile": 99.5})
+    loss: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LOSS))
+    iterations: int = 1000
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    # Fraction of patches centred on a foreground voxel of a class drawn uniformly
+    # among the classes present in the case, so rare classes are seen as often as large ones.
+    foreground_fraction: float = 0.67
+    seed: int = 0
+    val_every: int = 250
+    checkpoint_every: int = 50
+    log_every: int = 25
+    num_threads: int = 0
+    description: str = ""
+    modality: str = "MR T1"
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields: {unknown}")
+        cfg = cls(**copy.deepcopy(d))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError("config.classes must list the background and at least one foreground class")
+        for i, c in enumerate(self.classes):
+            if c.get("value") != i:
+                raise ValueError(f"config.classes[{i}] must have value {i}")
+        if len(self.patch_size) != 3 or any(p % 2 ** (len(self.features) - 1) for p in self.patch_size):
+            raise ValueError(f"patch_size {self.patch_size} must be 3 sizes divisible by {2 ** (len(self.features) - 1)}")
+        if self.iterations < 1 or self.batch_size < 1:
+            raise ValueError("iterations and batch_size must be positive")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Case:
+    """One preprocessed training case: normalised image and label arrays (z, y, x)."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    name: str = ""
+    # Flat indices of the voxels of each class present in the case (for sampling).
+    class_voxels: Dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def prepare_case(image: sitk.Image, labels: sitk.Image, config: TrainConfig, name: str = "") -> Case:
+    """Apply the same geometric/intensity preprocessing as inference to one labelled case."""
+    check_image(image, f"{name or 'training'} image")
+    check_image(labels, f"{name or 'training'} labels")
+    if (image.GetSize() != labels.GetSize()
+            or not np.allclose(image.GetSpacing(), labels.GetSpacing(), rtol=1e-4)
+            or not np.allclose(image.GetOrigin(), labels.GetOrigin(), atol=1e-3)
+            or not np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4)):
+        raise ValueError(f"{name or 'case'}: label map geometry differs from its image")
+    img = to_canonical(sitk.Cast(image, sitk.sitkFloat32))
+    lab = to_canonical(sitk.Cast(labels, sitk.sitkUInt8))
+    if needs_resampling(img, config.target_spacing):
+        img = resample_to_spacing(img, config.target_spacing)
+        lab = resample_to_spacing(lab, config.target_spacing, interpolator=sitk.sitkNearestNeighbor)
+    arr = normalise_intensities(sitk.GetArrayViewFromImage(img), config.normalization)
+    lab_arr = sitk.GetArrayFromImage(lab).astype(np.uint8)
+    n_cls = len(config.classes)
+    if lab_arr.max() >= n_cls:
+        unknown = sorted(int(v) for v in np.unique(lab_arr) if v >= n_cls)
+        raise ValueError(f"{name or 'case'}: label values {unknown} are not among the {n_cls} classes of the config")
+    return make_case(arr, lab_arr, name)
+
+
+def make_case(image: np.ndarray, labels: np.ndarray, name: str = "") -> Case:
+    flat = labels.ravel()
+    class_voxels = {int(c): np.flatnonzero(flat == c) for c in np.unique(flat) if c != 0}
+    return Case(image=np.ascontiguousarray(image, dtype=np.float32),
+                labels=np.ascontiguousarray(labels, dtype=np.uint8), name=name, class_voxels=class_voxels)
+
+
+class PatchSampler:
+    """Draws (image, label) patches; a fraction is centred on a uniformly chosen present class."""
+
+    def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], foreground_fraction: float):
+        self.cases = list(cases)
+        self.patch = np.array(patch_size, dtype=int)
+        self.fg = float(foreground_fraction)
+
+    def _crop(self, arr: np.ndarray, start: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full(tuple(self.patch), fill, dtype=arr.dtype)
+        src_lo = np.maximum(start, 0)
+        src_hi = np.minimum(start + self.patch, arr.shape)
+        dst_lo = src_lo - start
+        dst_hi = dst_lo + (src_hi - src_lo)
+        out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = arr[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+        return out
+
+    def sample(self, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        shape = np.array(case.labels.shape)
+        chosen: Optional[int] = None
+        if case.class_voxels and rng.random() < self.fg:
+            classes = sorted(case.class_voxels)
+            chosen = classes[int(rng.integers(len(classes)))]
+            idx = case.class_voxels[chosen][int(rng.integers(len(case.class_voxels[chosen])))]
+            centre = np.array(np.unravel_index(idx, case.labels.shape))
+            start = centre - self.patch // 2 + rng.integers(-self.patch // 4, self.patch // 4 + 1)
+        else:
+            start = np.array([int(rng.integers(min(0, s - p), max(0, s - p) + 1)) for s, p in zip(shape, self.patch)])
+        # Keep the patch inside the volume when the volume is larger than the patch.
+        start = np.where(shape >= self.patch, np.clip(start, 0, shape - self.patch), start)
+        fill = float(case.image.min())
+        return self._crop(case.image, start, fill), self._crop(case.labels, start, 0), chosen
+
+    def batch(self, rng: np.random.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        imgs, labs = zip(*[self.sample(rng)[:2] for _ in range(n)])
+        return torch.from_numpy(np.stack(imgs)[:, None]), torch.from_numpy(np.stack(labs)[:, None].astype(np.int64))
+
+
+def class_voxel_fractions(cases: Sequence[Case], n_classes: int) -> List[float]:
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for c in cases:
+        counts += np.bincount(c.labels.ravel(), minlength=n_classes)[:n_classes]
+    return (counts / max(1, counts.sum())).tolist()
+
+
+def evaluate_cases(network: torch.nn.Module, cases: Sequence[Case], config: TrainConfig) -> Dict[str, Any]:
+    """Per-class Dice/sensitivity/precision (mean over cases where defined)."""
+    n_cls = len(config.classes)
+    per_case = []
+    for case in cases:
+        logits = sliding_window_logits(network, case.image, config.patch_size, overlap=0.5)
+        pred = logits[0].argmax(0).numpy().astype(np.uint8)
+        per_case.append(overlap_metrics(pred, case.labels, n_cls))
+    summary: Dict[str, Any] = {}
+    for c in range(1, n_cls):
+        entry: Dict[str, Any] = {}
+        for key in ("dice", "sensitivity", "precision"):
+            vals = [m[c][key] for m in per_case if m[c][key] is not None]
+            entry[key] = float(np.mean(vals)) if vals else None
+            entry[f"{key}_std"] = float(np.std(vals)) if vals else None
+        entry["cases_defined"] = sum(1 for m in per_case if m[c]["dice"] is not None)
+        summary[config.classes[c]["name"]] = entry
+    return {"per_class": summary, "cases": len(cases)}
+
+
+def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path) -> Dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[Case], out_dir: Path,
+          resume: bool = True, log: LogFn = print, extra_card: Optional[Dict[str, Any]] = None) -> Path:
+    """Train, checkpoint and write ``<out_dir>/<name>.imbseg``; returns the bundle path."""
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    n_cls = len(config.classes)
+    torch.manual_seed(config.seed)
+    network = build_network("UNet3D", {"in_channels": 1, "out_channels": n_cls, "features": list(config.features)})
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: (1 - it / config.iterations) ** 0.9)  # nnU-Net's polynomial decay
+    loss_fn = build_loss(config.loss)
+    sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction)
+    rng = np.random.default_rng(config.seed)
+    history: List[Dict[str, Any]] = []
+    start_it = 0
+    elapsed_before = 0.0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ck = _load_checkpoint(ckpt_path)
+        if ck.get("config") != json.dumps(config.to_dict(), sort_keys=True):
+            raise ValueError(f"{ckpt_path} was written with a different config; use another output folder or resume=False")
+        network.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["torch_rng"])
+        rng.bit_generator.state = json.loads(ck["numpy_rng"])
+        history = json.loads(ck["history"])
+        start_it = int(ck["iteration"])
+        elapsed_before = float(ck["elapsed"])
+        log(f"resuming from {ckpt_path} at iteration {start_it}/{config.iterations}")
+
+    def checkpoint(it: int, elapsed: float) -> None:
+        _save_checkpoint(ckpt_path, {
+            "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "numpy_rng": json.dumps(rng.bit_generator.state), "history": json.dumps(history),
+            "iteration": it, "elapsed": elapsed, "config": json.dumps(config.to_dict(), sort_keys=True)})
+
+    t_start = time.perf_counter()
+    running = []
+    network.train()
+    for it in range(start_it, config.iterations):
+        x, y = sampler.batch(rng, config.batch_size)
+        logits = network(x)
+        loss = loss_fn(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at iteration {it + 1}; stopping (last checkpoint kept)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        optimizer.step()
+        scheduler.step()
+        running.append(float(loss.item()))
+        done = it + 1
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        if done % config.log_every == 0 or done == config.iterations:
+            rate = (done - start_it) / max(1e-9, time.perf_counter() - t_start)
+            eta = (config.iterations - done) / max(rate, 1e-9)
+            history.append({"iteration": done, "loss": float(np.mean(running)), "elapsed_s": elapsed})
+            log(f"iter {done:>6}/{config.iterations}  loss {np.mean(running):.4f}  "
+                f"{rate:.2f} it/s  eta {eta / 60:.1f} min")
+            running = []
+        if val_cases and (done % config.val_every == 0 or done == config.iterations):
+            network.eval()
+            metrics = evaluate_cases(network, val_cases, config)
+            network.train()
+            history.append({"iteration": done, "val": metrics["per_class"]})
+            log("  val dice: " + "  ".join(
+                f"{k}={v['dice']:.3f}" if v["dice"] is not None else f"{k}=absent"
+                for k, v in metrics["per_class"].items()))
+        if done % config.checkpoint_every == 0 or done == config.iterations:
+            checkpoint(done, elapsed)
+
+    network.eval()
+    validation = evaluate_cases(network, val_cases, config) if val_cases else {"per_class": {}, "cases": 0}
+    total_time = elapsed_before + time.perf_counter() - t_start
+    card = {
+        "name": config.name,
+        "description": config.description,
+        "network": {"arch": "UNet3D", "params": {"in_channels": 1, "out_channels": n_cls,
+                                                  "features": list(config.features)}},
+        "classes": config.classes,
+        "preprocessing": {"modality": config.modality, "target_spacing": list(config.target_spacing),
+                          "patch_size": list(config.patch_size), "normalization": config.normalization,
+                          "orientation": "LPS"},
+        "calibration": {"method": "none"},
+        "validation": validation,
+        "training": {
+            "method": config.loss.get("name", "dice_ce"),
+            "config": config.to_dict(),
+            "class_voxel_fractions": dict(zip([c["name"] for c in config.classes],
+                                              class_voxel_fractions(train_cases, n_cls))),
+            "train_cases": len(train_cases), "val_cases": len(val_cases),
+            "wall_time_s": round(total_time, 1), "history": history,
+            "software": {"imbalanceseglib": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+        },
+    }
+    if extra_card:
+        card.update(copy.deepcopy(extra_card))
+    return save_bundle(out_dir / f"{config.name}{BUNDLE_SUFFIX}", card, network)

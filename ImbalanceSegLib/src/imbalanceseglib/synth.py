@@ -47,6 +47,7 @@ __all__ = [
     "simulate_low_resolution",
     "make_variant",
     "make_cohort",
+    "with_overrides",
 ]
 
 Spacing = tuple[float, float, float]
@@ -441,9 +442,9 @@ def simulate_low_resolution(
     ``sigma = sqrt(factor^2 - 1) * 1 / 2.355`` voxels), then the volume is
     sampled every ``factor`` voxels along ``axis`` and linearly interpolated
     back to the original grid.  ``axis`` (0, 1, 2 = z, y, x) and ``factor`` are
-    drawn when not given (the axis with the largest spacing is not favoured;
-    ``spacing`` is only used to report the simulated slice thickness and to keep
-    the simulated thickness <= 10 mm).  ``factor <= 1`` returns a copy.
+    drawn uniformly when not given.  ``spacing`` only caps the simulated slice
+    thickness (``factor * spacing[axis]``) at 10 mm.  ``factor <= 1`` returns a
+    copy.
     """
     x = np.asarray(img, dtype=np.float32)
     ax = int(rng.integers(0, 3)) if axis is None else int(axis)

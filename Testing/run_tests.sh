@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/Testing/setup_env.sh"
 cd "$ROOT"
-exec "$PYTHON_BIN" -m pytest -q -p no:cacheprovider ImbalanceSegLib/tests ImbalanceSeg/Testing/Python Testing/Python "$@"
+exec "$PYTHON_BIN" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" ImbalanceSegLib/tests ImbalanceSeg/Testing/Python Testing/Python "$@"

@@ -7,7 +7,7 @@ import torch
 from imbalanceseglib.bundle import BundleError, load_bundle, read_card, save_bundle, update_card
 from imbalanceseglib.networks import build_network
 
-from conftest import CLASSES
+from libtest_helpers import CLASSES
 
 
 def _card(out_channels=3):

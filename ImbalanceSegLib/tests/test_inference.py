@@ -8,7 +8,7 @@ from imbalanceseglib.images import ImageError, resample_to_spacing
 from imbalanceseglib.inference import apply_calibration, count_windows, normalised_entropy, predict
 from imbalanceseglib.networks import build_network
 
-from conftest import CLASSES
+from libtest_helpers import CLASSES
 
 
 def _bundle(target_spacing=(1.0, 1.0, 1.0)):

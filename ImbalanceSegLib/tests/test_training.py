@@ -10,7 +10,7 @@ from imbalanceseglib.inference import predict
 from imbalanceseglib.metrics import dice_per_class
 from imbalanceseglib.training import PatchSampler, TrainConfig, prepare_case, train
 
-from conftest import CLASSES, sphere_case
+from libtest_helpers import CLASSES, sphere_case
 
 
 def test_training_lowers_loss_and_writes_a_complete_card(tmp_path, tiny_config, tiny_cases):

@@ -1,7 +1,7 @@
 import os
 
 import pytest
-from conftest import SPHERE_A
+from moduletest_helpers import SPHERE_A
 from vtkmodules.vtkIOImage import vtkPNGReader
 
 from ImbalanceSegSlicer import rendering as R

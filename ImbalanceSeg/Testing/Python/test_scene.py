@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import COUNT_A, COUNT_B, ORIGIN, SPACING, SIZE, oblique_direction
+from moduletest_helpers import COUNT_A, COUNT_B, ORIGIN, SPACING, SIZE, oblique_direction
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from ImbalanceSegSlicer import scene as S

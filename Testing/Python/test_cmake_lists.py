@@ -1,0 +1,100 @@
+"""The CMake files must name every file the module and library ship, import or read.
+
+A file missing from MODULE_PYTHON_SCRIPTS only shows up after the extension is
+installed (ImportError in the user's Slicer), so this is checked on every test run.
+"""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "ImbalanceSeg"
+LIB = ROOT / "ImbalanceSegLib"
+
+
+def cmake_list(path: Path, variable: str):
+    text = path.read_text()
+    m = re.search(r"set\(\s*" + re.escape(variable) + r"\s+(.*?)\)", text, re.S)
+    assert m, f"{variable} not found in {path}"
+    items = [line.split("#")[0].strip() for line in m.group(1).splitlines()]
+    return [i.replace("${MODULE_NAME}", "ImbalanceSeg") for i in items if i]
+
+
+def cmake_var(path: Path, variable: str) -> str:
+    m = re.search(r'set\(\s*' + re.escape(variable) + r'\s+"?([^")]*)"?\)', path.read_text())
+    assert m, f"{variable} not set in {path}"
+    return m.group(1)
+
+
+def module_python_files():
+    return sorted(str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py")
+                  if "Testing" not in p.relative_to(MODULE).parts)
+
+
+def test_module_scripts_list_every_shipped_python_file():
+    listed = cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
+    assert sorted(listed) == module_python_files()
+
+
+def test_every_module_import_is_listed():
+    listed = set(cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
+    lib_listed = {Path(p).stem for p in cmake_list(LIB / "CMakeLists.txt", "IMBALANCESEGLIB_PYTHON_SCRIPTS")}
+    for path in MODULE.rglob("*.py"):
+        if "Testing" in path.relative_to(MODULE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "ImbalanceSegSlicer" and len(parts) > 1 and (MODULE / "ImbalanceSegSlicer" / f"{parts[1]}.py").exists():
+                    assert f"ImbalanceSegSlicer/{parts[1]}.py" in listed, f"{path.name} imports {name}"
+                if parts[0] == "imbalanceseglib" and len(parts) > 1 and (LIB / "src" / "imbalanceseglib" / f"{parts[1]}.py").exists():
+                    assert parts[1] in lib_listed, f"{path.name} imports {name}"
+
+
+def test_library_cmake_lists_every_module_of_the_package():
+    listed = sorted(cmake_list(LIB / "CMakeLists.txt", "IMBALANCESEGLIB_PYTHON_SCRIPTS"))
+    actual = sorted(str(p.relative_to(LIB)) for p in (LIB / "src" / "imbalanceseglib").glob("*.py"))
+    assert listed == actual
+
+
+def test_resources_exist_and_what_the_code_reads_is_installed():
+    for res in cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES"):
+        assert (MODULE / res).is_file(), res
+    shared = cmake_list(ROOT / "CMakeLists.txt", "ImbalanceSeg_SHARED_RESOURCES")
+    for res in shared:
+        assert (ROOT / res).is_file(), res
+    # Files the module reads at run time (scenarios.py and the Logic's model folder).
+    scen = (MODULE / "ImbalanceSegSlicer" / "scenarios.py").read_text()
+    for fname in re.findall(r'"(demo_[a-z0-9_]+\.(?:nrrd|imbseg))"|DEMO_MODEL_NAME = "([^"]+)"', scen):
+        name = next(f for f in fname if f)
+        assert any(s.endswith("/" + name) for s in shared), f"{name} is read but not installed"
+    assert "Resources/Demo/classes.json" in shared
+
+
+def test_extension_metadata_and_index_entry_agree():
+    top = ROOT / "CMakeLists.txt"
+    text = top.read_text()
+    assert "project(ImbalanceSeg)" in text
+    assert cmake_var(top, "EXTENSION_CATEGORY") == "Segmentation"
+    assert cmake_var(top, "EXTENSION_DEPENDS") == "PyTorch"
+    for sub in ("ImbalanceSeg", "ImbalanceSegLib"):
+        assert f"add_subdirectory({sub})" in text
+    entry = json.loads((ROOT / "ImbalanceSeg.json").read_text())
+    assert entry["build_dependencies"] == cmake_var(top, "EXTENSION_DEPENDS").split()
+    assert entry["category"] == cmake_var(top, "EXTENSION_CATEGORY")
+    module = (MODULE / "CMakeLists.txt").read_text()
+    assert "WITH_GENERIC_TESTS" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
+
+
+def test_icon_is_128_pixels_square():
+    import SimpleITK as sitk
+    for icon in (ROOT / "Resources" / "Icons" / "ImbalanceSeg.png", MODULE / "Resources" / "Icons" / "ImbalanceSeg.png"):
+        img = sitk.ReadImage(str(icon))
+        assert img.GetSize() == (128, 128), icon

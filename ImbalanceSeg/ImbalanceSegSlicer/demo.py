@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-snapshots", action="store_true", help="skip the PNG rendering")
     args = parser.parse_args(argv)
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
+    import numpy as np
+    import SimpleITK as sitk
     import torch
 
     from ImbalanceSeg import ImbalanceSegLogic
@@ -90,9 +92,16 @@ def main(argv=None) -> int:
         overlay_index = min(fg_counts)[1] if fg_counts else 1
 
         def snapshots():
+            # Centre the three views on the most confident voxel of that class, so the overlay shows.
+            prob_image = sc.sitk_from_volume_node(result.probabilityNodes[overlay_index])
+            arr = sitk.GetArrayViewFromImage(prob_image)
+            k, j, i = np.unravel_index(int(np.argmax(arr)), arr.shape)
+            lps = prob_image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+            centre_ras = (-lps[0], -lps[1], lps[2])
             shots = render_slice_snapshots(scene, volume, result.segmentationNode,
-                                           result.probabilityNodes[overlay_index], foreground_opacity=0.45,
-                                           out_dir=str(out), size=(512, 512), prefix="DemoBrainT1_")
+                                           result.probabilityNodes[overlay_index], foreground_opacity=0.5,
+                                           out_dir=str(out), size=(512, 512), prefix="DemoBrainT1_",
+                                           center_ras=centre_ras, segmentation_fill_opacity=0.0)
             written["snapshots"] = [Path(p) for p in shots.values()]
         timer.run(f"render slice snapshots (overlay: probability of {result.classNames[overlay_index]})", snapshots)
 

@@ -161,7 +161,8 @@ class _SliceViewRenderer:
             self.logic.FitSliceToVolume(fit_node, self.width, self.height)
         else:
             self.logic.FitSliceToAll(self.width, self.height)
-        self.slice_node.JumpSliceByCentering(*center_ras)
+        # Move the slice plane through the point without panning: the fitted field of view stays.
+        self.slice_node.JumpSliceByOffsetting(*center_ras)
         if align_to_volume:
             # Show an actual voxel plane (no interpolation between planes).
             self.logic.SnapSliceOffsetToIJK()

@@ -480,8 +480,9 @@ def _default_extension(node) -> str:
 
 
 def safe_file_name(name: str) -> str:
-    keep = "-_.() "
-    cleaned = "".join(ch if ch.isalnum() or ch in keep else "_" for ch in name).strip()
+    """A file-name-safe version of a node or class name (letters, digits, -_.(); spaces become _)."""
+    keep = "-_.()"
+    cleaned = "".join(ch if ch.isalnum() or ch in keep else "_" for ch in name.strip())
     return cleaned or "node"
 
 

@@ -218,7 +218,7 @@ def test_save_scene_and_reload(scene, synthetic, tmp_path):
     mrml = S.save_scene(scene, out / "case.mrml")  # prob + colour table saved by save_scene
 
     files = sorted(os.listdir(out))
-    assert "case.mrml" in files and "P(Sphere A).nrrd" in files
+    assert "case.mrml" in files and "P(Sphere_A).nrrd" in files
     assert not [f for f in files if f.startswith(".tmp")]
     # All storage nodes reference their files relative to the scene folder.
     root = ET.parse(mrml).getroot()

@@ -144,7 +144,18 @@ TABLE_COLUMNS = [
      "description": "Voxels of the matching reference segment"},
     {"name": "Dice", "type": "double", "unit": "",
      "description": "Dice against the reference segment with the same name (empty: no reference, or absent in both)"},
+    {"name": "HD95", "type": "double", "unit": "mm",
+     "description": "Larger of the two directed 95th percentiles of border-voxel distances (Metrics Reloaded/MONAI); "
+                    "a missed or hallucinated structure gets the field-of-view diagonal (see Policy)"},
+    {"name": "ASSD", "type": "double", "unit": "mm", "description": "Average symmetric surface distance (pooled mean)"},
+    {"name": "Surface Dice", "type": "double", "unit": "",
+     "description": "Normalised surface Dice at 2 mm tolerance (surface elements)"},
+    {"name": "Policy", "type": "string", "unit": "",
+     "description": "Edge-case policy applied: normal, both_empty, reference_empty, prediction_empty, image_wide, single_voxel"},
 ]
+
+#: Row keys in table column order.
+ROW_KEYS = [c["name"] for c in TABLE_COLUMNS]
 
 
 #
@@ -237,10 +248,8 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                 reference = reference_label_array(self.scene, referenceSegmentationNode, inputVolumeNode,
                                                   [c["name"] for c in classes])
             rows = self.classRows(prediction, image.GetSpacing(), reference)
-            table = sc.table_node_from_rows(
-                self.scene, f"{base} class table", TABLE_COLUMNS,
-                [[r["Segment"], r["Voxel count"], r["Volume"], r["Mean probability"],
-                  r["Reference voxel count"], r["Dice"]] for r in rows])
+            table = sc.table_node_from_rows(self.scene, f"{base} class table", TABLE_COLUMNS,
+                                            [[r[k] for k in ROW_KEYS] for r in rows])
             created.append(table)
             timings["results"] = time.perf_counter() - t
             progress("results", 1.0)
@@ -254,27 +263,34 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def classRows(prediction, spacing: Sequence[float], reference=None) -> List[Dict[str, Any]]:
-        """Per foreground class: voxels, volume (ml), mean probability, reference voxels, Dice."""
+        """Per foreground class: voxels, volume (ml), mean probability and, with a reference,
+        Dice, HD95, ASSD and surface Dice (``imbalanceseglib.evaluation``)."""
         import numpy as np
-        from imbalanceseglib.metrics import overlap_metrics
+        from imbalanceseglib.evaluation import evaluate_labels
 
         n = len(prediction.class_names)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         counts = np.bincount(prediction.labels.ravel(), minlength=n)
-        ref_metrics, matched = None, {}
+        evaluated, matched = {}, {}
         if reference is not None:
             ref_labels, matched = reference
-            ref_metrics = overlap_metrics(prediction.labels, ref_labels, n)
+            labels = [c for c in range(1, n) if prediction.class_names[c] in matched]
+            if labels:
+                case = evaluate_labels(prediction.labels, ref_labels, tuple(reversed(tuple(spacing))),
+                                       labels=labels, class_names=prediction.class_names,
+                                       metrics=("overlap", "distance", "nsd"))
+                evaluated = case.by_label()
         rows = []
         for c in range(1, n):
-            name = prediction.class_names[c]
             mask = prediction.labels == c
-            mean_p = float(prediction.probabilities[c][mask].mean()) if counts[c] else None
-            row = {"Segment": name, "Voxel count": int(counts[c]), "Volume": counts[c] * voxel_ml,
-                   "Mean probability": mean_p, "Reference voxel count": None, "Dice": None}
-            if ref_metrics is not None and name in matched:
-                row["Reference voxel count"] = ref_metrics[c]["reference_voxels"]
-                row["Dice"] = ref_metrics[c]["dice"]
+            row = {k: None for k in ROW_KEYS}
+            row.update({"Segment": prediction.class_names[c], "Voxel count": int(counts[c]),
+                        "Volume": float(counts[c] * voxel_ml),
+                        "Mean probability": float(prediction.probabilities[c][mask].mean()) if counts[c] else None})
+            if c in evaluated:
+                e = evaluated[c]
+                row.update({"Reference voxel count": e.reference_voxels, "Dice": e.dice, "HD95": e.hd95_mm,
+                            "ASSD": e.assd_mm, "Surface Dice": e.nsd, "Policy": e.policy})
             rows.append(row)
         return rows
 
@@ -283,11 +299,13 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         """The class table as aligned text (for the terminal and logs)."""
         def fmt(v, spec):
             return "-" if v is None else format(v, spec)
-        lines = [f"{'Segment':<22}{'Voxels':>9}{'Volume ml':>11}{'Mean p':>9}{'Ref voxels':>12}{'Dice':>8}"]
+        lines = [f"{'Segment':<22}{'Voxels':>9}{'Volume ml':>11}{'Mean p':>9}{'Ref voxels':>12}{'Dice':>8}"
+                 f"{'HD95 mm':>9}{'ASSD mm':>9}{'SurfDice':>10}  Policy"]
         for r in rows:
             lines.append(f"{r['Segment']:<22}{r['Voxel count']:>9d}{r['Volume']:>11.2f}"
                          f"{fmt(r['Mean probability'], '.3f'):>9}{fmt(r['Reference voxel count'], 'd'):>12}"
-                         f"{fmt(r['Dice'], '.3f'):>8}")
+                         f"{fmt(r['Dice'], '.3f'):>8}{fmt(r['HD95'], '.2f'):>9}{fmt(r['ASSD'], '.2f'):>9}"
+                         f"{fmt(r['Surface Dice'], '.3f'):>10}  {r['Policy'] or '-'}")
         return "\n".join(lines)
 
 

@@ -168,3 +168,29 @@ def test_model_listing_and_cache(tmp_path):
     logic = ImbalanceSegLogic.__new__(ImbalanceSegLogic)
     logic._bundles = {}
     assert logic.loadModel(p) is logic.loadModel(p)
+
+
+def test_reference_distances_use_physical_spacing_and_explicit_policies(scene, synthetic):
+    """Constant model: 'Sphere A' everywhere, 'Sphere B' never -> known policies and penalty."""
+    from imbalanceseglib.evaluation import evaluate_images
+
+    volume = sc.volume_node_from_sitk(scene, synthetic["image"], "Input")
+    reference = sc.segmentation_from_labelmap(scene, synthetic["label"], volume, synthetic["classes"][:2], "Ref")
+    result = ImbalanceSegLogic(scene).process(volume, _bundle(bias=[0.0, math.log(2.0), 0.0]), reference)
+    row_a, row_b = result.rows
+    assert row_a["Policy"] == "image_wide"
+    assert row_b["Policy"] == "prediction_empty"
+    diagonal = math.sqrt((40 * 0.8) ** 2 + (30 * 0.9) ** 2 + (20 * 2.5) ** 2)
+    assert row_b["HD95"] == pytest.approx(diagonal) and row_b["ASSD"] == pytest.approx(diagonal)
+    assert row_b["Dice"] == 0.0 and row_b["Surface Dice"] == 0.0
+    # Independent path: evaluation on ITK images takes spacing from the images themselves.
+    pred_img = sitk.GetImageFromArray((np.ones((20, 30, 40)) * 1).astype(np.uint8))
+    pred_img.CopyInformation(synthetic["label"])
+    expected = evaluate_images(pred_img, synthetic["label"], labels=[1, 2]).by_label()
+    assert row_a["HD95"] == pytest.approx(expected[1].hd95_mm)
+    assert row_a["ASSD"] == pytest.approx(expected[1].assd_mm)
+    assert row_a["Dice"] == pytest.approx(2 * 499 / (499 + 40 * 30 * 20))
+    table = result.tableNode.GetTable()
+    assert table.GetValueByName(1, "Policy").ToString() == "prediction_empty"
+    assert result.tableNode.GetColumnProperty("HD95", "unitLabel") == "mm" or \
+        result.tableNode.GetColumnUnitLabel("HD95") == "mm"

@@ -1,4 +1,4 @@
-"""Command line: ``imbalanceseg train | predict | card``."""
+"""Command line: ``imbalanceseg train | predict | card | evaluate``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,45 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: Optional[float], spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_folders
+
+    names = None
+    labels = args.labels
+    if args.classes:
+        classes = json.loads(Path(args.classes).read_text())
+        names = {int(c["value"]): c["name"] for c in classes}
+        if labels is None:
+            labels = sorted(v for v in names if v != 0)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    t0 = time.perf_counter()
+    out = evaluate_folders(args.pred, args.ref, args.out, labels=labels, class_names=names, metrics=metrics,
+                           nsd_tolerance_mm=args.nsd_tolerance, allow_missing=args.allow_missing,
+                           calibration=not args.no_calibration, n_bins=args.bins, near_radius_mm=args.near_radius,
+                           max_uncertainty=args.max_uncertainty,
+                           log=(lambda s: print(s, flush=True)) if args.verbose else None)
+    if out["missing_predictions"]:
+        print(f"[evaluate] {len(out['missing_predictions'])} case(s) without prediction evaluated as empty: "
+              f"{', '.join(out['missing_predictions'])}")
+    print(f"[evaluate] {out['cases']} case(s) in {time.perf_counter() - t0:.1f} s")
+    print(f"  {'class':<20}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}  policies")
+    for row in out["summary"]:
+        cells = [_cell(row.get(k), spec) for k, spec in (("dice_mean", ".3f"), ("hd95_mm_mean", ".2f"),
+                                                          ("nsd_mean", ".3f"))]
+        pol = ", ".join(f"{k[7:]} {v}" for k, v in row.items() if k.startswith("policy_") and v)
+        print(f"  {row['name']:<20}{cells[0]:>8}{cells[1]:>10}{cells[2]:>8}  {pol}")
+    if out["ece_pooled"] is not None:
+        near = out["ece_near_pooled"]
+        print(f"  ECE pooled over cases: {out['ece_pooled']:.4f} whole volume, "
+              f"{'-' if near is None else f'{near:.4f}'} within {args.near_radius:g} mm of the structures")
+    print(f"[evaluate] wrote {', '.join(str(p) for p in out['files'])}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="imbalanceseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +139,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_card)
+    p = sub.add_parser("evaluate", help="evaluate a folder of predictions against a folder of references")
+    p.add_argument("--pred", required=True, help="prediction folder (<case>.nrrd/.nii.gz/... or <case>/labels.nrrd)")
+    p.add_argument("--ref", required=True, help="reference folder (<case>.nrrd/.nii.gz/...)")
+    p.add_argument("--out", required=True, help="output folder (per_case.csv, summary.csv, policies.csv)")
+    p.add_argument("--labels", type=int, nargs="+", help="label values to evaluate (default: all non-zero found)")
+    p.add_argument("--classes", help="JSON list of {value, name} (e.g. a bundle's classes.json) for names and labels")
+    p.add_argument("--metrics", default="overlap,distance,nsd,detection",
+                   help="comma-separated metric groups (default: %(default)s)")
+    p.add_argument("--nsd-tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default: 2)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="evaluate a missing prediction as empty instead of stopping")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip ECE/reliability/QU-BraTS even where probability_XX files sit beside labels")
+    p.add_argument("--bins", type=int, default=15, help="equal-width ECE bins (default: 15)")
+    p.add_argument("--near-radius", type=float, default=10.0,
+                   help="mm around the structures for the near-structure ECE (default: 10)")
+    p.add_argument("--max-uncertainty", type=float, default=1.0,
+                   help="upper end of the uncertainty maps for QU-BraTS (default: 1, normalised entropy)")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -203,9 +203,13 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
     # -- processing -------------------------------------------------------------
 
     def process(self, inputVolumeNode, model, referenceSegmentationNode=None, device: str = "cpu",
-                progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None) -> SegmentationResult:
-        """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle)."""
-        from imbalanceseglib.inference import predict
+                progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None,
+                modality: Optional[str] = None) -> SegmentationResult:
+        """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle).
+
+        ``modality`` (e.g. "CT", "MR"), when known, must match the model card's.
+        """
+        from imbalanceseglib.inference import check_model_fits, predict
         from ImbalanceSegSlicer import scene as sc
 
         progress = progress or (lambda stage, frac: None)
@@ -216,6 +220,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         if inputVolumeNode.GetImageData() is None:
             raise ValueError(f"input volume {inputVolumeNode.GetName()!r} has no image data")
         bundle = model if hasattr(model, "network") else self.loadModel(model)
+        check_model_fits(bundle, modality=modality)
         sc.ensure_scene_logic(self.scene)
         timings: Dict[str, float] = {}
         base = baseName or inputVolumeNode.GetName()

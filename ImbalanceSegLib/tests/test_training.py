@@ -71,7 +71,7 @@ def test_sampler_centres_on_rare_classes(tiny_cases):
     chosen = [sampler.sample(rng)[2] for _ in range(400)]
     # Classes are drawn uniformly among those present, whatever their size.
     assert 0.4 < chosen.count(2) / len(chosen) < 0.6
-    img, lab, c = sampler.sample(rng)
+    img, lab, c, name = sampler.sample(rng)
     assert img.shape == lab.shape == (8, 8, 8)
 
 

@@ -41,7 +41,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .images import read_image, write_image
     from .inference import predict
 
+    from .inference import check_model_fits
+
     bundle = load_bundle(args.model)
+    check_model_fits(bundle, modality=args.modality)
     image = read_image(args.input, "input volume")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--modality", help="modality of the input (e.g. CT, MR); refused if the model is for another")
     p.set_defaults(func=_cmd_predict)
     p = sub.add_parser("card", help="show a model card")
     p.add_argument("model")
@@ -162,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:
         print(f"imbalanceseg: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ follow ITK (x, y, z; LPS physical space).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -23,19 +24,37 @@ class ImageError(ValueError):
     """An image cannot be used as given (wrong dimension, empty, non-finite, ...)."""
 
 
-def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Refuse images the library cannot segment, naming the problem."""
+def check_image(image: sitk.Image, what: str = "image", min_size: int = 1) -> sitk.Image:
+    """Refuse images the library cannot segment, naming the problem.
+
+    Accepted: 3-D, one scalar component of any integer or real type (they are cast
+    to float32), at least ``min_size`` voxels along every axis (segmentation and
+    training ask for 2: a single slice is refused; evaluation accepts it), finite
+    positive spacing, finite origin and an orthonormal direction matrix (oblique is fine).
+    """
     if image.GetDimension() != 3:
-        raise ImageError(f"{what} is {image.GetDimension()}-D; ImbalanceSeg segments 3-D volumes")
+        raise ImageError(f"{what} is {image.GetDimension()}-D; ImbalanceSeg segments 3-D volumes "
+                         "(split 4-D series into 3-D volumes first)")
+    pixel = image.GetPixelIDTypeAsString()
+    if "complex" in pixel.lower():
+        raise ImageError(f"{what} has complex voxels ({pixel}); use its magnitude image")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(
-            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed")
+            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel ({pixel}); "
+            "a scalar (grey-level) volume is needed")
     size = image.GetSize()
     if min(size) < 1:
         raise ImageError(f"{what} has an empty dimension (size {size})")
+    if min(size) < min_size:
+        raise ImageError(f"{what} is a single slice (size {size}); ImbalanceSeg segments 3-D volumes")
     spacing = image.GetSpacing()
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ImageError(f"{what} has invalid voxel spacing {spacing}")
+    if not all(math.isfinite(o) for o in image.GetOrigin()):
+        raise ImageError(f"{what} has a non-finite origin {image.GetOrigin()}")
+    d = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.isfinite(d).all() or not np.allclose(d @ d.T, np.eye(3), atol=1e-4):
+        raise ImageError(f"{what} has a direction matrix that is not a rotation/reflection: {tuple(d.ravel())}")
     return image
 
 
@@ -44,12 +63,42 @@ def read_image(path: Union[str, Path], what: Optional[str] = None) -> sitk.Image
     what = what or str(path)
     if not path.exists():
         raise ImageError(f"{what}: file not found")
+    if path.is_dir():
+        raise ImageError(f"{what}: is a folder, not an image file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()  # header only: refuse absurd sizes before allocating
+        size = reader.GetSize()
+        n_bytes = int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents()) * 4
+        available = available_memory_bytes()
+        if available is not None and n_bytes > available:
+            raise ImageError(f"{what}: declares {'x'.join(map(str, size))} voxels "
+                             f"(~{n_bytes / 2**30:.1f} GiB as float32), more than the "
+                             f"{available / 2**30:.1f} GiB of memory available")
+        image = reader.Execute()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        text = str(exc).strip()
+        first = text.splitlines()[-1] if text else "unreadable"
         raise ImageError(f"{what}: cannot be read as an image ({first})") from exc
+    except MemoryError as exc:
+        raise ImageError(f"{what}: not enough memory to read it") from exc
     return check_image(image, what)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory the OS reports as available (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def write_image(image: sitk.Image, path: Union[str, Path], compress: bool = True) -> Path:

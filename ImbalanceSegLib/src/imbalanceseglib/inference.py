@@ -20,8 +20,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .bundle import BundleError, ModelBundle
-from .images import (check_image, image_from_array, needs_resampling, normalise_intensities,
-                     orientation_code, resample_to_spacing, to_canonical)
+from .images import (ImageError, available_memory_bytes, check_image, image_from_array, needs_resampling,
+                     normalise_intensities, orientation_code, resample_to_spacing, to_canonical)
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -118,13 +118,58 @@ def sliding_window_logits(network: torch.nn.Module, volume: np.ndarray, roi_size
     return logits
 
 
+def estimate_memory_bytes(input_size: Sequence[int], input_spacing: Sequence[float],
+                          target_spacing: Optional[Sequence[float]], n_classes: int) -> int:
+    """Rough peak memory of :func:`predict` (float32 copies of the volume, logits,
+    blending buffers and probabilities on the working and the input grid)."""
+    n_in = float(np.prod(input_size, dtype=np.float64))
+    if target_spacing is None:
+        n_work = n_in
+    else:
+        n_work = float(np.prod([max(1.0, round(s * sp / t)) for s, sp, t in
+                                zip(input_size, input_spacing, target_spacing)], dtype=np.float64))
+    return int(4 * (n_in * (n_classes + 4) + n_work * (3 * n_classes + 6)))
+
+
+def check_model_fits(bundle: ModelBundle, modality: Optional[str] = None,
+                     class_names: Optional[Sequence[str]] = None) -> None:
+    """Refuse a model whose modality or classes do not fit the request, naming the mismatch.
+
+    ``modality``: e.g. "CT" or "MR"; compared with the first word of the card's modality.
+    ``class_names``: classes the caller needs; each must be in the model card.
+    """
+    card_modality = str(bundle.card["preprocessing"].get("modality", "")).strip()
+    if modality and card_modality:
+        want, have = modality.split()[0].upper(), card_modality.split()[0].upper()
+        if want != have:
+            raise BundleError(f"model {bundle.card['name']!r} is for {card_modality} images, "
+                              f"but the input is {modality}")
+    if class_names:
+        missing = [c for c in class_names if c not in bundle.class_names]
+        if missing:
+            raise BundleError(f"model {bundle.card['name']!r} does not segment {missing}; "
+                              f"it knows {bundle.class_names[1:]}")
+
+
 def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap: float = 0.5,
-            sw_batch_size: int = 2, progress: Optional[ProgressCallback] = None) -> Prediction:
-    """Segment one volume with a bundle; see the module docstring."""
+            sw_batch_size: int = 2, progress: Optional[ProgressCallback] = None,
+            memory_limit_bytes: Optional[int] = None) -> Prediction:
+    """Segment one volume with a bundle; see the module docstring.
+
+    Refuses early (before any work) when the estimated peak memory exceeds
+    ``memory_limit_bytes`` (default: the memory the OS reports as available).
+    """
     progress = progress or _noop_progress
     if bundle.network is None:
         raise BundleError("bundle was loaded without weights; use load_bundle()")
-    check_image(image, "input volume")
+    check_image(image, "input volume", min_size=2)
+    need = estimate_memory_bytes(image.GetSize(), image.GetSpacing(),
+                                 bundle.preprocessing.get("target_spacing"), bundle.num_classes)
+    limit = memory_limit_bytes if memory_limit_bytes is not None else available_memory_bytes()
+    if limit is not None and need > limit:
+        raise ImageError(f"input volume {'x'.join(map(str, image.GetSize()))} needs about "
+                         f"{need / 2**30:.1f} GiB to segment with {bundle.num_classes} classes, but only "
+                         f"{limit / 2**30:.1f} GiB is available; crop or downsample it first")
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     pre = bundle.preprocessing

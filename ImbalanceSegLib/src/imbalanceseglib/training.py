@@ -98,7 +98,7 @@ class Case:
 
 def prepare_case(image: sitk.Image, labels: sitk.Image, config: TrainConfig, name: str = "") -> Case:
     """Apply the same geometric/intensity preprocessing as inference to one labelled case."""
-    check_image(image, f"{name or 'training'} image")
+    check_image(image, f"{name or 'training'} image", min_size=2)
     check_image(labels, f"{name or 'training'} labels")
     if (image.GetSize() != labels.GetSize()
             or not np.allclose(image.GetSpacing(), labels.GetSpacing(), rtol=1e-4)
@@ -143,7 +143,7 @@ class PatchSampler:
         out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = arr[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
         return out
 
-    def sample(self, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+    def sample(self, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, Optional[int], str]:
         case = self.cases[int(rng.integers(len(self.cases)))]
         shape = np.array(case.labels.shape)
         chosen: Optional[int] = None
@@ -158,18 +158,47 @@ class PatchSampler:
         # Keep the patch inside the volume when the volume is larger than the patch.
         start = np.where(shape >= self.patch, np.clip(start, 0, shape - self.patch), start)
         fill = float(case.image.min())
-        return self._crop(case.image, start, fill), self._crop(case.labels, start, 0), chosen
+        return self._crop(case.image, start, fill), self._crop(case.labels, start, 0), chosen, case.name
 
     def batch(self, rng: np.random.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        imgs, labs = zip(*[self.sample(rng)[:2] for _ in range(n)])
-        return torch.from_numpy(np.stack(imgs)[:, None]), torch.from_numpy(np.stack(labs)[:, None].astype(np.int64))
+        """A batch of patches; ``last_cases`` names the cases they came from."""
+        samples = [self.sample(rng) for _ in range(n)]
+        self.last_cases = [s[3] for s in samples]
+        return (torch.from_numpy(np.stack([s[0] for s in samples])[:, None]),
+                torch.from_numpy(np.stack([s[1] for s in samples])[:, None].astype(np.int64)))
 
 
-def class_voxel_fractions(cases: Sequence[Case], n_classes: int) -> List[float]:
+def class_voxel_counts(cases: Sequence[Case], n_classes: int) -> np.ndarray:
     counts = np.zeros(n_classes, dtype=np.int64)
     for c in cases:
         counts += np.bincount(c.labels.ravel(), minlength=n_classes)[:n_classes]
+    return counts
+
+
+def class_voxel_fractions(cases: Sequence[Case], n_classes: int) -> List[float]:
+    counts = class_voxel_counts(cases, n_classes)
     return (counts / max(1, counts.sum())).tolist()
+
+
+def check_training_data(config: "TrainConfig", train_cases: Sequence[Case]) -> None:
+    """Refuse training data that cannot teach every class, naming the problem.
+
+    Empty label maps (cases without foreground) and cases with a single class are
+    fine on their own; but each foreground class of the config must appear in at
+    least one training case, and the images must be finite.
+    """
+    if not train_cases:
+        raise ValueError("no training cases")
+    for case in train_cases:
+        if not np.isfinite(case.image).all():
+            raise ValueError(f"training case {case.name or '?'} has NaN or infinite intensities")
+    counts = class_voxel_counts(train_cases, len(config.classes))
+    if counts[1:].sum() == 0:
+        raise ValueError("every training label map is empty (background only); nothing to learn")
+    missing = [config.classes[c]["name"] for c in range(1, len(config.classes)) if counts[c] == 0]
+    if missing:
+        raise ValueError(f"classes {missing} have no voxels in any training case; add labelled cases "
+                         "for them or remove them from the config")
 
 
 def evaluate_cases(network: torch.nn.Module, cases: Sequence[Case], config: TrainConfig) -> Dict[str, Any]:
@@ -205,6 +234,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
           resume: bool = True, log: LogFn = print, extra_card: Optional[Dict[str, Any]] = None) -> Path:
     """Train, checkpoint and write ``<out_dir>/<name>.imbseg``; returns the bundle path."""
     config.validate()
+    check_training_data(config, train_cases)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.num_threads:
@@ -245,13 +275,20 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
 
     t_start = time.perf_counter()
     running = []
+    last_checkpoint = start_it if ckpt_path.exists() else None
     network.train()
     for it in range(start_it, config.iterations):
         x, y = sampler.batch(rng, config.batch_size)
         logits = network(x)
         loss = loss_fn(logits, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at iteration {it + 1}; stopping (last checkpoint kept)")
+            kept = (f"the checkpoint of iteration {last_checkpoint} in {ckpt_path} is kept"
+                    if last_checkpoint is not None else "no checkpoint had been written yet")
+            raise FloatingPointError(
+                f"loss became {loss.item()} at iteration {it + 1} (batch from cases "
+                f"{', '.join(sampler.last_cases)}; non-finite input: {not bool(torch.isfinite(x).all())}, "
+                f"non-finite network output: {not bool(torch.isfinite(logits).all())}); training stopped, {kept}. "
+                "Lower the learning rate or check these cases.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
@@ -277,6 +314,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 for k, v in metrics["per_class"].items()))
         if done % config.checkpoint_every == 0 or done == config.iterations:
             checkpoint(done, elapsed)
+            last_checkpoint = done
 
     network.eval()
     validation = evaluate_cases(network, val_cases, config) if val_cases else {"per_class": {}, "cases": 0}

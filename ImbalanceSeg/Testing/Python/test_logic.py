@@ -194,3 +194,19 @@ def test_reference_distances_use_physical_spacing_and_explicit_policies(scene, s
     assert table.GetValueByName(1, "Policy").ToString() == "prediction_empty"
     assert result.tableNode.GetColumnProperty("HD95", "unitLabel") == "mm" or \
         result.tableNode.GetColumnUnitLabel("HD95") == "mm"
+
+
+def test_reference_on_another_grid_is_resampled_from_a_copy(scene, synthetic):
+    """A reference segmentation whose labelmap geometry differs from the input volume (twice as fine)."""
+    volume = sc.volume_node_from_sitk(scene, synthetic["image"], "Input")
+    fine_ref = sitk.Resample(synthetic["label"], [80, 60, 40], sitk.Transform(), sitk.sitkNearestNeighbor,
+                             synthetic["label"].TransformContinuousIndexToPhysicalPoint((-0.25, -0.25, -0.25)),
+                             (0.4, 0.45, 1.25), synthetic["label"].GetDirection(), 0, sitk.sitkUInt8)
+    fine_volume = sc.volume_node_from_sitk(scene, sitk.Cast(fine_ref, sitk.sitkFloat32), "Fine")
+    reference = sc.segmentation_from_labelmap(scene, fine_ref, fine_volume, synthetic["classes"][:2], "FineRef")
+    before = sc.segment_voxel_counts(reference)
+    result = ImbalanceSegLogic(scene).process(volume, _bundle(seed=8), reference)
+    ref_counts = [r["Reference voxel count"] for r in result.rows]
+    # Resampled back onto the input grid, the spheres keep their voxel counts within 5 %.
+    assert ref_counts[0] == pytest.approx(499, rel=0.05) and ref_counts[1] == pytest.approx(277, rel=0.05)
+    assert sc.segment_voxel_counts(reference) == before

@@ -65,6 +65,7 @@ def read_image(path: Union[str, Path], what: Optional[str] = None) -> sitk.Image
         raise ImageError(f"{what}: file not found")
     if path.is_dir():
         raise ImageError(f"{what}: is a folder, not an image file")
+    _precheck_file(path, what)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -74,8 +75,8 @@ def read_image(path: Union[str, Path], what: Optional[str] = None) -> sitk.Image
         available = available_memory_bytes()
         if available is not None and n_bytes > available:
             raise ImageError(f"{what}: declares {'x'.join(map(str, size))} voxels "
-                             f"(~{n_bytes / 2**30:.1f} GiB as float32), more than the "
-                             f"{available / 2**30:.1f} GiB of memory available")
+                             f"(~{format_bytes(n_bytes)} as float32), more than the "
+                             f"{format_bytes(available)} of memory available")
         image = reader.Execute()
     except RuntimeError as exc:
         text = str(exc).strip()
@@ -84,6 +85,125 @@ def read_image(path: Union[str, Path], what: Optional[str] = None) -> sitk.Image
     except MemoryError as exc:
         raise ImageError(f"{what}: not enough memory to read it") from exc
     return check_image(image, what)
+
+
+# --- checks made before ITK sees a file ---------------------------------------------------------
+# ITK's readers trust their headers: SimpleITK 2.5.7 segfaults on an NRRD header line of ~1000+
+# characters that fails to parse, loads a truncated NIfTI with the missing voxels set to 0, and
+# follows an NRRD "data file:" field to any readable file. These checks refuse such files first.
+
+_NRRD_MAX_HEADER = 1 << 20
+_NRRD_MAX_FIELD_LINE = 900
+_NIFTI_TYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4,
+                     1024: 8, 1280: 8, 1536: 16, 1792: 16, 2048: 32, 2304: 4}
+
+
+def _precheck_file(path: Path, what: str) -> None:
+    name = path.name.lower()
+    try:
+        if name.endswith((".nrrd", ".nhdr")):
+            _precheck_nrrd(path, what)
+        elif name.endswith((".nii", ".nii.gz")):
+            _precheck_nifti(path, what)
+    except ImageError:
+        raise
+    except (ValueError, IndexError, OverflowError, UnicodeError) as exc:  # malformed header fields
+        raise ImageError(f"{what}: malformed image header ({type(exc).__name__}: {exc})") from exc
+
+
+def _precheck_nrrd(path: Path, what: str) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(_NRRD_MAX_HEADER + 1)
+    if not head.startswith(b"NRRD"):
+        raise ImageError(f"{what}: not an NRRD file (no NRRD magic)")
+    end = head.find(b"\n\n")
+    if end < 0:
+        if len(head) > _NRRD_MAX_HEADER:
+            raise ImageError(f"{what}: NRRD header longer than {_NRRD_MAX_HEADER} bytes")
+        end = len(head)
+    for line in head[:end].split(b"\n")[1:]:
+        line = line.rstrip(b"\r")
+        if line.startswith(b"#") or b":=" in line:
+            continue  # comments and key/value pairs: any length is fine
+        if len(line) > _NRRD_MAX_FIELD_LINE:
+            raise ImageError(f"{what}: NRRD header field line of {len(line)} characters "
+                             f"(over {_NRRD_MAX_FIELD_LINE}); refusing a malformed header")
+        key = line.split(b":", 1)[0].strip().lower()
+        if key in (b"data file", b"datafile"):
+            target = line.split(b":", 1)[1].strip().decode("utf-8", "replace")
+            if not target:
+                raise ImageError(f"{what}: NRRD 'data file' field is empty")
+            if target.upper().startswith("LIST") or "%" in target.split()[0]:
+                raise ImageError(f"{what}: NRRD data-file lists/patterns are not supported")
+            data = (path.parent / target.split()[0]).resolve()
+            if data.parent != path.parent.resolve():
+                raise ImageError(f"{what}: NRRD 'data file' {target!r} is outside the header's folder; "
+                                 "refusing to read it")
+
+
+def _precheck_nifti(path: Path, what: str) -> None:
+    import gzip
+    import struct
+    import zlib
+
+    gz = path.name.lower().endswith(".gz")
+    try:
+        opener = gzip.open(path, "rb") if gz else open(path, "rb")
+        with opener as fh:
+            hdr = fh.read(540)
+            if len(hdr) < 348:
+                raise ImageError(f"{what}: NIfTI header is truncated ({len(hdr)} bytes)")
+            for endian in ("<", ">"):
+                sizeof_hdr = struct.unpack(endian + "i", hdr[:4])[0]
+                if sizeof_hdr in (348, 540):
+                    break
+            else:
+                raise ImageError(f"{what}: not a NIfTI-1/2 header")
+            if sizeof_hdr == 348:
+                dims = struct.unpack(endian + "8h", hdr[40:56])
+                datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
+                vox_offset_f = struct.unpack(endian + "f", hdr[108:112])[0]
+                if not math.isfinite(vox_offset_f) or vox_offset_f < 0:
+                    raise ImageError(f"{what}: NIfTI header has an invalid data offset {vox_offset_f}")
+                vox_offset = int(vox_offset_f)
+            else:
+                if len(hdr) < 540:
+                    raise ImageError(f"{what}: NIfTI-2 header is truncated")
+                datatype, bitpix = struct.unpack(endian + "2h", hdr[12:16])
+                dims = struct.unpack(endian + "8q", hdr[16:80])
+                vox_offset = int(struct.unpack(endian + "q", hdr[168:176])[0])
+            ndim = dims[0]
+            if not 1 <= ndim <= 7 or any(d < 0 for d in dims[1:ndim + 1]):
+                raise ImageError(f"{what}: NIfTI header has invalid dimensions {dims}")
+            n_vox = 1
+            for d in dims[1:ndim + 1]:
+                n_vox *= max(int(d), 1)
+            bytes_per = _NIFTI_TYPE_BYTES.get(datatype, max(bitpix, 8) // 8)
+            need = max(vox_offset, sizeof_hdr) + n_vox * bytes_per
+            if gz:
+                have = len(hdr)
+                while True:
+                    chunk = fh.read(1 << 20)
+                    if not chunk:
+                        break
+                    have += len(chunk)
+                    if have >= need:
+                        break
+            else:
+                have = path.stat().st_size
+    except (EOFError, OSError, zlib.error, struct.error) as exc:
+        raise ImageError(f"{what}: damaged or truncated NIfTI file ({exc})") from exc
+    if have < need:
+        raise ImageError(f"{what}: NIfTI file is truncated ({have} bytes of data, header needs {need})")
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable size: 512 B, 3.2 MiB, 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} TiB"
 
 
 def available_memory_bytes() -> Optional[int]:

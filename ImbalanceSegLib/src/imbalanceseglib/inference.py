@@ -20,7 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .bundle import BundleError, ModelBundle
-from .images import (ImageError, available_memory_bytes, check_image, image_from_array, needs_resampling,
+from .images import (ImageError, available_memory_bytes, check_image, format_bytes, image_from_array, needs_resampling,
                      normalise_intensities, orientation_code, resample_to_spacing, to_canonical)
 
 ProgressCallback = Callable[[str, float], None]
@@ -168,8 +168,8 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     limit = memory_limit_bytes if memory_limit_bytes is not None else available_memory_bytes()
     if limit is not None and need > limit:
         raise ImageError(f"input volume {'x'.join(map(str, image.GetSize()))} needs about "
-                         f"{need / 2**30:.1f} GiB to segment with {bundle.num_classes} classes, but only "
-                         f"{limit / 2**30:.1f} GiB is available; crop or downsample it first")
+                         f"{format_bytes(need)} to segment with {bundle.num_classes} classes, but only "
+                         f"{format_bytes(limit)} is available; crop or downsample it first")
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     pre = bundle.preprocessing

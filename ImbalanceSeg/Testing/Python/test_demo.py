@@ -99,3 +99,16 @@ def test_card_records_training_provenance():
     assert fractions["Amygdala"] < 0.005 and sum(fractions.values()) == pytest.approx(1.0)
     assert card["training_data"]["kind"] == "synthetic_cohort"
     assert set(card["validation"]["per_class"]) == {c["name"] for c in card["classes"][1:]}
+
+
+def test_the_scenario_slicers_test_runner_uses(scene):
+    """ImbalanceSegTest (Slicer's runner) calls run_demo_scenario on slicer.mrmlScene; run it here too."""
+    from ImbalanceSegSlicer.scenarios import run_demo_scenario
+
+    result = run_demo_scenario(scene)
+    assert result["segment_names"] == result["class_names"][1:]
+    for name, dice in result["dice"].items():
+        assert dice > result["min_dice"][name] > 0.5, name
+    # The user's input volume and reference are left as they were.
+    assert result["volume"].GetName() == "DemoBrainT1"
+    assert sc.segment_voxel_counts(result["reference"])["Amygdala"] == 444

@@ -18,21 +18,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_common import machine as _machine  # noqa: E402
 sys.path[:0] = [str(ROOT / "ImbalanceSeg"), str(ROOT / "ImbalanceSegLib" / "src")]
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical cores, "
-            f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    return _machine(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def main() -> int:

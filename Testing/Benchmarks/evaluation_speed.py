@@ -37,25 +37,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_common import machine as _machine  # noqa: E402
 
 SHAPE = (128, 256, 256)          # (z, y, x)
 SPACING = (2.5, 0.8, 0.8)        # mm, same order
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import scipy
     import torch
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical cores; "
-            f"Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    return _machine(f"NumPy {np.__version__}, SciPy {scipy.__version__}, "
+                    f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def grid_mm():

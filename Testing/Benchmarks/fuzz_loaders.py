@@ -399,19 +399,9 @@ def run_target(target: str, seconds: float, seed: int, workdir: Path) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2 ** 20
-    except (OSError, ValueError, IndexError):
-        mem = float("nan")
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical cores, {mem:.0f} GiB RAM"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_common import machine as _machine
+    return _machine()
 
 
 def write_report(args, results: dict, seconds_each: float, started: str, versions: str) -> None:

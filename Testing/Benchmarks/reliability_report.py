@@ -21,6 +21,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_common import machine  # noqa: E402
+
 FILES = ["ImbalanceSegLib/tests/test_reliability.py", "ImbalanceSegLib/tests/test_hostile_files.py"]
 
 
@@ -31,16 +34,6 @@ def docstrings(path: Path) -> dict:
             doc = ast.get_docstring(node) or node.name
             out[node.name] = " ".join(doc.split("\n\n")[0].split())
     return out
-
-
-def cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
@@ -78,7 +71,7 @@ def main() -> int:
         "# Reliability report",
         "",
         f"Command: `{rel_cmd}` (from the repository root)",
-        f"Machine: {platform.system()} {platform.machine()}, {cpu()}, {os.cpu_count()} logical cores, Python {platform.python_version()}",
+        f"Machine: {machine()}",
         f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         "",
         f"Cases: {sum(counts.values())}; passed {counts['passed']}, failed {counts['failed']}, "

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ast
 import datetime
-import os
-import platform
 import subprocess
 import sys
 import tempfile

@@ -52,6 +52,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .atomic import atomic_path
+from .images import NORMALIZATION_SCHEMES
 from .networks import available_architectures, build_network
 
 FORMAT_NAME = "imbalanceseg-bundle"
@@ -75,8 +76,8 @@ _MAX_FEATURES = 4096            # channels per level (also enforced by networks.
 _SPACING_RANGE = (1e-3, 1e3)    # mm
 _MAX_PATCH_EDGE = 512
 _MAX_PATCH_VOXELS = 1 << 24     # e.g. 256**3
-_NORMALIZATION_SCHEMES = ("none", "percentile_zscore", "fixed_zscore")
-_CALIBRATION_METHODS = ("none", "temperature")
+#: Calibration methods a card may name (applied by inference.apply_calibration).
+CALIBRATION_METHODS = ("none", "temperature")
 _ST_DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2),
               torch.float64: ("F64", 8), torch.int64: ("I64", 8)}
 
@@ -214,9 +215,9 @@ def _check_normalization(norm: Any) -> None:
     if not isinstance(norm, dict):
         raise BundleError(f"preprocessing.normalization must be an object, got {_short(norm)}")
     scheme = norm.get("scheme", "percentile_zscore")
-    if scheme not in _NORMALIZATION_SCHEMES:
+    if scheme not in NORMALIZATION_SCHEMES:
         raise BundleError(f"unknown intensity normalisation scheme {_short(scheme)}; "
-                          f"known: {', '.join(_NORMALIZATION_SCHEMES)}")
+                          f"known: {', '.join(NORMALIZATION_SCHEMES)}")
     if scheme == "percentile_zscore":
         lo, hi = norm.get("lower_percentile", 0.5), norm.get("upper_percentile", 99.5)
         if not (_is_number(lo) and _is_number(hi) and 0 <= lo < hi <= 100):
@@ -235,8 +236,8 @@ def _check_calibration(cal: Any, n_classes: int) -> None:
     if not isinstance(cal, dict):
         raise BundleError(f"model card field 'calibration' must be an object, got {_short(cal)}")
     method = cal.get("method", "none")
-    if method not in _CALIBRATION_METHODS:
-        raise BundleError(f"unknown calibration method {_short(method)}; known: {', '.join(_CALIBRATION_METHODS)}")
+    if method not in CALIBRATION_METHODS:
+        raise BundleError(f"unknown calibration method {_short(method)}; known: {', '.join(CALIBRATION_METHODS)}")
     if method == "temperature":
         t = cal.get("temperature")
         values = t if isinstance(t, list) else [t]

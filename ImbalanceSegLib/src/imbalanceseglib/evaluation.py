@@ -64,6 +64,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import surface
+from .metrics import overlap_from_counts
 from .atomic import atomic_write_text
 
 POLICIES = ("normal", "both_empty", "reference_empty", "prediction_empty", "image_wide", "single_voxel")
@@ -156,17 +157,17 @@ def _structure(ndim: int, connectivity: Optional[int]) -> np.ndarray:
     return ndimage.generate_binary_structure(ndim, ndim if connectivity is None else connectivity)
 
 
-def _components(p: np.ndarray, r: np.ndarray, structure: np.ndarray) -> Dict[str, int]:
+def _components(p: np.ndarray, r: np.ndarray, both: np.ndarray, structure: np.ndarray) -> Dict[str, int]:
     out = {"reference_components": 0, "detected_components": 0,
            "predicted_components": 0, "false_positive_components": 0}
     if r.any():
         lab_r, n_r = ndimage.label(r, structure)
         out["reference_components"] = int(n_r)
-        out["detected_components"] = int(np.count_nonzero(np.unique(lab_r[p & r])))
+        out["detected_components"] = int(np.count_nonzero(np.unique(lab_r[both])))
     if p.any():
         lab_p, n_p = ndimage.label(p, structure)
         out["predicted_components"] = int(n_p)
-        touching = np.unique(lab_p[p & r])
+        touching = np.unique(lab_p[both])
         out["false_positive_components"] = int(n_p - np.count_nonzero(touching))
     return out
 
@@ -185,7 +186,8 @@ def _class_result(p: Optional[np.ndarray], r: Optional[np.ndarray], sp: np.ndarr
                                "false_positive_components": 0} if "detection" in groups else {}))
     n_r = int(np.count_nonzero(r))
     n_p = int(np.count_nonzero(p))
-    tp = int(np.count_nonzero(p & r))
+    both = p & r
+    tp = int(np.count_nonzero(both))
     fp, fn = n_p - tp, n_r - tp
     res = ClassResult(label=label, name=name, policy="normal", case=case, reference_voxels=n_r, predicted_voxels=n_p,
                       true_positives=tp, false_positives=fp, false_negatives=fn,
@@ -194,13 +196,11 @@ def _class_result(p: Optional[np.ndarray], r: Optional[np.ndarray], sp: np.ndarr
     if n_r == 0 and n_p == 0:  # pragma: no cover - callers pass None for absent classes
         res.policy = "both_empty"
         return res
-    res.dice = 2.0 * tp / (n_r + n_p)
-    res.iou = tp / (n_r + n_p - tp)
-    res.sensitivity = tp / n_r if n_r else None
-    res.precision = tp / n_p if n_p else None
+    m = overlap_from_counts(tp, fp, fn)
+    res.dice, res.iou, res.sensitivity, res.precision = m["dice"], m["iou"], m["sensitivity"], m["precision"]
     res.relative_volume_error = (n_p - n_r) / n_r if n_r else None
     if "detection" in groups:
-        for k, v in _components(p, r, structure).items():
+        for k, v in _components(p, r, both, structure).items():
             setattr(res, k, v)
     res.detected = (tp > 0) if n_r else None
     if n_r == 0 or n_p == 0:

@@ -141,6 +141,16 @@ def _precheck_nrrd(path: Path, what: str) -> None:
                                  "refusing to read it")
 
 
+def _gzip_trailer_size(path: Path) -> Optional[int]:
+    """Uncompressed size mod 2**32 from a gzip file's last 4 bytes (ISIZE)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            return int.from_bytes(fh.read(4), "little")
+    except OSError:
+        return None
+
+
 def _precheck_nifti(path: Path, what: str) -> None:
     import gzip
     import struct
@@ -180,7 +190,9 @@ def _precheck_nifti(path: Path, what: str) -> None:
                 n_vox *= max(int(d), 1)
             bytes_per = _NIFTI_TYPE_BYTES.get(datatype, max(bitpix, 8) // 8)
             need = max(vox_offset, sizeof_hdr) + n_vox * bytes_per
-            if gz:
+            if gz and _gzip_trailer_size(path) == need % (1 << 32):
+                have = need  # intact stream of exactly the declared length: no second decompression
+            elif gz:
                 have = len(hdr)
                 while True:
                     chunk = fh.read(1 << 20)
@@ -262,13 +274,19 @@ class Geometry:
                    tuple(image.GetDirection()))
 
 
+def resampled_size(size: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray:
+    """Voxel counts of a grid with ``new_spacing`` covering the same extent (at least 1 per axis)."""
+    return np.maximum(1, np.round(np.asarray(size, float) * np.asarray(spacing, float)
+                                  / np.asarray(new_spacing, float))).astype(int)
+
+
 def resample_to_spacing(image: sitk.Image, spacing: Sequence[float],
                         interpolator=sitk.sitkLinear, default_value: float = 0.0) -> sitk.Image:
     """Resample onto a grid with ``spacing`` covering the same physical extent."""
     old_size = np.array(image.GetSize(), dtype=float)
     old_spacing = np.array(image.GetSpacing(), dtype=float)
     new_spacing = np.array(spacing, dtype=float)
-    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int)
+    new_size = resampled_size(old_size, old_spacing, new_spacing)
     # Keep the centre of the field of view fixed.
     direction = np.array(image.GetDirection()).reshape(3, 3)
     old_centre_idx = (old_size - 1) / 2.0
@@ -283,6 +301,10 @@ def needs_resampling(image: sitk.Image, target_spacing: Optional[Sequence[float]
     if target_spacing is None:
         return False
     return not np.allclose(image.GetSpacing(), target_spacing, rtol=rtol)
+
+
+#: Intensity normalisation schemes :func:`normalise_intensities` applies (model cards are checked against this).
+NORMALIZATION_SCHEMES = ("none", "percentile_zscore", "fixed_zscore")
 
 
 def normalise_intensities(array: np.ndarray, params: Dict[str, Any]) -> np.ndarray:

@@ -21,7 +21,7 @@ from monai.inferers import sliding_window_inference
 
 from .bundle import BundleError, ModelBundle
 from .images import (ImageError, available_memory_bytes, check_image, format_bytes, image_from_array, needs_resampling,
-                     normalise_intensities, orientation_code, resample_to_spacing, to_canonical)
+                     normalise_intensities, orientation_code, resample_to_spacing, resampled_size, to_canonical)
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -123,11 +123,8 @@ def estimate_memory_bytes(input_size: Sequence[int], input_spacing: Sequence[flo
     """Rough peak memory of :func:`predict` (float32 copies of the volume, logits,
     blending buffers and probabilities on the working and the input grid)."""
     n_in = float(np.prod(input_size, dtype=np.float64))
-    if target_spacing is None:
-        n_work = n_in
-    else:
-        n_work = float(np.prod([max(1.0, round(s * sp / t)) for s, sp, t in
-                                zip(input_size, input_spacing, target_spacing)], dtype=np.float64))
+    n_work = n_in if target_spacing is None else float(
+        np.prod(resampled_size(input_size, input_spacing, target_spacing), dtype=np.float64))
     return int(4 * (n_in * (n_classes + 4) + n_work * (3 * n_classes + 6)))
 
 

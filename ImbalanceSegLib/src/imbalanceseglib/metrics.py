@@ -28,17 +28,24 @@ def confusion_counts(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.
     return np.stack([tp, fp, fn], axis=1)
 
 
+def overlap_from_counts(tp: int, fp: int, fn: int) -> Dict[str, Optional[float]]:
+    """Dice, IoU, sensitivity and precision from counts, following the empty-structure policy."""
+    ref_n, pred_n = tp + fn, tp + fp
+    union = ref_n + pred_n - tp
+    return {"dice": None if ref_n + pred_n == 0 else 2.0 * tp / (ref_n + pred_n),
+            "iou": None if union == 0 else tp / union,
+            "sensitivity": None if ref_n == 0 else tp / ref_n,
+            "precision": None if pred_n == 0 else tp / pred_n}
+
+
 def overlap_metrics(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> List[Dict[str, Optional[float]]]:
     """Per-class Dice, sensitivity and precision following the empty-structure policy."""
     out = []
     for tp, fp, fn in confusion_counts(pred, ref, num_classes):
         tp, fp, fn = int(tp), int(fp), int(fn)
-        ref_n, pred_n = tp + fn, tp + fp
-        dice = None if ref_n + pred_n == 0 else 2.0 * tp / (ref_n + pred_n)
-        sens = None if ref_n == 0 else tp / ref_n
-        prec = None if pred_n == 0 else tp / pred_n
-        out.append({"dice": dice, "sensitivity": sens, "precision": prec,
-                    "reference_voxels": ref_n, "predicted_voxels": pred_n})
+        m = overlap_from_counts(tp, fp, fn)
+        out.append({"dice": m["dice"], "sensitivity": m["sensitivity"], "precision": m["precision"],
+                    "reference_voxels": tp + fn, "predicted_voxels": tp + fp})
     return out
 
 

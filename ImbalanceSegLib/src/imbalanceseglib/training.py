@@ -175,17 +175,13 @@ def class_voxel_counts(cases: Sequence[Case], n_classes: int) -> np.ndarray:
     return counts
 
 
-def class_voxel_fractions(cases: Sequence[Case], n_classes: int) -> List[float]:
-    counts = class_voxel_counts(cases, n_classes)
-    return (counts / max(1, counts.sum())).tolist()
-
-
-def check_training_data(config: "TrainConfig", train_cases: Sequence[Case]) -> None:
+def check_training_data(config: "TrainConfig", train_cases: Sequence[Case]) -> np.ndarray:
     """Refuse training data that cannot teach every class, naming the problem.
 
     Empty label maps (cases without foreground) and cases with a single class are
     fine on their own; but each foreground class of the config must appear in at
-    least one training case, and the images must be finite.
+    least one training case, and the images must be finite. Returns the voxel
+    count of each class over the training cases.
     """
     if not train_cases:
         raise ValueError("no training cases")
@@ -199,6 +195,7 @@ def check_training_data(config: "TrainConfig", train_cases: Sequence[Case]) -> N
     if missing:
         raise ValueError(f"classes {missing} have no voxels in any training case; add labelled cases "
                          "for them or remove them from the config")
+    return counts
 
 
 def evaluate_cases(network: torch.nn.Module, cases: Sequence[Case], config: TrainConfig) -> Dict[str, Any]:
@@ -234,7 +231,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
           resume: bool = True, log: LogFn = print, extra_card: Optional[Dict[str, Any]] = None) -> Path:
     """Train, checkpoint and write ``<out_dir>/<name>.imbseg``; returns the bundle path."""
     config.validate()
-    check_training_data(config, train_cases)
+    voxel_counts = check_training_data(config, train_cases)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.num_threads:
@@ -334,7 +331,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             "method": config.loss.get("name", "dice_ce"),
             "config": config.to_dict(),
             "class_voxel_fractions": dict(zip([c["name"] for c in config.classes],
-                                              class_voxel_fractions(train_cases, n_cls))),
+                                              (voxel_counts / voxel_counts.sum()).tolist())),
             "train_cases": len(train_cases), "val_cases": len(val_cases),
             "wall_time_s": round(total_time, 1), "history": history,
             "software": {"imbalanceseglib": __version__, "torch": torch.__version__,

@@ -54,6 +54,8 @@ from safetensors.torch import save as st_save
 from .atomic import atomic_path
 from .images import NORMALIZATION_SCHEMES
 from .networks import available_architectures, build_network
+from .performance import CONFIDENCE_SCORES
+from .performance import METHODS as ESTIMATION_METHODS
 
 FORMAT_NAME = "imbalanceseg-bundle"
 FORMAT_VERSION = 1
@@ -76,8 +78,10 @@ _MAX_FEATURES = 4096            # channels per level (also enforced by networks.
 _SPACING_RANGE = (1e-3, 1e3)    # mm
 _MAX_PATCH_EDGE = 512
 _MAX_PATCH_VOXELS = 1 << 24     # e.g. 256**3
-#: Calibration methods a card may name (applied by inference.apply_calibration).
-CALIBRATION_METHODS = ("none", "temperature")
+#: Calibration methods a card may name (applied by inference.apply_calibration; the
+#: estimation methods are described in imbalanceseglib.performance).
+CALIBRATION_METHODS = ("none", "temperature") + tuple(m for m in ESTIMATION_METHODS if m != "none")
+_CALIBRATION_RANGES = {"temperature": (1e-6, 1e6), "offset": (-1.0, 1.0), "threshold": (-1e-6, 1.0)}
 _ST_DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2),
               torch.float64: ("F64", 8), torch.int64: ("I64", 8)}
 
@@ -245,6 +249,32 @@ def _check_calibration(cal: Any, n_classes: int) -> None:
                 _is_number(v) and 1e-6 <= v <= 1e6 for v in values):
             raise BundleError(f"temperature calibration needs one positive finite temperature or one per "
                               f"class ({n_classes}), got {_short(t)}")
+        return
+    if "class_specific" in cal and not isinstance(cal["class_specific"], bool):
+        raise BundleError(f"calibration.class_specific must be true or false, got {_short(cal['class_specific'])}")
+    conf = cal.get("confidence", "mcp")
+    if conf not in CONFIDENCE_SCORES:
+        raise BundleError(f"unknown calibration confidence score {_short(conf)}; known: {', '.join(CONFIDENCE_SCORES)}")
+    needs = {"none": (), "ts": ("temperature",), "doc": ("offset",), "atc": ("threshold",),
+             "ts-atc": ("temperature", "threshold")}[method]
+    for key, (lo, hi) in _CALIBRATION_RANGES.items():
+        if key not in cal:
+            if key in needs:
+                raise BundleError(f"calibration method {method!r} needs {key!r} (one value or one per class)")
+            continue
+        v = cal[key]
+        values = v if isinstance(v, list) else [v]
+        if (isinstance(v, list) and len(v) != n_classes) or not values or not all(
+                _is_number(x) and lo <= x <= hi for x in values):
+            raise BundleError(f"calibration.{key} must be one number in [{lo:g}, {hi:g}] or one per class "
+                              f"({n_classes}), got {_short(v)}")
+    if conf == "energy" or "score_range" in cal:
+        sr = cal.get("score_range")
+        if not (isinstance(sr, list) and len(sr) == 2 and all(_is_number(x) for x in sr) and sr[0] < sr[1]):
+            raise BundleError(f"calibration.score_range must be two finite numbers low < high "
+                              f"(needed by the energy score), got {_short(sr)}")
+    if "fitted_on" in cal and not isinstance(cal["fitted_on"], dict):
+        raise BundleError("calibration.fitted_on must be an object")
 
 
 def validate_card(card: Dict[str, Any]) -> Dict[str, Any]:

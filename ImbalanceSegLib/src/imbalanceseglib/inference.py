@@ -4,7 +4,10 @@
 bundle's preprocessing (canonical axis order, target spacing, intensity
 normalisation), runs the network with Gaussian-blended sliding windows (MONAI),
 applies the card's calibration, and returns per-class probabilities, the label
-map and a normalised-entropy uncertainty map on the *input* grid.
+map and a normalised-entropy uncertainty map on the *input* grid, plus the
+label-free per-class performance estimate (``performance``) computed from the
+logits on the working grid with the card's calibration (plain confidence when
+the card has none; see :mod:`imbalanceseglib.performance`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .bundle import BundleError, ModelBundle
+from .performance import METHODS as ESTIMATION_METHODS
+from .performance import CaseEstimate, PerformanceEstimator
 from .images import (ImageError, available_memory_bytes, check_image, format_bytes, image_from_array, needs_resampling,
                      normalise_intensities, orientation_code, resample_to_spacing, resampled_size, to_canonical)
 
@@ -40,6 +45,8 @@ class Prediction:
     reference: sitk.Image
     class_names: List[str]
     timings: Dict[str, float] = field(default_factory=dict)
+    performance: Optional[CaseEstimate] = None
+    estimator: Optional[PerformanceEstimator] = None
 
     def _image(self, array: np.ndarray) -> sitk.Image:
         return image_from_array(array, self.reference)
@@ -62,25 +69,45 @@ def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
     return (ent / math.log(c)).astype(np.float32)
 
 
+def estimator_for(calibration: Optional[Dict[str, Any]], num_classes: int) -> PerformanceEstimator:
+    """The performance estimator a card's calibration entry describes (plain confidence
+    for no entry, ``none`` and the per-channel ``temperature`` entry, whose logits
+    :func:`calibration_logits` scales first)."""
+    method = (calibration or {}).get("method", "none")
+    if method in ("none", "temperature"):
+        return PerformanceEstimator(method="none", num_classes=num_classes)
+    if method in ESTIMATION_METHODS:
+        return PerformanceEstimator.from_card(calibration, num_classes)
+    raise BundleError(f"unknown calibration method {method!r} in the model card")
+
+
+def calibration_logits(logits: torch.Tensor, calibration: Optional[Dict[str, Any]]) -> torch.Tensor:
+    """Logits as the estimator sees them: divided by the card's ``temperature`` entry
+    (one value, or one per class channel), unchanged otherwise."""
+    if (calibration or {}).get("method") != "temperature":
+        return logits
+    t = calibration["temperature"]
+    if isinstance(t, (list, tuple)):
+        if len(t) != logits.shape[1]:
+            raise BundleError(f"calibration has {len(t)} temperatures for {logits.shape[1]} classes")
+        tt = torch.tensor(t, dtype=logits.dtype, device=logits.device).view(1, -1, *([1] * (logits.ndim - 2)))
+    else:
+        tt = float(t)
+    return logits / tt
+
+
 def apply_calibration(logits: torch.Tensor, calibration: Optional[Dict[str, Any]]) -> torch.Tensor:
     """Turn logits (N, C, ...) into probabilities following the card's calibration entry.
 
     ``{"method": "none"}`` (or no entry) is the plain softmax; ``temperature``
-    divides the logits by one temperature, or by one per class when a list is given.
+    divides the logits by one temperature, or by one per class channel when a list
+    is given; ``ts``/``doc``/``atc``/``ts-atc`` give the calibrated distribution of
+    :meth:`PerformanceEstimator.calibrated_probabilities`.
     """
     method = (calibration or {}).get("method", "none")
-    if method == "none":
-        return torch.softmax(logits, dim=1)
-    if method == "temperature":
-        t = calibration["temperature"]
-        if isinstance(t, (list, tuple)):
-            if len(t) != logits.shape[1]:
-                raise BundleError(f"calibration has {len(t)} temperatures for {logits.shape[1]} classes")
-            tt = torch.tensor(t, dtype=logits.dtype, device=logits.device).view(1, -1, *([1] * (logits.ndim - 2)))
-        else:
-            tt = float(t)
-        return torch.softmax(logits / tt, dim=1)
-    raise BundleError(f"unknown calibration method {method!r} in the model card")
+    if method in ("none", "temperature"):
+        return torch.softmax(calibration_logits(logits, calibration), dim=1)
+    return estimator_for(calibration, logits.shape[1]).calibrated_probabilities(logits)
 
 
 def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -186,9 +213,22 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     roi = pre.get("patch_size") or [min(s, 96) for s in volume.shape]
     logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap,
                                    sw_batch_size=sw_batch_size, device=device, progress=progress)
-    probs_t = apply_calibration(logits, bundle.card.get("calibration"))[0]
+    calibration = bundle.card.get("calibration")
+    probs_t = apply_calibration(logits, calibration)[0]
     probs = probs_t.numpy().astype(np.float32, copy=False)
     timings["network"] = time.perf_counter() - t1
+
+    t_est = time.perf_counter()
+    progress("estimate", 0.0)
+    estimator = estimator_for(calibration, bundle.num_classes)
+    performance = estimator.estimate(calibration_logits(logits, calibration)[0].numpy(), bundle.class_names)
+    voxel_ml = float(np.prod(work.GetSpacing())) / 1000.0
+    for row in performance.classes:
+        row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
+        row["expected_ml"] = row["expected_voxels"] * voxel_ml
+    del logits
+    timings["estimate"] = time.perf_counter() - t_est
+    progress("estimate", 1.0)
 
     t2 = time.perf_counter()
     progress("postprocess", 0.0)
@@ -198,7 +238,8 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     timings["postprocess"] = time.perf_counter() - t2
     progress("postprocess", 1.0)
     return Prediction(probabilities=probs, labels=labels, uncertainty=uncertainty, reference=original,
-                      class_names=bundle.class_names, timings=timings)
+                      class_names=bundle.class_names, timings=timings, performance=performance,
+                      estimator=estimator)
 
 
 def _to_input_grid(probs: np.ndarray, work: sitk.Image, canonical: sitk.Image, original: sitk.Image,

@@ -129,9 +129,13 @@ class SegmentationResult:
     rows: List[Dict[str, Any]]
     classNames: List[str]
     timings: Dict[str, float] = field(default_factory=dict)
+    performanceTableNode: Any = None
+    performanceRows: List[Dict[str, Any]] = field(default_factory=list)
+    calibration: str = ""
 
     def nodes(self) -> List[Any]:
-        return [self.segmentationNode, *self.probabilityNodes, self.uncertaintyNode, self.tableNode]
+        return [self.segmentationNode, *self.probabilityNodes, self.uncertaintyNode, self.tableNode,
+                *([self.performanceTableNode] if self.performanceTableNode is not None else [])]
 
 
 TABLE_COLUMNS = [
@@ -156,6 +160,29 @@ TABLE_COLUMNS = [
 
 #: Row keys in table column order.
 ROW_KEYS = [c["name"] for c in TABLE_COLUMNS]
+
+PERFORMANCE_COLUMNS = [
+    {"name": "Segment", "type": "string", "description": "Class name from the model card"},
+    {"name": "Estimated Dice", "type": "double", "unit": "",
+     "description": "Dice estimated without a reference from the calibrated probabilities "
+                    "(empty: class estimated absent)"},
+    {"name": "Estimated sensitivity", "type": "double", "unit": "",
+     "description": "Expected true positives over the expected reference volume (includes the expected misses "
+                    "inside other classes' segments)"},
+    {"name": "Estimated precision", "type": "double", "unit": "",
+     "description": "Expected true positives over the segment volume (empty: no voxels)"},
+    {"name": "Volume", "type": "double", "unit": "ml", "description": "Segment volume on the model's grid"},
+    {"name": "Expected volume", "type": "double", "unit": "ml",
+     "description": "Sum of the calibrated probability of the class over the volume"},
+    {"name": "Mean confidence", "type": "double", "unit": "",
+     "description": "Mean calibrated probability of the class over its segment"},
+    {"name": "State", "type": "string", "unit": "",
+     "description": "predicted; absent (no voxels, expected volume under half a voxel); possibly missed "
+                    "(no voxels but an expected volume of at least half a voxel)"},
+    {"name": "Flag", "type": "string", "unit": "",
+     "description": "review: estimated Dice below the flag threshold, or possibly missed"},
+]
+PERFORMANCE_KEYS = [c["name"] for c in PERFORMANCE_COLUMNS]
 
 
 #
@@ -204,15 +231,21 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolumeNode, model, referenceSegmentationNode=None, device: str = "cpu",
                 progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None,
-                modality: Optional[str] = None) -> SegmentationResult:
+                modality: Optional[str] = None, flagThreshold: float = 0.7) -> SegmentationResult:
         """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle).
 
         ``modality`` (e.g. "CT", "MR"), when known, must match the model card's.
+        ``flagThreshold``: classes whose estimated Dice falls below it are flagged for review
+        in the performance table.
         """
         from imbalanceseglib.inference import check_model_fits, predict
         from ImbalanceSegSlicer import scene as sc
 
         progress = progress or (lambda stage, frac: None)
+        if isinstance(flagThreshold, bool) or not isinstance(flagThreshold, (int, float)) \
+                or not 0.0 <= float(flagThreshold) <= 1.0:
+            raise ValueError(f"flagThreshold must be a number between 0 and 1 (an estimated Dice), "
+                             f"got {flagThreshold!r}")
         if inputVolumeNode is None or not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode"):
             raise ValueError("select a scalar input volume")
         if inputVolumeNode.GetScene() is not self.scene:
@@ -256,6 +289,13 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             table = sc.table_node_from_rows(self.scene, f"{base} class table", TABLE_COLUMNS,
                                             [[r[k] for k in ROW_KEYS] for r in rows])
             created.append(table)
+            perf_rows = self.performanceRows(prediction, float(flagThreshold))
+            calibration = self.calibrationDescription(prediction)
+            perf_table = sc.table_node_from_rows(self.scene, f"{base} performance estimate", PERFORMANCE_COLUMNS,
+                                                 [[r[k] for k in PERFORMANCE_KEYS] for r in perf_rows])
+            perf_table.SetAttribute("ImbalanceSeg.Calibration", calibration)
+            perf_table.SetAttribute("ImbalanceSeg.FlagThreshold", f"{float(flagThreshold):g}")
+            created.append(perf_table)
             timings["results"] = time.perf_counter() - t
             progress("results", 1.0)
         except BaseException:
@@ -264,7 +304,50 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                     self.scene.RemoveNode(node)
             raise
         return SegmentationResult(seg_node, prob_nodes, unc_node, table, rows,
-                                  [c["name"] for c in classes], timings)
+                                  [c["name"] for c in classes], timings, perf_table, perf_rows, calibration)
+
+    @staticmethod
+    def calibrationDescription(prediction) -> str:
+        est = prediction.estimator
+        if est is None or est.method == "none":
+            return "uncalibrated (plain confidence)"
+        return (f"{est.method.upper()} ({'class-specific' if est.class_specific else 'global'}, "
+                f"{est.confidence} confidence)")
+
+    @staticmethod
+    def performanceRows(prediction, flagThreshold: float = 0.7) -> List[Dict[str, Any]]:
+        """Per foreground class: the label-free estimate of ``prediction.performance`` and a review flag."""
+        rows = []
+        for c, est in enumerate(prediction.performance.classes):
+            if c == 0:
+                continue
+            dice = est["dice"]
+            flag = "review" if (est["state"] == "possibly missed" or (dice is not None and dice < flagThreshold)) else ""
+            rows.append({"Segment": prediction.class_names[c], "Estimated Dice": dice,
+                         "Estimated sensitivity": est["sensitivity"], "Estimated precision": est["precision"],
+                         "Volume": est.get("predicted_ml"), "Expected volume": est.get("expected_ml"),
+                         "Mean confidence": est["mean_confidence"], "State": est["state"], "Flag": flag})
+        return rows
+
+    @staticmethod
+    def formatPerformanceRows(rows: List[Dict[str, Any]], trueDice: Optional[Dict[str, Optional[float]]] = None) -> str:
+        """The performance table as aligned text; with ``trueDice`` (name -> Dice) a column to compare."""
+        def fmt(v, spec):
+            return "-" if v is None else format(v, spec)
+        head = (f"{'Segment':<22}{'Est. Dice':>10}{'Est. sens':>10}{'Est. prec':>10}{'Vol ml':>9}{'Exp. ml':>9}"
+                f"{'Mean conf':>10}  {'State':<16}{'Flag':<7}")
+        if trueDice is not None:
+            head += f"{'True Dice':>10}"
+        lines = [head]
+        for r in rows:
+            line = (f"{r['Segment']:<22}{fmt(r['Estimated Dice'], '.3f'):>10}{fmt(r['Estimated sensitivity'], '.3f'):>10}"
+                    f"{fmt(r['Estimated precision'], '.3f'):>10}{fmt(r['Volume'], '.2f'):>9}"
+                    f"{fmt(r['Expected volume'], '.2f'):>9}{fmt(r['Mean confidence'], '.3f'):>10}  "
+                    f"{r['State']:<16}{r['Flag'] or '-':<7}")
+            if trueDice is not None:
+                line += f"{fmt(trueDice.get(r['Segment']), '.3f'):>10}"
+            lines.append(line)
+        return "\n".join(lines)
 
     @staticmethod
     def classRows(prediction, spacing: Sequence[float], reference=None) -> List[Dict[str, Any]]:

@@ -79,6 +79,8 @@ def main(argv=None) -> int:
             files.append(sc.save_node(scene, node, str(out / f"DemoBrainT1_probability_{sc.safe_file_name(name)}.nrrd")))
         files.append(sc.save_node(scene, result.uncertaintyNode, str(out / "DemoBrainT1_uncertainty.nrrd")))
         files.append(sc.save_node(scene, result.tableNode, str(out / "DemoBrainT1_class_table.tsv")))
+        files.append(sc.save_node(scene, result.performanceTableNode,
+                                  str(out / "DemoBrainT1_performance_estimate.tsv")))
         files.append(sc.save_scene(scene, str(out / "DemoBrainT1.mrml")))
         written["data"] = [Path(f) for f in files]
 
@@ -109,6 +111,10 @@ def main(argv=None) -> int:
     print()
     print("Per-class results on the demo case (Dice against the demo reference):")
     print(ImbalanceSegLogic.formatRows(result.rows))
+    print()
+    print(f"Label-free performance estimate ({result.calibration}), next to the true Dice:")
+    print(ImbalanceSegLogic.formatPerformanceRows(result.performanceRows,
+                                                  {r["Segment"]: r["Dice"] for r in result.rows}))
     print()
     print(f"Outputs in {out}:")
     for group, files in written.items():

@@ -175,6 +175,44 @@ def check_model_fits(bundle: ModelBundle, modality: Optional[str] = None,
                               f"it knows {bundle.class_names[1:]}")
 
 
+def _preprocess(image: sitk.Image, pre: Dict[str, Any]):
+    """Input -> (original float32, canonical, working grid image, resampled?, normalised array)."""
+    original = sitk.Cast(image, sitk.sitkFloat32)
+    canonical = to_canonical(original)
+    resampled = needs_resampling(canonical, pre.get("target_spacing"))
+    work = resample_to_spacing(canonical, pre["target_spacing"]) if resampled else canonical
+    volume = normalise_intensities(sitk.GetArrayViewFromImage(work), pre.get("normalization", {}))
+    return original, canonical, work, resampled, volume
+
+
+def working_grid_logits(image: sitk.Image, bundle: ModelBundle, labels: Optional[sitk.Image] = None,
+                        device: str = "cpu", overlap: float = 0.5, sw_batch_size: int = 2,
+                        progress: Optional[ProgressCallback] = None):
+    """Raw logits ``(C, z, y, x)`` on the model's working grid (what :func:`predict` computes
+    before calibration), with ``labels`` (if given, same geometry as ``image``) brought onto
+    the same grid by nearest-neighbour resampling.  Used to fit calibration.
+
+    Returns ``(logits float32 ndarray, labels uint8 ndarray or None, working-grid image)``.
+    """
+    if bundle.network is None:
+        raise BundleError("bundle was loaded without weights; use load_bundle()")
+    check_image(image, "input volume", min_size=2)
+    pre = bundle.preprocessing
+    original, canonical, work, resampled, volume = _preprocess(image, pre)
+    roi = pre.get("patch_size") or [min(s, 96) for s in volume.shape]
+    logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap, sw_batch_size=sw_batch_size,
+                                   device=device, progress=progress or _noop_progress)[0].numpy()
+    lab = None
+    if labels is not None:
+        check_image(labels, "label map")
+        if labels.GetSize() != image.GetSize() or not np.allclose(labels.GetSpacing(), image.GetSpacing(), rtol=1e-4):
+            raise ImageError("label map geometry differs from its image")
+        lab_img = sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), work, sitk.Transform(),
+                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        lab = sitk.GetArrayFromImage(lab_img)
+    return logits, lab, work
+
+
 def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap: float = 0.5,
             sw_batch_size: int = 2, progress: Optional[ProgressCallback] = None,
             memory_limit_bytes: Optional[int] = None) -> Prediction:
@@ -201,11 +239,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     if in_ch != 1:
         raise BundleError(f"model expects {in_ch} input channels; ImbalanceSeg passes one volume")
     progress("preprocess", 0.0)
-    original = sitk.Cast(image, sitk.sitkFloat32)
-    canonical = to_canonical(original)
-    resampled = needs_resampling(canonical, pre.get("target_spacing"))
-    work = resample_to_spacing(canonical, pre["target_spacing"]) if resampled else canonical
-    volume = normalise_intensities(sitk.GetArrayViewFromImage(work), pre.get("normalization", {}))
+    original, canonical, work, resampled, volume = _preprocess(image, pre)
     timings["preprocess"] = time.perf_counter() - t0
     progress("preprocess", 1.0)
 

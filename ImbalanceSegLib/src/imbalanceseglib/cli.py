@@ -1,4 +1,4 @@
-"""Command line: ``imbalanceseg train | predict | card | evaluate``."""
+"""Command line: ``imbalanceseg train | predict | card | evaluate | calibrate | estimate``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,153 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_folder(folder: str, what: str) -> "Dict[str, Path]":
+    from .evaluation import _case_id
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{what} folder {folder!r} does not exist")
+    files = {_case_id(p): p for p in sorted(path.iterdir()) if p.is_file() and _case_id(p) is not None}
+    if not files:
+        raise ValueError(f"{what} folder {folder!r} holds no images (.nrrd, .nii, .nii.gz, .mha, .mhd)")
+    return files
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import performance as pe
+    from .bundle import load_bundle, save_bundle
+    from .images import read_image
+    from .inference import working_grid_logits
+
+    src, out = Path(args.model), Path(args.out)
+    if out.resolve() == src.resolve() and not args.force:
+        raise ValueError("--out is the input model; write the calibrated bundle to a new file (or pass --force)")
+    bundle = load_bundle(src)
+    images = _image_folder(args.images, "image")
+    labels = _image_folder(args.labels, "label")
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise ValueError(f"no label map for case(s) {', '.join(missing)} in {args.labels}")
+    t0 = time.perf_counter()
+    stats, names = [], []
+    score_range = None
+    cases = []
+    for cid, img_path in images.items():
+        img = read_image(img_path, f"image {cid}")
+        lab = read_image(labels[cid], f"label map {cid}")
+        logits, lab_arr, _ = working_grid_logits(img, bundle, lab, device=args.device)
+        if lab_arr.max() >= bundle.num_classes:
+            raise ValueError(f"label map {cid} holds value {int(lab_arr.max())}, but the model has "
+                             f"{bundle.num_classes} classes (0..{bundle.num_classes - 1})")
+        cases.append((cid, logits, lab_arr))
+        print(f"[calibrate] {cid}: logits on the model grid {'x'.join(map(str, logits.shape[1:]))}", flush=True)
+    if args.confidence == "energy":
+        score_range = pe.energy_range(lg for _, lg, _ in cases)
+    for cid, logits, lab_arr in cases:
+        stats.append(pe.case_statistics(logits, lab_arr, args.confidence, score_range,
+                                        temperatures=args.method in ("ts", "ts-atc")))
+        names.append(cid)
+    del cases
+    est = pe.fit_estimator(stats, method=args.method, class_specific=not args.global_, confidence=args.confidence,
+                           score_range=score_range)
+    errors = np.array([np.abs(est.estimate_stats(st).metric_array("dice") - st.true_dice()) for st in stats])
+    card = dict(bundle.card)
+    card["calibration"] = est.to_card()
+    card["calibration"]["fitted_on"]["case_ids"] = names
+    card["calibration_validation"] = {
+        "note": "in-sample: mean absolute error of the estimated Dice on the cases the calibration was fitted on",
+        "per_class_dice_mae": {n: (None if np.isnan(errors[:, k]).all() else float(np.nanmean(errors[:, k])))
+                               for k, n in enumerate(bundle.class_names)}}
+    written = save_bundle(out, card, bundle.network)
+    print(f"[calibrate] {args.method} ({'global' if args.global_ else 'class-specific'}, {args.confidence}) fitted on "
+          f"{len(stats)} case(s) in {time.perf_counter() - t0:.1f} s")
+    print(f"  {'class':<22}{'Dice MAE (in-sample)':>22}")
+    for n, v in card["calibration_validation"]["per_class_dice_mae"].items():
+        print(f"  {n:<22}{'-' if v is None else f'{100 * v:.2f} points':>22}")
+    print(f"[calibrate] wrote {written}")
+    return 0
+
+
+ESTIMATE_COLUMNS = ["case", "class", "estimated_dice", "estimated_sensitivity", "estimated_precision",
+                    "predicted_ml", "expected_ml", "mean_confidence", "state", "flag"]
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    import numpy as np
+
+    from . import performance as pe
+    from .atomic import atomic_path
+    from .bundle import load_bundle
+    from .images import read_image
+    from .inference import calibration_logits, estimator_for, working_grid_logits
+
+    if not 0.0 <= args.flag_threshold <= 1.0:
+        raise ValueError(f"--flag-threshold must be between 0 and 1, got {args.flag_threshold}")
+    bundle = load_bundle(args.model)
+    fg = bundle.class_names[1:]
+    if args.rank_by != "worst" and args.rank_by not in fg:
+        raise ValueError(f"--rank-by {args.rank_by!r} is not a class of the model; use 'worst' or one of {fg}")
+    images = _image_folder(args.images, "image")
+    calibration = bundle.card.get("calibration")
+    estimator = estimator_for(calibration, bundle.num_classes)
+    import torch
+    rows, estimates, keys = [], [], []
+    for cid, path in images.items():
+        logits, _, work = working_grid_logits(read_image(path, f"image {cid}"), bundle, device=args.device)
+        logits = calibration_logits(torch.from_numpy(logits)[None], calibration)[0].numpy()
+        est = estimator.estimate(logits, bundle.class_names)
+        voxel_ml = float(np.prod(work.GetSpacing())) / 1000.0
+        estimates.append(est)
+        dice = {}
+        for k, r in enumerate(est.classes):
+            if k == 0:
+                continue
+            flag = "review" if r["state"] == "possibly missed" or (
+                r["dice"] is not None and r["dice"] < args.flag_threshold) else ""
+            rows.append([cid, bundle.class_names[k], r["dice"], r["sensitivity"], r["precision"],
+                         r["predicted_voxels"] * voxel_ml, r["expected_voxels"] * voxel_ml, r["mean_confidence"],
+                         r["state"], flag])
+            dice[bundle.class_names[k]] = r["dice"]
+        if args.rank_by == "worst":
+            defined = [(v, n) for n, v in dice.items() if v is not None]
+            key = min(defined) if defined else (None, "-")
+        else:
+            key = (dice[args.rank_by], args.rank_by)
+        keys.append((cid, key))
+        print(f"[estimate] {cid}: " + "  ".join(f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in dice.items()),
+              flush=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(ESTIMATE_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
+    cohort = pe.cohort_estimate(estimates)
+    for row in cohort[1:]:
+        writer.writerow(["(cohort mean)", row["name"], "" if row["dice"] is None else f"{row['dice']:.6g}",
+                         "" if row["sensitivity"] is None else f"{row['sensitivity']:.6g}",
+                         "" if row["precision"] is None else f"{row['precision']:.6g}", "", "", "", "", ""])
+    if args.csv:
+        with atomic_path(Path(args.csv), suffix=".csv") as tmp:
+            Path(tmp).write_text(buf.getvalue())
+    # rank: worst (lowest estimated Dice) first; cases where the ranking class is undefined last
+    ranked = sorted(keys, key=lambda item: (item[1][0] is None, item[1][0] if item[1][0] is not None else 0.0))
+    what = "worst class" if args.rank_by == "worst" else args.rank_by
+    print(f"[estimate] review order (lowest estimated Dice of {what} first; "
+          f"{'uncalibrated' if estimator.method == 'none' else estimator.method + ' calibration'}):")
+    for i, (cid, (v, n)) in enumerate(ranked, start=1):
+        print(f"  {i:>3}. {cid:<30} {'-' if v is None else f'{v:.3f}'}  ({n})")
+    print("[estimate] cohort mean estimated Dice: " + "  ".join(
+        f"{r['name']} {_cell(r['dice'], '.3f') or '-'}"
+        for r in cohort[1:]))
+    if args.csv:
+        print(f"[estimate] wrote {args.csv}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="imbalanceseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +310,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="upper end of the uncertainty maps for QU-BraTS (default: 1, normalised entropy)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("calibrate", help="fit calibration on labelled validation cases and write a new bundle")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", required=True, help="folder of validation images (<case>.nrrd/.nii.gz/...)")
+    p.add_argument("--labels", required=True, help="folder of their label maps (same case names)")
+    p.add_argument("--method", default="ts-atc", choices=["none", "ts", "doc", "atc", "ts-atc"])
+    p.add_argument("--global", dest="global_", action="store_true",
+                   help="one parameter for all classes instead of one per class")
+    p.add_argument("--confidence", default="mcp", choices=["mcp", "entropy", "energy", "doctor"])
+    p.add_argument("--out", required=True, help="calibrated bundle to write (never the input model)")
+    p.add_argument("--force", action="store_true", help="allow --out to replace the input model")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_calibrate)
+    p = sub.add_parser("estimate", help="estimate per-class performance of unlabelled scans and rank them")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", required=True, help="folder of unlabelled images")
+    p.add_argument("--csv", help="per-case, per-class estimates (CSV)")
+    p.add_argument("--flag-threshold", type=float, default=0.7, help="flag classes below this estimated Dice")
+    p.add_argument("--rank-by", default="worst", help="class name to rank by, or 'worst' (default)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_estimate)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

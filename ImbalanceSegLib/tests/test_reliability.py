@@ -218,13 +218,13 @@ def test_nan_loss_stops_and_says_where(tmp_path, monkeypatch, record_property):
 
     real = tr.build_loss
 
-    def poisoned(settings):
-        loss = real(settings)
+    def poisoned(settings, *args, **kwargs):
+        loss = real(settings, *args, **kwargs)
         calls = {"n": 0}
 
-        def fn(logits, target):
+        def fn(logits, target, **kw):
             calls["n"] += 1
-            out = loss(logits, target)
+            out = loss(logits, target, **kw)
             return out * float("nan") if calls["n"] == 8 else out
         return fn
     monkeypatch.setattr(tr, "build_loss", poisoned)

@@ -1,7 +1,37 @@
 """Segmentation losses selectable by name from a training config.
 
-The standard losses come from MONAI; this module only builds them from JSON
-settings and documents the choices that matter for rare and empty classes.
+Every loss built here is called as ``loss(logits, target, class_weights=None)``:
+
+* ``logits``: (N, C, ...) raw network outputs;
+* ``target``: integer labels (N, 1, ...) or soft / one-hot labels (N, C, ...)
+  (asymmetric mixup produces soft labels);
+* ``class_weights``: optional (C,) weights for this call (the DisW/DifW/CDifW
+  weights that follow training); they multiply the static ``class_weights`` of
+  the settings and enter weighted cross-entropy and weighted Dice (a weighted
+  mean of the per-class Dice losses).
+
+Names (:data:`LOSS_NAMES`):
+
+* ``ce``, ``dice``, ``dice_ce`` - cross-entropy, soft Dice, and their sum
+  (``lambda_ce``, ``lambda_dice``);
+* ``generalized_dice``, ``focal``, ``tversky``, ``soft_dice`` - MONAI's
+  GeneralizedDiceLoss, FocalLoss (softmax, ``gamma``), TverskyLoss (``alpha``,
+  ``beta``) and DiceLoss for soft labels (``soft_label=True``); they take no
+  per-call class weights;
+* ``asym_focal`` and ``asym_large_margin`` - the asymmetric losses of Li,
+  Kamnitsas & Glocker ("Analyzing overfitting under class imbalance in neural
+  networks for image segmentation", IEEE TMI 2020), see :class:`AsymmetricLoss`.
+
+How the Dice part reduces decides what empty or missing labels do (Tilborghs,
+Bertels et al., "The Dice loss in the context of missing or empty labels",
+2022): ``dice_reduction="batch"`` (default, as nnU-Net) computes one Dice per
+class over the whole batch, so a class absent from one patch but present in
+another adds no term of its own; ``"image"`` computes one Dice per image and
+class, and for a class absent from an image's label the term is
+``1 - smooth_nr / (sum of its predicted probability + smooth_dr)``, which with
+a small ``smooth_nr`` pushes every predicted voxel of that class towards zero
+(the behaviour wanted for truly empty labels, harmful for missing ones).
+``test_losses.py`` checks both numerically.
 """
 
 from __future__ import annotations
@@ -9,8 +39,12 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss
+import torch.nn.functional as F
+from monai.losses import DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 from torch import nn
+
+LOSS_NAMES = ("ce", "dice", "dice_ce", "generalized_dice", "focal", "tversky", "soft_dice",
+              "asym_focal", "asym_large_margin")
 
 DEFAULT_LOSS: Dict[str, Any] = {
     "name": "dice_ce",
@@ -24,34 +58,257 @@ DEFAULT_LOSS: Dict[str, Any] = {
     "lambda_ce": 1.0,
     "class_weights": None,
 }
+_EXTRA_KEYS = {"gamma", "margin", "rare_classes", "rare_threshold", "alpha", "beta"}
 
 
-def build_loss(settings: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """Build a loss taking (logits (N,C,...), integer labels (N,1,...))."""
-    cfg = dict(DEFAULT_LOSS)
-    cfg.update(settings or {})
-    name = cfg["name"]
-    reduction = cfg["dice_reduction"]
-    if reduction not in ("batch", "image"):
-        raise ValueError(f"dice_reduction must be 'batch' or 'image', got {reduction!r}")
-    weights = cfg.get("class_weights")
-    weight_t = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
-    common = dict(to_onehot_y=True, softmax=True, include_background=cfg["include_background"],
-                  smooth_nr=cfg["smooth_nr"], smooth_dr=cfg["smooth_dr"], batch=reduction == "batch")
-    if name == "dice_ce":
-        return DiceCELoss(**common, lambda_dice=cfg["lambda_dice"], lambda_ce=cfg["lambda_ce"],
-                          weight=weight_t)
-    if name == "dice":
-        return DiceLoss(**common, weight=weight_t)
-    if name == "ce":
-        return _CrossEntropy(weight_t)
-    raise ValueError(f"unknown loss {name!r}; known: dice_ce, dice, ce")
+def resolve_rare_mask(class_names: Sequence[str], voxel_fractions: Optional[Sequence[float]] = None,
+                      rare_classes: Optional[Sequence[Any]] = None, threshold: float = 0.01) -> torch.Tensor:
+    """Boolean (C,) mask of the classes treated as under-represented.
+
+    ``rare_classes`` (names or indices) chooses them explicitly; otherwise every
+    foreground class whose voxel fraction in the training data is below
+    ``threshold``.  The background (index 0) is never rare.
+    """
+    names = list(class_names)
+    mask = torch.zeros(len(names), dtype=torch.bool)
+    if rare_classes is not None:
+        unknown = []
+        for item in rare_classes:
+            if isinstance(item, str):
+                if item not in names[1:]:
+                    unknown.append(item)
+                else:
+                    mask[names.index(item)] = True
+            elif isinstance(item, int) and not isinstance(item, bool) and 0 < item < len(names):
+                mask[item] = True
+            else:
+                unknown.append(item)
+        if unknown:
+            raise ValueError(f"rare_classes {unknown} are not foreground classes; known: {names[1:]}")
+        return mask
+    if voxel_fractions is None:
+        raise ValueError("the rare-class mask needs the classes' voxel fractions or explicit rare_classes")
+    if len(voxel_fractions) != len(names):
+        raise ValueError(f"{len(voxel_fractions)} voxel fractions for {len(names)} classes")
+    for k in range(1, len(names)):
+        mask[k] = float(voxel_fractions[k]) < float(threshold)
+    return mask
 
 
-class _CrossEntropy(nn.Module):
-    def __init__(self, weight: Optional[torch.Tensor] = None):
+def soft_target(target: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) float target from integer labels (N, 1, ...) or soft labels (N, C, ...)."""
+    if target.shape[1] == num_classes and target.is_floating_point() and num_classes > 1:
+        return target.to(like.dtype)
+    if target.shape[1] != 1:
+        raise ValueError(f"target must be labels (N, 1, ...) or soft labels (N, {num_classes}, ...), "
+                         f"got shape {tuple(target.shape)}")
+    lab = target[:, 0].long()
+    if lab.numel() and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(f"target labels must lie in 0..{num_classes - 1}")
+    return F.one_hot(lab, num_classes).movedim(-1, 1).to(like.dtype)
+
+
+def _weights(static: Optional[torch.Tensor], dynamic: Optional[torch.Tensor], c: int,
+             like: torch.Tensor) -> Optional[torch.Tensor]:
+    w = None
+    for part in (static, dynamic):
+        if part is None:
+            continue
+        part = torch.as_tensor(part, dtype=like.dtype, device=like.device).reshape(-1)
+        if part.numel() != c:
+            raise ValueError(f"class weights have {part.numel()} values for {c} classes")
+        w = part if w is None else w * part
+    return w
+
+
+def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                modulation: Optional[torch.Tensor] = None, margin_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over voxels of ``-m(x) * sum_c w_c t_c log softmax(z - shift)_c``.
+
+    ``modulation`` (N, 1, ...): per-voxel factor (focal term); ``margin_shift``
+    (N, C, ...): subtracted from the logits before the softmax (large margin).
+    """
+    z = logits if margin_shift is None else logits - margin_shift
+    logp = F.log_softmax(z, dim=1)
+    per_class = -target * logp
+    if weights is not None:
+        per_class = per_class * weights.view(1, -1, *([1] * (logits.ndim - 2)))
+    per_voxel = per_class.sum(1, keepdim=True)
+    if modulation is not None:
+        per_voxel = per_voxel * modulation
+    return per_voxel.mean()
+
+
+def per_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, batch: bool, smooth_nr: float,
+                        smooth_dr: float) -> torch.Tensor:
+    """1 - soft Dice per class: (C,) with ``batch``, else (N, C)."""
+    dims = tuple(range(2, probs.ndim))
+    if batch:
+        dims = (0,) + dims
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    return 1.0 - (2.0 * inter + smooth_nr) / (denom + smooth_dr)
+
+
+class _SegLoss(nn.Module):
+    """Common settings handling for the losses implemented here."""
+
+    def __init__(self, cfg: Dict[str, Any]):
         super().__init__()
-        self.register_buffer("weight", weight if weight is not None else None, persistent=False)
+        self.batch = cfg["dice_reduction"] == "batch"
+        self.smooth_nr, self.smooth_dr = float(cfg["smooth_nr"]), float(cfg["smooth_dr"])
+        self.include_background = bool(cfg["include_background"])
+        self.lambda_dice, self.lambda_ce = float(cfg["lambda_dice"]), float(cfg["lambda_ce"])
+        w = cfg.get("class_weights")
+        self.static_weights = None if w is None else torch.tensor(w, dtype=torch.float32)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, target[:, 0].long(), weight=self.weight)
+    def dice_term(self, probs, target, weights, per_class_power=None):
+        loss = per_class_dice_loss(probs, target, self.batch, self.smooth_nr, self.smooth_dr)
+        if per_class_power is not None:  # asymmetric focal modulation of frequent classes' Dice terms
+            loss = loss * per_class_power
+        start = 0 if self.include_background else 1
+        loss = loss[..., start:]
+        if weights is not None:
+            w = weights[start:]
+            return (loss * w).sum(-1).mean() / w.sum().clamp_min(1e-12)
+        return loss.mean()
+
+
+class DiceCE(_SegLoss):
+    """``lambda_ce * CE + lambda_dice * Dice`` with optional class weights (``ce`` and
+    ``dice`` are the special cases with one lambda at zero)."""
+
+    def forward(self, logits, target, class_weights=None):
+        c = logits.shape[1]
+        t = soft_target(target, c, logits)
+        w = _weights(self.static_weights, class_weights, c, logits)
+        total = logits.new_zeros(())
+        if self.lambda_ce:
+            total = total + self.lambda_ce * weighted_ce(logits, t, w)
+        if self.lambda_dice:
+            total = total + self.lambda_dice * self.dice_term(torch.softmax(logits, 1), t, w)
+        return total
+
+
+class AsymmetricLoss(_SegLoss):
+    """Asymmetric focal / large-margin loss (Li, Kamnitsas & Glocker, TMI 2020).
+
+    A voxel is *rare* when its target puts more than half its mass on rare classes
+    (for integer labels: its label is rare).
+
+    * Cross-entropy part: the focal factor ``(1 - p_t)^gamma`` multiplies the
+      loss only at frequent voxels; rare voxels keep the plain cross-entropy, so
+      the network is not allowed to stop learning from rare examples it already
+      fits (``p_t`` is the predicted probability of the target, ``sum_c t_c p_c``
+      for soft targets).  At rare voxels a margin ``margin`` is subtracted from
+      the true-class logit (``z_c - margin * t_c`` for the rare classes c) before
+      the softmax: the additive large-margin softmax, applied to rare voxels only.
+    * Dice part (``lambda_dice``, default 1 for ``asym_focal``, 0 for
+      ``asym_large_margin``): each frequent class's Dice loss ``L_c = 1 - D_c`` is
+      modulated focally, ``L_c * L_c^gamma``, so well-segmented frequent classes
+      contribute less; rare classes keep ``L_c``.
+
+    ``gamma = 0`` and ``margin = 0`` give exactly ``lambda_ce * CE + lambda_dice * Dice``.
+    """
+
+    def __init__(self, cfg: Dict[str, Any], rare_mask: torch.Tensor):
+        super().__init__(cfg)
+        self.gamma = float(cfg.get("gamma", 0.0))
+        self.margin = float(cfg.get("margin", 0.0))
+        if self.gamma < 0 or self.margin < 0:
+            raise ValueError("gamma and margin must be >= 0")
+        self.register_buffer("rare", rare_mask.clone().to(torch.bool), persistent=False)
+
+    def forward(self, logits, target, class_weights=None):
+        c = logits.shape[1]
+        if self.rare.numel() != c:
+            raise ValueError(f"rare mask has {self.rare.numel()} classes, the logits {c}")
+        t = soft_target(target, c, logits)
+        w = _weights(self.static_weights, class_weights, c, logits)
+        shape = (1, c) + (1,) * (logits.ndim - 2)
+        rare_f = self.rare.to(logits.dtype).view(shape)
+        rare_voxel = ((t * rare_f).sum(1, keepdim=True) > 0.5).to(logits.dtype)
+        total = logits.new_zeros(())
+        if self.lambda_ce:
+            modulation = None
+            if self.gamma:
+                p_t = (torch.softmax(logits, 1) * t).sum(1, keepdim=True).clamp(0.0, 1.0)
+                modulation = rare_voxel + (1.0 - rare_voxel) * (1.0 - p_t) ** self.gamma
+            shift = self.margin * t * rare_f * rare_voxel if self.margin else None
+            total = total + self.lambda_ce * weighted_ce(logits, t, w, modulation, shift)
+        if self.lambda_dice:
+            power = None
+            if self.gamma:
+                loss = per_class_dice_loss(torch.softmax(logits, 1), t, self.batch, self.smooth_nr, self.smooth_dr)
+                frequent = (~self.rare).to(logits.dtype)
+                power = frequent * loss.detach().clamp_min(0.0) ** self.gamma + (1.0 - frequent)
+                # multiply inside dice_term by the same per-class factor (detached: a focal weight)
+            total = total + self.lambda_dice * self.dice_term(torch.softmax(logits, 1), t, w, power)
+        return total
+
+
+class _MonaiWrapped(nn.Module):
+    """A MONAI loss on one-hot/soft targets; per-call class weights are not supported."""
+
+    def __init__(self, name: str, loss: nn.Module):
+        super().__init__()
+        self.name, self.loss = name, loss
+
+    def forward(self, logits, target, class_weights=None):
+        if class_weights is not None:
+            raise ValueError(f"loss {self.name!r} takes no per-call class weights; use ce, dice, dice_ce or "
+                             "an asymmetric loss with DisW/DifW/CDifW")
+        return self.loss(logits, soft_target(target, logits.shape[1], logits))
+
+
+def build_loss(settings: Optional[Dict[str, Any]] = None, class_names: Optional[Sequence[str]] = None,
+               voxel_fractions: Optional[Sequence[float]] = None) -> nn.Module:
+    """Build a loss from JSON settings (see the module docstring).
+
+    The asymmetric losses need the rare-class mask: ``settings["rare_classes"]``
+    (names; needs ``class_names``) or the classes' ``voxel_fractions`` with
+    ``settings["rare_threshold"]`` (default 0.01).
+    """
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(DEFAULT_LOSS) - _EXTRA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown loss settings {unknown}; known: {sorted(set(DEFAULT_LOSS) | _EXTRA_KEYS)}")
+    cfg = dict(DEFAULT_LOSS)
+    cfg.update(settings)
+    name = cfg["name"]
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
+    if cfg["dice_reduction"] not in ("batch", "image"):
+        raise ValueError(f"dice_reduction must be 'batch' or 'image', got {cfg['dice_reduction']!r}")
+    batch = cfg["dice_reduction"] == "batch"
+    common = dict(include_background=cfg["include_background"], smooth_nr=cfg["smooth_nr"],
+                  smooth_dr=cfg["smooth_dr"], batch=batch)
+    if name == "ce":
+        return DiceCE(dict(cfg, lambda_dice=0.0, lambda_ce=1.0))
+    if name == "dice":
+        return DiceCE(dict(cfg, lambda_ce=0.0, lambda_dice=1.0))
+    if name == "dice_ce":
+        return DiceCE(cfg)
+    if name == "generalized_dice":
+        return _MonaiWrapped(name, GeneralizedDiceLoss(softmax=True, **common))
+    if name == "focal":
+        return _MonaiWrapped(name, FocalLoss(include_background=cfg["include_background"], use_softmax=True,
+                                             gamma=float(cfg.get("gamma", 2.0))))
+    if name == "tversky":
+        return _MonaiWrapped(name, TverskyLoss(softmax=True, alpha=float(cfg.get("alpha", 0.3)),
+                                               beta=float(cfg.get("beta", 0.7)), **common))
+    if name == "soft_dice":
+        return _MonaiWrapped(name, DiceLoss(softmax=True, soft_label=True, **common))
+    # asymmetric losses
+    if class_names is None:
+        if isinstance(cfg.get("rare_classes"), list) and all(isinstance(i, int) for i in cfg["rare_classes"]) \
+                and voxel_fractions is not None:
+            class_names = [str(i) for i in range(len(voxel_fractions))]
+        else:
+            raise ValueError(f"loss {name!r} needs the class names (and voxel fractions) to know the rare classes")
+    rare = resolve_rare_mask(class_names, voxel_fractions, cfg.get("rare_classes"),
+                             float(cfg.get("rare_threshold", 0.01)))
+    if name == "asym_focal":
+        return AsymmetricLoss(dict(cfg, gamma=cfg.get("gamma", 2.0), margin=cfg.get("margin", 0.0)), rare)
+    return AsymmetricLoss(dict(cfg, margin=cfg.get("margin", 2.0), gamma=cfg.get("gamma", 0.0),
+                               lambda_dice=settings.get("lambda_dice", 0.0)), rare)

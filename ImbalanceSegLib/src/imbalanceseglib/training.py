@@ -1,5 +1,14 @@
 """Supervised training with rare-class-aware patch sampling, atomic checkpoints and resume.
 
+Imbalance-aware methods are selected by name (``TrainConfig.method``, see
+:data:`METHOD_PRESETS`) or configured field by field: the loss
+(:func:`imbalanceseglib.losses.build_loss`, including the asymmetric focal and
+large-margin losses), class weights that follow training (DisW/DifW/CDifW,
+:mod:`imbalanceseglib.imbalance`), asymmetric mixup and asymmetric adversarial
+training, and class-specific augmentation (:mod:`imbalanceseglib.augment`).
+One "rare" class mask (``rare_classes`` by name, or every foreground class under
+``rare_threshold`` of the training voxels) drives all of them.
+
 ``train`` takes preprocessed cases and a :class:`TrainConfig`, writes
 ``checkpoint.pt`` (atomically, loadable with ``weights_only=True``) every
 ``checkpoint_every`` iterations, resumes from it when asked, and ends with a
@@ -28,11 +37,37 @@ from .bundle import BUNDLE_SUFFIX, save_bundle
 from .images import (check_image, needs_resampling, normalise_intensities, resample_to_spacing,
                      to_canonical)
 from .inference import sliding_window_logits
-from .losses import DEFAULT_LOSS, build_loss
+from .augment import ClassSpecificAugmenter, policy_from_config
+from .imbalance import (ConfidenceDifficultyWeights, DifficultyWeights, DistributionWeights,
+                        asymmetric_adversarial_input, asymmetric_mixup, class_voxel_counts as batch_voxel_counts,
+                        per_class_batch_dice, per_class_confidence)
+from .losses import DEFAULT_LOSS, build_loss, resolve_rare_mask
 from .metrics import overlap_metrics
 from .networks import build_network
 
 LogFn = Callable[[str], None]
+
+#: Named training methods (issue #3).  Each entry sets config fields; explicit fields in a
+#: config override the preset.  The asymmetric methods follow Li, Kamnitsas & Glocker (TMI
+#: 2020) and use the rare-class mask; the weighting ones follow DHC (MICCAI 2023) and
+#: Double-Mix (IJCARS 2024).
+METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
+    "ce": {"loss": {"name": "ce"}},
+    "dice_ce": {"loss": {"name": "dice_ce"}},
+    "asym_focal": {"loss": {"name": "asym_focal", "gamma": 2.0}},
+    "asym_large_margin": {"loss": {"name": "asym_large_margin", "margin": 2.0}},
+    "asym_mixup": {"loss": {"name": "ce"}, "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5}},
+    "asym_adversarial": {"loss": {"name": "ce"}, "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
+    "asym_combined": {"loss": {"name": "asym_large_margin", "margin": 2.0, "gamma": 2.0},
+                      "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5},
+                      "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
+    "disw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw"}},
+    "difw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "difw"}},
+    "cdifw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "cdifw"}},
+    "class_specific_augmentation": {"loss": {"name": "dice_ce"},
+                                    "augmentation": {"default": "default", "rare": "rare"}},
+    "shift_robust": {"loss": {"name": "dice_ce"}, "augmentation": {"default": "shift_robust", "rare": "shift_robust"}},
+}
 
 
 @dataclass
@@ -59,14 +94,30 @@ class TrainConfig:
     num_threads: int = 0
     description: str = ""
     modality: str = "MR T1"
+    # Imbalance-aware methods (see METHOD_PRESETS; ``method`` is recorded in the model card).
+    method: str = "dice_ce"
+    rare_classes: Optional[List[str]] = None   # names; None: every foreground class under rare_threshold
+    rare_threshold: float = 0.01
+    class_weighting: Dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    mixup: Dict[str, Any] = field(default_factory=lambda: {"probability": 0.0, "alpha": 0.3, "margin": 0.5})
+    adversarial: Dict[str, Any] = field(default_factory=lambda: {"probability": 0.0, "epsilon": 10.0,
+                                                                 "weight": 1.0})
+    augmentation: Dict[str, Any] = field(default_factory=lambda: {"default": "none", "rare": "none"})
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """Config from JSON; a ``method`` naming a preset fills the fields the dict leaves out."""
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown training config fields: {unknown}")
-        cfg = cls(**copy.deepcopy(d))
+        d = copy.deepcopy(d)
+        method = d.get("method", "dice_ce")
+        if method not in METHOD_PRESETS:
+            raise ValueError(f"unknown training method {method!r}; known: {', '.join(METHOD_PRESETS)}")
+        for key, value in METHOD_PRESETS[method].items():
+            d.setdefault(key, copy.deepcopy(value))
+        cfg = cls(**d)
         cfg.validate()
         return cfg
 
@@ -80,6 +131,24 @@ class TrainConfig:
             raise ValueError(f"patch_size {self.patch_size} must be 3 sizes divisible by {2 ** (len(self.features) - 1)}")
         if self.iterations < 1 or self.batch_size < 1:
             raise ValueError("iterations and batch_size must be positive")
+        if self.method not in METHOD_PRESETS:
+            raise ValueError(f"unknown training method {self.method!r}; known: {', '.join(METHOD_PRESETS)}")
+        names = [c["name"] for c in self.classes]
+        if self.rare_classes is not None:
+            bad = [n for n in self.rare_classes if n not in names[1:]]
+            if bad:
+                raise ValueError(f"rare_classes {bad} are not foreground classes of the config ({names[1:]})")
+        if not 0.0 < float(self.rare_threshold) < 1.0:
+            raise ValueError(f"rare_threshold must be a voxel fraction in (0, 1), got {self.rare_threshold!r}")
+        cw = self.class_weighting.get("method", "none")
+        if cw not in ("none", "disw", "difw", "cdifw"):
+            raise ValueError(f"class_weighting.method must be none, disw, difw or cdifw, got {cw!r}")
+        for key, cfg in (("mixup", self.mixup), ("adversarial", self.adversarial)):
+            p = cfg.get("probability", 0.0)
+            if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{key}.probability must be in [0, 1], got {p!r}")
+        for key in ("default", "rare"):
+            policy_from_config(self.augmentation.get(key, "none"))  # raises naming the bad key
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -129,10 +198,12 @@ def make_case(image: np.ndarray, labels: np.ndarray, name: str = "") -> Case:
 class PatchSampler:
     """Draws (image, label) patches; a fraction is centred on a uniformly chosen present class."""
 
-    def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], foreground_fraction: float):
+    def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], foreground_fraction: float,
+                 augmenter: Optional[ClassSpecificAugmenter] = None):
         self.cases = list(cases)
         self.patch = np.array(patch_size, dtype=int)
         self.fg = float(foreground_fraction)
+        self.augmenter = augmenter
 
     def _crop(self, arr: np.ndarray, start: np.ndarray, fill: float) -> np.ndarray:
         out = np.full(tuple(self.patch), fill, dtype=arr.dtype)
@@ -158,7 +229,10 @@ class PatchSampler:
         # Keep the patch inside the volume when the volume is larger than the patch.
         start = np.where(shape >= self.patch, np.clip(start, 0, shape - self.patch), start)
         fill = float(case.image.min())
-        return self._crop(case.image, start, fill), self._crop(case.labels, start, 0), chosen, case.name
+        img, lab = self._crop(case.image, start, fill), self._crop(case.labels, start, 0)
+        if self.augmenter is not None:  # stronger policy for patches centred on a rare class
+            img, lab = self.augmenter(img, lab, chosen, rng, background=fill)
+        return img, lab, chosen, case.name
 
     def batch(self, rng: np.random.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """A batch of patches; ``last_cases`` names the cases they came from."""
@@ -218,6 +292,31 @@ def evaluate_cases(network: torch.nn.Module, cases: Sequence[Case], config: Trai
     return {"per_class": summary, "cases": len(cases)}
 
 
+def make_class_weighter(settings: Dict[str, Any], n_classes: int):
+    """DisW / DifW / CDifW weighter from ``TrainConfig.class_weighting`` (None for ``none``)."""
+    opts = {k: v for k, v in settings.items() if k != "method"}
+    method = settings.get("method", "none")
+    if method == "none":
+        return None
+    if method == "disw":
+        return DistributionWeights(n_classes, **opts)
+    if method == "difw":
+        return DifficultyWeights(n_classes, **opts)
+    if method == "cdifw":
+        return ConfidenceDifficultyWeights(n_classes, **opts)
+    raise ValueError(f"unknown class weighting {method!r}")
+
+
+def update_class_weighter(weighter, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Feed one batch (detached logits, integer labels (N,1,...)) to a weighter."""
+    if isinstance(weighter, DistributionWeights):
+        weighter.update(batch_voxel_counts(labels, logits.shape[1]))
+    elif isinstance(weighter, ConfidenceDifficultyWeights):
+        weighter.update(per_class_batch_dice(logits, labels), per_class_confidence(logits, labels))
+    elif isinstance(weighter, DifficultyWeights):
+        weighter.update(per_class_batch_dice(logits, labels))
+
+
 def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
@@ -242,8 +341,30 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - it / config.iterations) ** 0.9)  # nnU-Net's polynomial decay
-    loss_fn = build_loss(config.loss)
-    sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction)
+    names = [c["name"] for c in config.classes]
+    fractions = (voxel_counts / voxel_counts.sum()).tolist()
+    rare_mask = resolve_rare_mask(names, fractions, config.rare_classes, config.rare_threshold)
+    rare_names = [n for n, r in zip(names, rare_mask.tolist()) if r]
+    loss_settings = dict(config.loss)
+    if loss_settings.get("name", "").startswith("asym"):
+        loss_settings.setdefault("rare_classes", rare_names)
+    loss_fn = build_loss(loss_settings, names, fractions)
+    weighter = make_class_weighter(config.class_weighting, n_cls)
+    if isinstance(weighter, DistributionWeights):
+        weighter.update(torch.as_tensor(voxel_counts))  # start from the training set's distribution
+    aug = config.augmentation
+    augmenter = None
+    if aug.get("default", "none") != "none" or aug.get("rare", "none") != "none":
+        augmenter = ClassSpecificAugmenter(policy_from_config(aug.get("default", "none")),
+                                           policy_from_config(aug.get("rare", "none")),
+                                           [i for i, r in enumerate(rare_mask.tolist()) if r],
+                                           spacing=tuple(reversed(config.target_spacing)))
+    mix_p = float(config.mixup.get("probability", 0.0))
+    adv_p = float(config.adversarial.get("probability", 0.0))
+    log(f"method {config.method}: loss {loss_settings.get('name')}, rare classes {rare_names or 'none'}, "
+        f"class weights {config.class_weighting.get('method', 'none')}, mixup p={mix_p:g}, adversarial p={adv_p:g}, "
+        f"augmentation {aug.get('default', 'none')}/{aug.get('rare', 'none')}")
+    sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, augmenter)
     rng = np.random.default_rng(config.seed)
     history: List[Dict[str, Any]] = []
     start_it = 0
@@ -259,6 +380,8 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         torch.set_rng_state(ck["torch_rng"])
         rng.bit_generator.state = json.loads(ck["numpy_rng"])
         history = json.loads(ck["history"])
+        if weighter is not None:
+            weighter.load_state_dict(json.loads(ck["class_weights"]))
         start_it = int(ck["iteration"])
         elapsed_before = float(ck["elapsed"])
         log(f"resuming from {ckpt_path} at iteration {start_it}/{config.iterations}")
@@ -268,7 +391,8 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             "model": network.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": json.dumps(rng.bit_generator.state), "history": json.dumps(history),
-            "iteration": it, "elapsed": elapsed, "config": json.dumps(config.to_dict(), sort_keys=True)})
+            "iteration": it, "elapsed": elapsed, "config": json.dumps(config.to_dict(), sort_keys=True),
+            "class_weights": json.dumps(weighter.state_dict() if weighter is not None else None)})
 
     t_start = time.perf_counter()
     running = []
@@ -276,8 +400,20 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     network.train()
     for it in range(start_it, config.iterations):
         x, y = sampler.batch(rng, config.batch_size)
+        target = y
+        if mix_p > 0 and rng.random() < mix_p:
+            x_b, y_b = sampler.batch(rng, config.batch_size)
+            x, target, _ = asymmetric_mixup(x, y, x_b, y_b, rare_mask, alpha=float(config.mixup.get("alpha", 0.3)),
+                                            margin=float(config.mixup.get("margin", 0.5)), rng=rng)
+            y = target.argmax(1, keepdim=True)  # hard labels for the weights and the adversarial step
+        weights = weighter.weights if weighter is not None else None
         logits = network(x)
-        loss = loss_fn(logits, y)
+        loss = loss_fn(logits, target, class_weights=weights)
+        if adv_p > 0 and rng.random() < adv_p and bool(rare_mask[y.long()].any()):
+            x_adv = asymmetric_adversarial_input(network, x, y, rare_mask,
+                                                 epsilon=float(config.adversarial.get("epsilon", 10.0)))
+            loss = loss + float(config.adversarial.get("weight", 1.0)) * loss_fn(network(x_adv), target,
+                                                                                  class_weights=weights)
         if not torch.isfinite(loss):
             kept = (f"the checkpoint of iteration {last_checkpoint} in {ckpt_path} is kept"
                     if last_checkpoint is not None else "no checkpoint had been written yet")
@@ -291,15 +427,21 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
         optimizer.step()
         scheduler.step()
+        if weighter is not None:
+            update_class_weighter(weighter, logits.detach(), y)
         running.append(float(loss.item()))
         done = it + 1
         elapsed = elapsed_before + time.perf_counter() - t_start
         if done % config.log_every == 0 or done == config.iterations:
             rate = (done - start_it) / max(1e-9, time.perf_counter() - t_start)
             eta = (config.iterations - done) / max(rate, 1e-9)
-            history.append({"iteration": done, "loss": float(np.mean(running)), "elapsed_s": elapsed})
+            entry = {"iteration": done, "loss": float(np.mean(running)), "elapsed_s": elapsed}
+            if weighter is not None:
+                entry["class_weights"] = [round(float(w), 4) for w in weighter.weights]
+            history.append(entry)
             log(f"iter {done:>6}/{config.iterations}  loss {np.mean(running):.4f}  "
-                f"{rate:.2f} it/s  eta {eta / 60:.1f} min")
+                f"{rate:.2f} it/s  eta {eta / 60:.1f} min"
+                + (f"  weights {' '.join(f'{w:.2f}' for w in entry['class_weights'])}" if weighter is not None else ""))
             running = []
         if val_cases and (done % config.val_every == 0 or done == config.iterations):
             network.eval()
@@ -328,7 +470,10 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         "calibration": {"method": "none"},
         "validation": validation,
         "training": {
-            "method": config.loss.get("name", "dice_ce"),
+            "method": config.method,
+            "loss": config.loss.get("name", "dice_ce"),
+            "rare_classes": rare_names,
+            "seconds_per_iteration": round(total_time / max(1, config.iterations), 4),
             "config": config.to_dict(),
             "class_voxel_fractions": dict(zip([c["name"] for c in config.classes],
                                               (voxel_counts / voxel_counts.sum()).tolist())),

@@ -70,7 +70,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     cfg = dict(name=f"{job['method']}_n{job['size']}_s{job['seed']}", classes=classes,
                target_spacing=[3.0, 3.0, 3.0], patch_size=[32, 32, 32], features=[8, 16, 32, 64],
                normalization={"scheme": "percentile_zscore", "lower_percentile": 0.5, "upper_percentile": 99.5},
-               iterations=job["iterations"], batch_size=2, learning_rate=3e-3, seed=job["seed"],
+               iterations=job["iterations"], batch_size=2, learning_rate=job["lr"], seed=job["seed"],
                val_every=10 ** 9, checkpoint_every=max(50, job["iterations"] // 4), log_every=10 ** 9,
                num_threads=1, method=job["method"])
     config = TrainConfig.from_dict(cfg)
@@ -124,8 +124,12 @@ def group_values(results: List[Dict], names: List[str], metric: str) -> List[flo
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/imbseg_training_bench")
-    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--work", default=str(ROOT / "work-tmp" / "imbalance_training"),
+                    help="cohort, per-run folders and cached results (an interrupted run resumes from here)")
+    ap.add_argument("--iterations", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the runs finished so far (marks missing seeds)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sizes", default="2,12", help="training-set sizes (cases)")
     ap.add_argument("--jobs", type=int, default=2)
@@ -148,11 +152,19 @@ def main(argv=None) -> int:
     files = {k: [[str(a), str(b)] for a, b in v] for k, v in files.items()}
     log(f"cohort ready in {time.perf_counter() - t0:.0f} s: {len(files['train'])} training, "
         f"{len(files['val'])} validation, {len(files['test'])} test cases")
-    jobs = [{"method": m, "size": n, "seed": s, "iterations": iterations, "files": files,
-             "dir": str(work / "runs" / f"{m}_n{n}_s{s}_it{iterations}")}
-            for n in sizes for s in seeds for m in methods]
+    # seed-major order: every method and size gets seed 0 first, so a partial run is balanced
+    jobs = [{"method": m, "size": n, "seed": s, "iterations": iterations, "lr": args.lr, "files": files,
+             "dir": str(work / "runs" / f"{m}_n{n}_s{s}_it{iterations}_lr{args.lr:g}")}
+            for s in seeds for n in sizes for m in methods]
     results: List[Dict] = []
     t_run = time.perf_counter()
+    if args.report_only:
+        for j in jobs:
+            p = Path(j["dir"]) / "result.json"
+            if p.exists():
+                results.append(json.loads(p.read_text()))
+        log(f"report from {len(results)}/{len(jobs)} finished runs")
+        jobs = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_job, j): j for j in jobs}
         for fut in as_completed(futures):
@@ -175,7 +187,11 @@ def main(argv=None) -> int:
         f"Command: `{command}`  ",
         f"Machine: {machine(f'{args.jobs} training processes with 1 thread each')}  ",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ",
-        f"Total wall time of the training/evaluation jobs: {run_s / 60:.1f} min.",
+        f"Runs in this report: {len(results)} of {len(sizes) * len(seeds) * len(methods)} planned "
+        f"({len(methods)} methods x {len(sizes)} sizes x {len(seeds)} seeds)"
+        + ("" if len(results) == len(sizes) * len(seeds) * len(methods) else
+           " - PARTIAL: the seeds actually finished are listed per row (n seeds); rerun the command to complete it")
+        + f". Mean training time per run: {np.mean([r['train_s'] for r in results]) / 60 if results else 0:.1f} min.",
         "",
         "## Cohort",
         "",
@@ -194,7 +210,7 @@ def main(argv=None) -> int:
         lines.append(f"| {n} | {100 * fr[k]:.3f} % | {grp} |")
     lines += ["",
               f"Training: UNet3D features [8, 16, 32, 64], patches 32³ (96 mm), batch 2, {iterations} iterations, "
-              "AdamW lr 3e-3 with polynomial decay, two thirds of the patches centred on a class drawn uniformly "
+              f"AdamW lr {args.lr:g} with polynomial decay, two thirds of the patches centred on a class drawn uniformly "
               f"among those present (the library's default rare-class-aware sampling). Training-set sizes: "
               f"{', '.join(map(str, sizes))} cases; seeds {', '.join(map(str, seeds))}; the same "
               f"{len(files['val'])} validation and {len(files['test'])} test cases for every run. Rare mask: every "
@@ -202,15 +218,15 @@ def main(argv=None) -> int:
               ""]
     for size in sizes:
         lines += [f"## {size} training cases: test-set metrics (mean ± standard deviation over seeds)", "",
-                  "| method | small Dice | small sensitivity | small precision | small HD95 mm | medium Dice | "
+                  "| method | seeds | small Dice | small sensitivity | small precision | small HD95 mm | medium Dice | "
                   "large Dice | large HD95 mm | s / iteration |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             rs = [r for r in results if r["method"] == m and r["size"] == size]
             if not rs:
                 continue
             spi = np.mean([r["seconds_per_iteration"] for r in rs])
-            lines.append(f"| {m} | {_mean_std(group_values(rs, SMALL, 'dice'))} | "
+            lines.append(f"| {m} | {len(rs)} | {_mean_std(group_values(rs, SMALL, 'dice'))} | "
                          f"{_mean_std(group_values(rs, SMALL, 'sensitivity'))} | "
                          f"{_mean_std(group_values(rs, SMALL, 'precision'))} | "
                          f"{_mean_std(group_values(rs, SMALL, 'hd95'))} | "

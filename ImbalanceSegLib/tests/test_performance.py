@@ -160,9 +160,16 @@ def test_fitted_estimate_from_statistics_equals_estimate_from_logits(method, cla
     est = pe.fit_estimator(val, method=method, class_specific=class_specific)
     z, _ = _case(temps, 11)
     direct = est.estimate(z).metric_array("dice")
-    from_stats = est.estimate_stats(pe.case_statistics(z)).metric_array("dice")
+    from_stats = est.estimate_stats(pe.case_statistics(z, binned_temperatures="all")).metric_array("dice")
     np.testing.assert_allclose(direct, from_stats, atol=2e-3)
     assert np.isfinite(direct).all()
+    if method == "ts-atc":  # histograms only at T = 1 and totals elsewhere are not enough for TS-ATC
+        with pytest.raises(pe.EstimationError, match="add_binned_temperatures"):
+            est.estimate_stats(pe.case_statistics(z))
+    if method == "ts":      # the cheap totals give the same TS fit as full histograms
+        full = pe.fit_estimator([pe.case_statistics(lg, lab, binned_temperatures="all") for lg, lab in val],
+                                method="ts", class_specific=class_specific)
+        np.testing.assert_allclose(full.temperature, est.temperature, rtol=1e-6)
     assert est.fit_seconds > 0 and est.fitted_on["cases"] == 2
 
 

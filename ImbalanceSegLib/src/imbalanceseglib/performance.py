@@ -183,6 +183,9 @@ class CaseStatistics:
     ``hist[t, j, b, :]`` sums, over voxels predicted ``j`` whose doubt at
     temperature ``TEMPERATURE_GRID[t]`` falls in bin ``b``: the voxel count, the
     score ``s``, the shares ``r_k`` (C values) and ``r_k * s`` (C values).
+    Only the temperatures marked in ``binned`` (always T = 1) have bins; at the
+    other grid temperatures (``temperatures=True``) bin 0 holds the totals over
+    all bins in the form TS needs (count, sum of s, sum of r_k (1 - s), zeros).
     ``counts`` holds true (TP, FP, FN) per class when labels were given.
     """
 
@@ -192,6 +195,7 @@ class CaseStatistics:
     confidence: str
     voxels: int
     temperatures: bool = True
+    binned: Optional[np.ndarray] = None
 
     @property
     def num_classes(self) -> int:
@@ -207,12 +211,28 @@ class CaseStatistics:
             return np.where(den > 0, 2 * tp / np.maximum(den, 1), np.nan)
 
 
+def _accumulate_bins(hist, t_indices, pred, zmax, d, confidence, score_range, edges, c, m) -> None:
+    w = torch.empty((pred.shape[0], m), dtype=torch.float64)
+    w[:, 0] = 1.0
+    for ti in t_indices:
+        v, r = _doubt_from_gaps(pred, zmax, d, float(TEMPERATURE_GRID[ti]), confidence, score_range)
+        s = 1.0 - v
+        w[:, 1] = s
+        w[:, 2:2 + c] = r
+        w[:, 2 + c:] = r * s[:, None]
+        hist[ti].index_add_(0, pred * _NB + torch.bucketize(v, edges, right=True), w)
+
+
 def case_statistics(logits: np.ndarray, labels: Optional[np.ndarray] = None, confidence: str = "mcp",
-                    score_range: Optional[Tuple[float, float]] = None, temperatures: bool = True) -> CaseStatistics:
+                    score_range: Optional[Tuple[float, float]] = None, temperatures: bool = True,
+                    binned_temperatures: Any = ()) -> CaseStatistics:
     """Reduce one case (logits ``(C, ...)``, optional integer labels ``(...)``) to statistics.
 
-    ``temperatures=False`` collects T = 1 only (enough for ``none``, ``doc`` and ``atc``;
-    about 29 times less work)."""
+    Always: histograms at T = 1 (all that ``none``, ``doc`` and ``atc`` need).
+    ``temperatures=True`` adds, at every grid temperature, the per-class totals TS
+    needs; ``binned_temperatures`` (grid indices, or ``"all"``) adds full histograms at
+    those temperatures (TS-ATC needs them at its fitted temperatures;
+    :func:`fit_estimator` adds them with :func:`add_binned_temperatures`)."""
     logits = _check_logits(logits)
     c = logits.shape[0]
     if confidence not in CONFIDENCE_SCORES:
@@ -222,20 +242,22 @@ def case_statistics(logits: np.ndarray, labels: Optional[np.ndarray] = None, con
     hist = torch.zeros((len(TEMPERATURE_GRID), c * _NB, m), dtype=torch.float64)
     edges = torch.tensor(_V_EDGES[1:-1], dtype=torch.float32)
     predicted = np.zeros(c, dtype=np.int64)
-    temps = TEMPERATURE_GRID if temperatures else TEMPERATURE_GRID[_T1:_T1 + 1]
+    if binned_temperatures == "all":
+        bin_idx = set(range(len(TEMPERATURE_GRID)))
+    else:
+        bin_idx = {_T1} | {int(t) for t in (binned_temperatures or ())}
+    total_idx = [t for t in range(len(TEMPERATURE_GRID)) if t not in bin_idx] if temperatures else []
     for start in range(0, z.shape[0], _CHUNK):
         pred, zmax, d = _gaps(z[start:start + _CHUNK])
         predicted += np.bincount(pred.numpy(), minlength=c)[:c]
-        w = torch.empty((pred.shape[0], m), dtype=torch.float64)
-        w[:, 0] = 1.0
-        for temp in temps:
-            ti = int(np.argmin(np.abs(TEMPERATURE_GRID - temp)))
-            v, r = _doubt_from_gaps(pred, zmax, d, float(temp), confidence, score_range)
-            s = 1.0 - v
-            w[:, 1] = s
-            w[:, 2:2 + c] = r
-            w[:, 2 + c:] = r * s[:, None]
-            hist[ti].index_add_(0, pred * _NB + torch.bucketize(v, edges, right=True), w)
+        _accumulate_bins(hist, sorted(bin_idx), pred, zmax, d, confidence, score_range, edges, c, m)
+        if total_idx:
+            onehot = torch.nn.functional.one_hot(pred, c).to(torch.float32)
+            for ti in total_idx:
+                v, r = _doubt_from_gaps(pred, zmax, d, float(TEMPERATURE_GRID[ti]), confidence, score_range)
+                wt = torch.cat([torch.ones_like(v)[:, None], (1.0 - v)[:, None], r * v[:, None]], dim=1)
+                tot = (onehot.T @ wt).double()                         # (C, 2 + C) per predicted class
+                hist[ti].view(c, _NB, m)[:, 0, :2 + c] += tot
     counts = None
     if labels is not None:
         lab = np.asarray(labels)
@@ -244,9 +266,31 @@ def case_statistics(logits: np.ndarray, labels: Optional[np.ndarray] = None, con
         if lab.size and (lab.min() < 0 or lab.max() >= c):
             raise EstimationError(f"labels hold values outside 0..{c - 1} (found {lab.min()}..{lab.max()})")
         counts = confusion_counts(np.argmax(logits, axis=0), lab, c)
+    binned = np.zeros(len(TEMPERATURE_GRID), dtype=bool)
+    binned[sorted(bin_idx)] = True
     return CaseStatistics(hist=hist.reshape(len(TEMPERATURE_GRID), c, _NB, m).numpy(), predicted=predicted,
                           counts=counts, confidence=confidence, voxels=int(z.shape[0]),
-                          temperatures=bool(temperatures))
+                          temperatures=bool(temperatures) or binned.all(), binned=binned)
+
+
+def add_binned_temperatures(st: CaseStatistics, logits: np.ndarray, t_indices: Iterable[int],
+                            score_range: Optional[Tuple[float, float]] = None) -> None:
+    """Add full histograms at more grid temperatures to ``st`` (a second pass over the case)."""
+    todo = sorted(int(t) for t in set(t_indices) if not st.binned[int(t)])
+    if not todo:
+        return
+    logits = _check_logits(logits)
+    c = logits.shape[0]
+    m = 2 + 2 * c
+    z = _flat(logits)
+    edges = torch.tensor(_V_EDGES[1:-1], dtype=torch.float32)
+    hist = torch.zeros((len(TEMPERATURE_GRID), c * _NB, m), dtype=torch.float64)
+    for start in range(0, z.shape[0], _CHUNK):
+        pred, zmax, d = _gaps(z[start:start + _CHUNK])
+        _accumulate_bins(hist, todo, pred, zmax, d, st.confidence, score_range, edges, c, m)
+    h = hist.reshape(len(TEMPERATURE_GRID), c, _NB, m).numpy()
+    st.hist[todo] = h[todo]
+    st.binned[todo] = True
 
 
 # --------------------------------------------------------------------------- contributions
@@ -438,6 +482,11 @@ class PerformanceEstimator:
             raise EstimationError(f"{self.method} needs statistics collected over temperatures")
         if st.confidence != self.confidence:
             raise EstimationError(f"statistics use the {st.confidence!r} score, the estimator {self.confidence!r}")
+        if self.method == "ts-atc" and st.binned is not None:
+            missing = sorted({_nearest_t(t) for t in self._temps()} - set(np.flatnonzero(st.binned).tolist()))
+            if missing:
+                raise EstimationError("TS-ATC needs histograms at its temperatures; add them with "
+                                      "add_binned_temperatures()")
         tp, n, g = self.expectations_from_stats(st)
         names = list(class_names) if class_names else [f"class {k}" for k in range(st.num_classes)]
         return CaseEstimate(names, _metrics_from_expectations(tp, n, g, self.absent_voxels), self.method,
@@ -657,10 +706,15 @@ def fit_estimator(cases: Iterable[Any], method: str = "ts-atc", class_specific: 
     items = list(cases)
     if not items:
         raise EstimationError("calibration needs at least one labelled validation case")
+    raw = None
     if isinstance(items[0], CaseStatistics):
         stats = items
-        score_range = score_range
+        for st in stats:
+            if st.binned is None:
+                st.binned = np.ones(len(TEMPERATURE_GRID), dtype=bool) if st.temperatures else (
+                    np.arange(len(TEMPERATURE_GRID)) == _T1)
     else:
+        raw = items
         if confidence == "energy" and score_range is None:
             score_range = energy_range(lg for lg, _ in items)
         stats = [case_statistics(lg, lab, confidence, score_range, temperatures=method in ("ts", "ts-atc"))
@@ -686,6 +740,14 @@ def fit_estimator(cases: Iterable[Any], method: str = "ts-atc", class_specific: 
             temps = _fit_class_specific(stats, "ts", temps, None)
         if method == "ts-atc":  # the threshold stage works on the grid temperature nearest the fit
             temps = np.array([TEMPERATURE_GRID[_nearest_t(x)] for x in temps])
+            needed = {_nearest_t(x) for x in temps}
+            for i, st in enumerate(stats):
+                missing = [t for t in needed if not st.binned[t]]
+                if missing:
+                    if raw is None:
+                        raise EstimationError(f"validation case #{i} has no histograms at the fitted temperatures; "
+                                              "pass the logits, or use add_binned_temperatures()")
+                    add_binned_temperatures(st, raw[i][0], missing, score_range)
         est.temperature = [float(x) for x in temps]
     if method == "doc":
         d = _fit_global(stats, "doc", None)

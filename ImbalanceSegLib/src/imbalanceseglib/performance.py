@@ -124,7 +124,7 @@ def _gaps(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _doubt_from_gaps(pred: torch.Tensor, zmax: torch.Tensor, d: torch.Tensor, temperature, confidence: str,
-                     score_range: Optional[Tuple[float, float]]):
+                     score_range: Optional[Tuple[float, float]], shares: bool = True):
     """Doubt v = 1 - s and the shares r_k of the remaining probability (r_pred = 0, rows
     sum to 1) at a temperature (scalar or one per voxel), computed from the logit gaps
     without forming 1 - p_max (which float32 cannot resolve for confident voxels)."""
@@ -132,9 +132,11 @@ def _doubt_from_gaps(pred: torch.Tensor, zmax: torch.Tensor, d: torch.Tensor, te
     t = temperature.reshape(-1, 1) if isinstance(temperature, torch.Tensor) else float(temperature)
     e = torch.exp(d / t)                      # exp((z_k - z_max) / T), 0 for the predicted class
     o = e.sum(1)                              # sum over the other classes
-    safe = o > 0
-    r = torch.where(safe[:, None], e / torch.where(safe, o, 1.0)[:, None], 1.0 / (c - 1))
-    r.scatter_(1, pred[:, None], 0.0)
+    r = None
+    if shares:
+        safe = o > 0
+        r = torch.where(safe[:, None], e / torch.where(safe, o, 1.0)[:, None], 1.0 / (c - 1))
+        r.scatter_(1, pred[:, None], 0.0)
     if confidence == "mcp":
         v = o / (1.0 + o)
     elif confidence == "entropy":
@@ -196,6 +198,7 @@ class CaseStatistics:
     voxels: int
     temperatures: bool = True
     binned: Optional[np.ndarray] = None
+    leaks: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -225,14 +228,16 @@ def _accumulate_bins(hist, t_indices, pred, zmax, d, confidence, score_range, ed
 
 def case_statistics(logits: np.ndarray, labels: Optional[np.ndarray] = None, confidence: str = "mcp",
                     score_range: Optional[Tuple[float, float]] = None, temperatures: bool = True,
-                    binned_temperatures: Any = ()) -> CaseStatistics:
+                    binned_temperatures: Any = (), leaks: bool = True) -> CaseStatistics:
     """Reduce one case (logits ``(C, ...)``, optional integer labels ``(...)``) to statistics.
 
     Always: histograms at T = 1 (all that ``none``, ``doc`` and ``atc`` need).
     ``temperatures=True`` adds, at every grid temperature, the per-class totals TS
     needs; ``binned_temperatures`` (grid indices, or ``"all"``) adds full histograms at
     those temperatures (TS-ATC needs them at its fitted temperatures;
-    :func:`fit_estimator` adds them with :func:`add_binned_temperatures`)."""
+    :func:`fit_estimator` adds them with :func:`add_binned_temperatures`).  ``leaks=False``
+    keeps only the sum of the score at those temperatures (what a *global* TS fit needs;
+    such statistics cannot be used to estimate with TS)."""
     logits = _check_logits(logits)
     c = logits.shape[0]
     if confidence not in CONFIDENCE_SCORES:
@@ -253,11 +258,17 @@ def case_statistics(logits: np.ndarray, labels: Optional[np.ndarray] = None, con
         _accumulate_bins(hist, sorted(bin_idx), pred, zmax, d, confidence, score_range, edges, c, m)
         if total_idx:
             onehot = torch.nn.functional.one_hot(pred, c).to(torch.float32)
+            counts_j = onehot.sum(0).double()
             for ti in total_idx:
-                v, r = _doubt_from_gaps(pred, zmax, d, float(TEMPERATURE_GRID[ti]), confidence, score_range)
-                wt = torch.cat([torch.ones_like(v)[:, None], (1.0 - v)[:, None], r * v[:, None]], dim=1)
-                tot = (onehot.T @ wt).double()                         # (C, 2 + C) per predicted class
-                hist[ti].view(c, _NB, m)[:, 0, :2 + c] += tot
+                v, r = _doubt_from_gaps(pred, zmax, d, float(TEMPERATURE_GRID[ti]), confidence, score_range,
+                                        shares=leaks)
+                view = hist[ti].view(c, _NB, m)
+                view[:, 0, 0] += counts_j
+                if leaks:
+                    wt = torch.cat([(1.0 - v)[:, None], r * v[:, None]], dim=1)
+                    view[:, 0, 1:2 + c] += (onehot.T @ wt).double()  # (C, 1 + C) per predicted class
+                else:  # the sum of s per predicted class only (enough for global TS)
+                    view[:, 0, 1] += (onehot.T @ (1.0 - v)).double()
     counts = None
     if labels is not None:
         lab = np.asarray(labels)
@@ -270,7 +281,8 @@ def case_statistics(logits: np.ndarray, labels: Optional[np.ndarray] = None, con
     binned[sorted(bin_idx)] = True
     return CaseStatistics(hist=hist.reshape(len(TEMPERATURE_GRID), c, _NB, m).numpy(), predicted=predicted,
                           counts=counts, confidence=confidence, voxels=int(z.shape[0]),
-                          temperatures=bool(temperatures) or binned.all(), binned=binned)
+                          temperatures=bool(temperatures) or binned.all(), binned=binned,
+                          leaks=bool(leaks) or not temperatures)
 
 
 def add_binned_temperatures(st: CaseStatistics, logits: np.ndarray, t_indices: Iterable[int],
@@ -478,8 +490,8 @@ class PerformanceEstimator:
         return float(tp[0]), leak[0]
 
     def estimate_stats(self, st: CaseStatistics, class_names: Optional[Sequence[str]] = None) -> CaseEstimate:
-        if self.method in ("ts", "ts-atc") and not st.temperatures:
-            raise EstimationError(f"{self.method} needs statistics collected over temperatures")
+        if self.method in ("ts", "ts-atc") and not (st.temperatures and st.leaks):
+            raise EstimationError(f"{self.method} needs statistics collected over temperatures (with leaks)")
         if st.confidence != self.confidence:
             raise EstimationError(f"statistics use the {st.confidence!r} score, the estimator {self.confidence!r}")
         if self.method == "ts-atc" and st.binned is not None:
@@ -717,14 +729,17 @@ def fit_estimator(cases: Iterable[Any], method: str = "ts-atc", class_specific: 
         raw = items
         if confidence == "energy" and score_range is None:
             score_range = energy_range(lg for lg, _ in items)
-        stats = [case_statistics(lg, lab, confidence, score_range, temperatures=method in ("ts", "ts-atc"))
-                 for lg, lab in items]
+        stats = [case_statistics(lg, lab, confidence, score_range, temperatures=method in ("ts", "ts-atc"),
+                                 leaks=class_specific) for lg, lab in items]
     for i, st in enumerate(stats):
         if st.counts is None:
             raise EstimationError(f"validation case #{i} has no labels")
         if method in ("ts", "ts-atc") and not st.temperatures:
             raise EstimationError(f"validation case #{i} was reduced at T = 1 only; {method} needs "
                                   f"case_statistics(..., temperatures=True)")
+        if method in ("ts", "ts-atc") and class_specific and not st.leaks:
+            raise EstimationError(f"validation case #{i} was reduced without leaks; class-specific {method} "
+                                  f"needs case_statistics(..., leaks=True)")
         if st.confidence != confidence:
             raise EstimationError(f"validation case #{i} was reduced with the {st.confidence!r} score, "
                                   f"not {confidence!r}")

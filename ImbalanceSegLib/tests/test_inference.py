@@ -108,3 +108,24 @@ def test_progress_reports_reach_completion():
     stages = [s for s, _ in seen]
     assert stages[0] == "preprocess" and stages[-1] == "postprocess"
     assert max(f for s, f in seen if s == "network") == 1.0
+
+
+def test_tta_identity_equals_plain_prediction_and_flips_are_mapped_back():
+    bundle = _bundle()
+    img = _image(shape=(16, 16, 16))
+    plain = predict(img, bundle)
+    same = predict(img, bundle, tta=["identity"])
+    np.testing.assert_allclose(same.probabilities, plain.probabilities, atol=1e-5)
+    flipped = predict(img, bundle, tta=["identity", "flip_x", "flip_z"], tta_merge="mean")
+    np.testing.assert_allclose(flipped.probabilities.sum(0), 1.0, atol=1e-5)
+    # by hand: mean of the three views' probabilities, each mapped back to the input grid
+    arr = sitk.GetArrayFromImage(img)
+    views = []
+    for axis in (None, 2, 0):
+        a = arr if axis is None else np.flip(arr, axis).copy()
+        im = sitk.GetImageFromArray(a)
+        im.CopyInformation(img)
+        p = predict(im, bundle).probabilities
+        views.append(p if axis is None else np.flip(p, axis + 1))
+    np.testing.assert_allclose(flipped.probabilities, np.mean(views, axis=0), atol=1e-4)
+    assert flipped.performance is not None

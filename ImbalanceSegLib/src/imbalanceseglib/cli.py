@@ -52,7 +52,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     def progress(stage: str, frac: float) -> None:
         print(f"\r[predict] {stage:<12} {100 * frac:5.1f}%", end="", flush=True)
 
-    pred = predict(image, bundle, device=args.device, progress=progress)
+    tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else None
+    pred = predict(image, bundle, device=args.device, progress=progress, tta=tta)
     print()
     write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
     for i, name in enumerate(pred.class_names):
@@ -285,6 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modality", help="modality of the input (e.g. CT, MR); refused if the model is for another")
+    p.add_argument("--tta", help="test-time augmentation, comma-separated (e.g. identity,flip_x); merged per class "
+                                 "(max for the card's rare classes, mean otherwise)")
     p.set_defaults(func=_cmd_predict)
     p = sub.add_parser("card", help="show a model card")
     p.add_argument("model")

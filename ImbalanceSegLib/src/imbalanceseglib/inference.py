@@ -215,11 +215,19 @@ def working_grid_logits(image: sitk.Image, bundle: ModelBundle, labels: Optional
 
 def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap: float = 0.5,
             sw_batch_size: int = 2, progress: Optional[ProgressCallback] = None,
-            memory_limit_bytes: Optional[int] = None) -> Prediction:
+            memory_limit_bytes: Optional[int] = None, tta: Optional[Sequence[str]] = None,
+            tta_merge: Any = None) -> Prediction:
     """Segment one volume with a bundle; see the module docstring.
 
     Refuses early (before any work) when the estimated peak memory exceeds
     ``memory_limit_bytes`` (default: the memory the OS reports as available).
+
+    ``tta``: test-time augmentation transforms (e.g. ``("identity", "flip_x")``, see
+    :func:`imbalanceseglib.augment.tta_logits`), merged per class: ``tta_merge`` is one
+    rule or one per class (``"mean"``/``"max"``); by default ``"max"`` for the classes
+    the card lists as rare (``training.rare_classes``) and ``"mean"`` otherwise.  The
+    log of the merged probabilities then takes the place of the logits (calibration and
+    the performance estimate; the energy score is meaningless on them).
     """
     progress = progress or _noop_progress
     if bundle.network is None:
@@ -245,8 +253,19 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
 
     t1 = time.perf_counter()
     roi = pre.get("patch_size") or [min(s, 96) for s in volume.shape]
-    logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap,
-                                   sw_batch_size=sw_batch_size, device=device, progress=progress)
+    if tta:
+        from .augment import rare_class_merge, tta_logits
+        rare = set(bundle.card.get("training", {}).get("rare_classes") or [])
+        merge = tta_merge or rare_class_merge(bundle.num_classes, {i for i, n in enumerate(bundle.class_names)
+                                                                    if n in rare})
+        merged = tta_logits(lambda v: sliding_window_logits(bundle.network, v, roi, overlap=overlap,
+                                                            sw_batch_size=sw_batch_size, device=device,
+                                                            progress=progress)[0],
+                            volume, transforms=list(tta), merge=merge)
+        logits = torch.log(merged.clamp_min(1e-12))[None]
+    else:
+        logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap,
+                                       sw_batch_size=sw_batch_size, device=device, progress=progress)
     calibration = bundle.card.get("calibration")
     probs_t = apply_calibration(logits, calibration)[0]
     probs = probs_t.numpy().astype(np.float32, copy=False)

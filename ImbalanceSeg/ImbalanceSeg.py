@@ -527,4 +527,5 @@ class ImbalanceSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(result["segment_names"], result["class_names"][1:])
         for name, dice in result["dice"].items():
             self.assertGreater(dice, result["min_dice"][name], name)
+            self.assertAlmostEqual(result["estimated_dice"][name], dice, delta=result["estimate_tolerance"], msg=name)
         self.delayDisplay("ImbalanceSeg demo test passed")

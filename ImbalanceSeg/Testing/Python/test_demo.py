@@ -109,6 +109,8 @@ def test_the_scenario_slicers_test_runner_uses(scene):
     assert result["segment_names"] == result["class_names"][1:]
     for name, dice in result["dice"].items():
         assert dice > result["min_dice"][name] > 0.5, name
+        assert result["estimated_dice"][name] == pytest.approx(dice, abs=result["estimate_tolerance"]), name
+    assert result["result"].performanceTableNode.GetAttribute("ImbalanceSeg.Calibration").startswith("TS-ATC")
     # The user's input volume and reference are left as they were.
     assert result["volume"].GetName() == "DemoBrainT1"
     assert sc.segment_voxel_counts(result["reference"])["Amygdala"] == 444

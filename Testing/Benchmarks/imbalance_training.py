@@ -273,9 +273,13 @@ def main(argv=None) -> int:
             continue
         b = {k: np.mean(group_values(base, SMALL, k) or [np.nan]) for k in ("dice", "sensitivity", "precision")}
         bl = np.mean(group_values(base, LARGE, "dice") or [np.nan])
-        lines.append(f"* {size} training cases, vanilla CE: small-class Dice {100 * b['dice']:.1f} / sensitivity "
-                     f"{100 * b['sensitivity']:.1f} / precision {100 * b['precision']:.1f}, large-class Dice "
-                     f"{100 * bl:.1f}. Changes (points):")
+        def pts(v, sign=False):
+            if not np.isfinite(v):
+                return "n/a" if sign else "n/a (no predicted voxels)"
+            return f"{100 * v:+.1f}" if sign else f"{100 * v:.1f}"
+        lines.append(f"* {size} training cases, vanilla CE: small-class Dice {pts(b['dice'])} / sensitivity "
+                     f"{pts(b['sensitivity'])} / precision {pts(b['precision'])}, large-class Dice "
+                     f"{pts(bl)}. Changes (points):")
         for m in methods:
             if m == "ce":
                 continue
@@ -284,8 +288,8 @@ def main(argv=None) -> int:
                 continue
             d = {k: np.mean(group_values(rs, SMALL, k) or [np.nan]) - b[k] for k in b}
             dl = np.mean(group_values(rs, LARGE, "dice") or [np.nan]) - bl
-            lines.append(f"  * {m}: small Dice {100 * d['dice']:+.1f}, sensitivity {100 * d['sensitivity']:+.1f}, "
-                         f"precision {100 * d['precision']:+.1f}; large Dice {100 * dl:+.1f}")
+            lines.append(f"  * {m}: small Dice {pts(d['dice'], True)}, sensitivity {pts(d['sensitivity'], True)}, "
+                         f"precision {pts(d['precision'], True)}; large Dice {pts(dl, True)}")
     lines.append("")
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")

@@ -214,7 +214,9 @@ def main(argv=None) -> int:
               f"among those present (the library's default rare-class-aware sampling). Training-set sizes: "
               f"{', '.join(map(str, sizes))} cases; seeds {', '.join(map(str, seeds))}; the same "
               f"{len(files['val'])} validation and {len(files['test'])} test cases for every run. Rare mask: every "
-              "foreground class under 1 % of the training voxels (the default).",
+              "foreground class under 1 % of the training voxels (the default). These are short runs (a few minutes "
+              "each on 2 cores), far from the converged training of the TMI 2020 paper, so the numbers show what each "
+              "method does early in training on small data, not its final accuracy.",
               ""]
     for size in sizes:
         lines += [f"## {size} training cases: test-set metrics (mean ± standard deviation over seeds)", "",

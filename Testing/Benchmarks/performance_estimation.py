@@ -17,8 +17,12 @@ Test sets
   includes registration error.
 
 Peer: ``moval`` 0.3.25 from PyPI (licence "free for non-commercial use": we run it
-here, never ship or copy it).  Install both benchmark-only dependencies with
-``pip install moval==0.3.25 nilearn``.
+here, never ship or copy it).  Benchmark-only set-up: ``pip install nilearn`` in ``.venv``
+(MNI152 template), and MOVAL in an interpreter with NumPy 1 (its class-specific solver
+fails under NumPy 2)::
+
+    python3 -m venv /tmp/moval_env
+    /tmp/moval_env/bin/pip install "numpy<2" "scipy<1.14" scikit-learn pandas nibabel moval==0.3.25
 
 Usage::
 

@@ -45,6 +45,28 @@ def test_distribution_weights_by_hand():
     assert w.weights.dtype == torch.float32 and w.num_updates == 2
 
 
+def test_distribution_weights_floor():
+    # counts 100, 10, 1 -> logs 0, ln10, 2 ln10 -> C * [0, 1/2, 1] = [0, 1.5, 3]; floor 1 lifts only the first
+    w = DistributionWeights(3, min_weight=1.0)
+    w.update([100, 10, 1])
+    assert w.weights.tolist() == pytest.approx([1.0, 1.5, 3.0], abs=1e-6)
+    assert w.current_weights([100, 10, 1]).tolist() == pytest.approx([0.0, 1.5, 3.0], abs=1e-6)  # raw, unfloored
+    # the floor is applied to the EMA state when read, not folded into it
+    w.update([100, 100, 100])  # uniform counts -> cur = [3, 3, 3]; EMA 0.99
+    assert w.weights.tolist() == pytest.approx([max(1.0, 0.03), 0.99 * 1.5 + 0.03, 3.0], abs=1e-6)
+    # the default keeps DHC's rule (zero for the most frequent class)
+    assert DistributionWeights(3).update([100, 10, 1]).tolist()[0] == 0.0
+    for bad in (-0.1, 3.5, float("nan")):
+        with pytest.raises(ValueError, match="min_weight"):
+            DistributionWeights(3, min_weight=bad)
+    # a state saved before the floor existed loads into a default (floor 0) object, not into a floored one
+    old = DistributionWeights(3).state_dict()
+    del old["min_weight"]
+    DistributionWeights(3).load_state_dict(old)
+    with pytest.raises(ValueError, match="min_weight"):
+        DistributionWeights(3, min_weight=1.0).load_state_dict(old)
+
+
 def test_distribution_weights_edge_counts():
     # a class missing from the counts, with eps=1: (99+1)/(9+1) = 10, (99+1)/(0+1) = 100
     w = DistributionWeights(3, eps=1.0)

@@ -62,6 +62,10 @@ def test_method_settings_are_validated(tiny_config):
         _cfg(tiny_config, rare_classes=["Liver"])
     with pytest.raises(ValueError, match="class_weighting"):
         _cfg(tiny_config, class_weighting={"method": "focal"})
+    with pytest.raises(ValueError, match="class_weighting.*min_weight"):
+        _cfg(tiny_config, class_weighting={"method": "disw", "min_weight": -1})
+    with pytest.raises(ValueError, match="class_weighting.*momentum_typo"):
+        _cfg(tiny_config, class_weighting={"method": "disw", "momentum_typo": 0.5})
     with pytest.raises(ValueError, match="mixup.probability"):
         _cfg(tiny_config, mixup={"probability": 2})
     with pytest.raises(ValueError, match="flip"):

@@ -314,6 +314,14 @@ class DistributionWeights:
     thus weight C, which compresses the weights of the classes that are present;
     a larger ``eps`` (e.g. 1) softens this.
 
+    ``min_weight`` (default 0, DHC's rule) is a floor on the weights.  In DHC the
+    weighted losses train one of two networks that also learn from each other;
+    used alone in supervised training, the zero weight of the most frequent class
+    (the background) means nothing penalises predicting foreground there, and the
+    network over-segments the large classes (measured in
+    ``Testing/Benchmarks/reports/imbalance_training.md``).  ``min_weight=1`` keeps
+    every class at least at the weight it has without weighting.
+
     The first :meth:`update` sets the weights (DHC initialises them from the
     voxel counts of the labelled training set; pass those first), every later one
     moves them by an EMA: ``w <- momentum * w + (1 - momentum) * cur`` (DHC:
@@ -323,12 +331,15 @@ class DistributionWeights:
 
     kind = "DistributionWeights"
 
-    def __init__(self, num_classes: int, momentum: float = 0.99, eps: float = 1e-8):
+    def __init__(self, num_classes: int, momentum: float = 0.99, eps: float = 1e-8, min_weight: float = 0.0):
         self.num_classes = _check_num_classes(num_classes)
         self.momentum = _check_momentum("momentum", momentum)
         self.eps = float(eps)
         if not self.eps > 0:
             raise ValueError("eps must be > 0")
+        self.min_weight = float(min_weight)
+        if not 0.0 <= self.min_weight <= self.num_classes:
+            raise ValueError(f"min_weight must be in [0, {self.num_classes}] (the number of classes), got {min_weight!r}")
         self._w = torch.full((self.num_classes,), float(self.num_classes), dtype=torch.float64)
         self.initialized = False
         self.num_updates = 0
@@ -354,16 +365,20 @@ class DistributionWeights:
 
     @property
     def weights(self) -> torch.Tensor:
-        """Current class weights, float32 (C,), maximum C (before EMA drift)."""
-        return self._w.to(torch.float32)
+        """Current class weights, float32 (C,), maximum C (before EMA drift), at least ``min_weight``."""
+        return self._w.clamp_min(self.min_weight).to(torch.float32)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "version": _STATE_VERSION, "num_classes": self.num_classes,
-                "momentum": self.momentum, "eps": self.eps, "initialized": self.initialized,
+                "momentum": self.momentum, "eps": self.eps, "min_weight": self.min_weight,
+                "initialized": self.initialized,
                 "num_updates": self.num_updates, "weights": _as_float_list(self._w)}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_state(state, self.kind, {"num_classes": self.num_classes, "momentum": self.momentum, "eps": self.eps})
+        if isinstance(state, dict) and "min_weight" not in state:
+            state = {**state, "min_weight": 0.0}  # saved before the floor existed
+        _check_state(state, self.kind, {"num_classes": self.num_classes, "momentum": self.momentum, "eps": self.eps,
+                                        "min_weight": self.min_weight})
         self._w = _vector(state["weights"], self.num_classes, "weights")
         self.initialized = bool(state["initialized"])
         self.num_updates = int(state["num_updates"])

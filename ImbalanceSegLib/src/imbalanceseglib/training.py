@@ -64,6 +64,9 @@ METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
     "disw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw"}},
     "difw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "difw"}},
     "cdifw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "cdifw"}},
+    # DisW with every weight at least 1 (the unweighted value): DHC's zero weight for the most
+    # frequent class (background) makes a network trained on supervised losses alone over-segment.
+    "disw_floor": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw", "min_weight": 1.0}},
     "class_specific_augmentation": {"loss": {"name": "dice_ce"},
                                     "augmentation": {"default": "default", "rare": "rare"}},
     "shift_robust": {"loss": {"name": "dice_ce"}, "augmentation": {"default": "shift_robust", "rare": "shift_robust"}},
@@ -143,6 +146,10 @@ class TrainConfig:
         cw = self.class_weighting.get("method", "none")
         if cw not in ("none", "disw", "difw", "cdifw"):
             raise ValueError(f"class_weighting.method must be none, disw, difw or cdifw, got {cw!r}")
+        try:
+            make_class_weighter(self.class_weighting, len(self.classes))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"class_weighting {self.class_weighting!r}: {exc}") from None
         for key, cfg in (("mixup", self.mixup), ("adversarial", self.adversarial)):
             p = cfg.get("probability", 0.0)
             if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:

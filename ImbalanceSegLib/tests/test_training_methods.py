@@ -11,7 +11,7 @@ from imbalanceseglib.training import METHOD_PRESETS, TrainConfig, train
 
 def _cfg(tiny_config, **changes):
     d = tiny_config.to_dict()
-    for key in ("loss", "mixup", "adversarial", "class_weighting", "augmentation"):
+    for key in ("loss", "mixup", "adversarial", "class_weighting", "augmentation", "semi_supervised"):
         d.pop(key)  # let the method preset fill them
     d.update(iterations=12, checkpoint_every=4, log_every=2, patch_size=[16, 16, 16])
     d.update(changes)
@@ -49,7 +49,8 @@ def test_resume_with_mixup_adversarial_class_weights_and_augmentation_matches_an
 @pytest.mark.parametrize("method", sorted(METHOD_PRESETS))
 def test_every_method_trains_by_name_and_records_itself(tmp_path, tiny_config, tiny_cases, method):
     cfg = _cfg(tiny_config, method=method, iterations=2, checkpoint_every=2)
-    card = load_bundle(train(cfg, tiny_cases, [], tmp_path, log=lambda m: None)).card
+    unlabeled = tiny_cases[1:] if cfg.is_semi_supervised else None
+    card = load_bundle(train(cfg, tiny_cases[:1], [], tmp_path, log=lambda m: None, unlabeled_cases=unlabeled)).card
     assert card["training"]["method"] == method
     assert card["training"]["loss"] == METHOD_PRESETS[method]["loss"]["name"]
     assert card["training"]["config"]["method"] == method

@@ -213,6 +213,12 @@ def _check_network(net: Any, n_classes: int) -> None:
                               or not all(_is_int(f) and 1 <= f <= _MAX_FEATURES for f in feats)):
         raise BundleError(f"network features must be a list of 2 to {_MAX_LEVELS} integers in "
                           f"[1, {_MAX_FEATURES}], got {_short(feats)}")
+    if "members" in params or net["arch"] == "UNet3DEnsemble":
+        members = params.get("members", 2)
+        if net["arch"] != "UNet3DEnsemble":
+            raise BundleError(f"network parameter 'members' is only accepted by UNet3DEnsemble, not {_short(net['arch'])}")
+        if not _is_int(members) or not 2 <= members <= 8:
+            raise BundleError(f"network members must be an integer in [2, 8], got {_short(members)}")
 
 
 def _check_normalization(norm: Any) -> None:

@@ -12,8 +12,8 @@ from typing import List, Optional
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_training_data
-    from .training import TrainConfig, prepare_case, train
+    from .data import folder_images, load_training_data, load_unlabeled_data
+    from .training import TrainConfig, prepare_case, prepare_unlabeled_case, train
 
     cfg_path = Path(args.config)
     spec = json.loads(cfg_path.read_text())
@@ -26,10 +26,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_pairs, val_pairs = load_training_data(spec["data"], base, log=lambda s: print(s, flush=True))
     train_cases = [prepare_case(i, l, config, n) for i, l, n in train_pairs]
     val_cases = [prepare_case(i, l, config, n) for i, l, n in val_pairs]
-    print(f"[train] {len(train_cases)} training and {len(val_cases)} validation cases "
-          f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    unlabeled = load_unlabeled_data(spec["data"], base, log=lambda s: print(s, flush=True))
+    if args.unlabeled:
+        unlabeled += folder_images(Path(args.unlabeled))
+    if unlabeled and not config.is_semi_supervised:
+        print(f"[train] error: {len(unlabeled)} unlabelled images given but method {config.method!r} is "
+              "supervised; choose cps, cps_weighted or double_mix", file=sys.stderr)
+        return 2
+    unlabeled_cases = [prepare_unlabeled_case(i, config, n) for i, n in unlabeled]
+    print(f"[train] {len(train_cases)} training, {len(val_cases)} validation"
+          + (f" and {len(unlabeled_cases)} unlabelled" if unlabeled_cases else "")
+          + f" cases ready in {time.perf_counter() - t0:.1f} s", flush=True)
     path = train(config, train_cases, val_cases, Path(args.out), resume=not args.no_resume,
-                 log=lambda s: print(s, flush=True), extra_card={"training_data": spec["data"]})
+                 log=lambda s: print(s, flush=True), extra_card={"training_data": spec["data"]},
+                 unlabeled_cases=unlabeled_cases or None)
     print(f"[train] bundle written: {path}")
     return 0
 
@@ -279,6 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data-root", help="folder that data paths in the config are relative to (default: the config's folder)")
     p.add_argument("--iterations", type=int, help="override the number of iterations")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--unlabeled", help="folder of unlabelled images for a semi-supervised method "
+                                       "(cps, cps_weighted, double_mix)")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("predict", help="segment one volume")
     p.add_argument("--model", required=True)

@@ -1,11 +1,13 @@
 """Training data sources named in a training config.
 
 * ``{"kind": "folders", "images": DIR, "labels": DIR}``: files matched by name.
+  ``"unlabeled_images": DIR`` adds unlabelled images for semi-supervised methods.
 * ``{"kind": "synthetic_cohort", "image": FILE, "labels": FILE, "n_train": N,
   "n_val": M, "seed": S}``: varied subjects made from one real labelled anatomy by
   smooth deformation, bias field, contrast, noise and resolution changes
   (:mod:`imbalanceseglib.synth`). Every variant is deformed, so the source case
-  itself is never a training case.
+  itself is never a training case.  ``"n_unlabeled": K`` adds K more variants whose
+  labels are dropped (for semi-supervised methods).
 """
 
 from __future__ import annotations
@@ -88,3 +90,27 @@ def load_training_data(spec: Dict[str, Any], base: Path,
             val = folder_pairs(base / spec["val_images"], base / spec["val_labels"])
         return train, val
     raise ValueError(f"unknown data kind {kind!r}; use 'folders' or 'synthetic_cohort'")
+
+
+def folder_images(images: Path) -> List[Tuple[sitk.Image, str]]:
+    """Every image of a folder, with its case name (for unlabelled data)."""
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"unlabelled image folder not found: {images}")
+    out = [(read_image(p), _stem(p)) for p in sorted(images.iterdir()) if p.name.endswith(_IMAGE_SUFFIXES)]
+    if not out:
+        raise FileNotFoundError(f"no images found in {images}")
+    return out
+
+
+def load_unlabeled_data(spec: Dict[str, Any], base: Path,
+                        log: Callable[[str], None] = lambda s: None) -> List[Tuple[sitk.Image, str]]:
+    """Unlabelled images named by a config's ``data`` section (empty when it names none)."""
+    kind = spec.get("kind")
+    if kind == "synthetic_cohort" and int(spec.get("n_unlabeled", 0)) > 0:
+        seed = int(spec.get("seed", 1000)) + 200000
+        pairs = synthetic_pairs(base / spec["image"], base / spec["labels"], int(spec["n_unlabeled"]), seed, log)
+        return [(img, f"unlabelled-{name}") for img, _, name in pairs]
+    if kind == "folders" and spec.get("unlabeled_images"):
+        return folder_images(base / spec["unlabeled_images"])
+    return []

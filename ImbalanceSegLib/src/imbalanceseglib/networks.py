@@ -74,12 +74,42 @@ class UNet3D(nn.Module):
         return self.head(x)
 
 
+class UNet3DEnsemble(nn.Module):
+    """Several UNet3D of the same shape whose logits are averaged.
+
+    Semi-supervised cross pseudo supervision trains two networks side by side
+    (:mod:`imbalanceseglib.semi_supervised`); the bundle keeps both and inference
+    uses the mean of their logits, as DHC and Double-Mix evaluate.  Calibration
+    and confidence maps then apply to that mean like to any single network.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, features: Sequence[int] = (16, 32, 64, 128),
+                 members: int = 2):
+        super().__init__()
+        if isinstance(members, bool) or not isinstance(members, int) or not 2 <= members <= 8:
+            raise ValueError(f"an ensemble needs 2 to 8 members, got {members!r}")
+        self.members = nn.ModuleList(UNet3D(in_channels, out_channels, features) for _ in range(members))
+        self.features = list(features)
+
+    @property
+    def size_divisor(self) -> int:
+        return self.members[0].size_divisor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.members[0](x)
+        for m in self.members[1:]:
+            out = out + m(x)
+        return out / len(self.members)
+
+
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "UNet3D": UNet3D,
+    "UNet3DEnsemble": UNet3DEnsemble,
 }
 
 _ALLOWED_KWARGS = {
     "UNet3D": {"in_channels": int, "out_channels": int, "features": list},
+    "UNet3DEnsemble": {"in_channels": int, "out_channels": int, "features": list, "members": int},
 }
 
 

@@ -67,6 +67,14 @@ METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
     # DisW with every weight at least 1 (the unweighted value): DHC's zero weight for the most
     # frequent class (background) makes a network trained on supervised losses alone over-segment.
     "disw_floor": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw", "min_weight": 1.0}},
+    # Semi-supervised (labelled + unlabelled cases; see imbalanceseglib.semi_supervised).
+    "cps": {"loss": {"name": "dice_ce"}, "semi_supervised": {"method": "cps"}},
+    "cps_weighted": {"loss": {"name": "dice_ce"},
+                     "semi_supervised": {"method": "cps", "weights_a": {"method": "cdifw"},
+                                         "weights_b": {"method": "disw"}}},
+    "double_mix": {"loss": {"name": "dice_ce"},
+                   "semi_supervised": {"method": "double_mix", "weights_a": {"method": "cdifw"},
+                                       "weights_b": {"method": "disw"}}},
     "class_specific_augmentation": {"loss": {"name": "dice_ce"},
                                     "augmentation": {"default": "default", "rare": "rare"}},
     "shift_robust": {"loss": {"name": "dice_ce"}, "augmentation": {"default": "shift_robust", "rare": "shift_robust"}},
@@ -106,6 +114,8 @@ class TrainConfig:
     adversarial: Dict[str, Any] = field(default_factory=lambda: {"probability": 0.0, "epsilon": 10.0,
                                                                  "weight": 1.0})
     augmentation: Dict[str, Any] = field(default_factory=lambda: {"default": "none", "rare": "none"})
+    # Semi-supervised training (imbalanceseglib.semi_supervised); method "none" is supervised.
+    semi_supervised: Dict[str, Any] = field(default_factory=lambda: {"method": "none"})
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -156,6 +166,23 @@ class TrainConfig:
                 raise ValueError(f"{key}.probability must be in [0, 1], got {p!r}")
         for key in ("default", "rare"):
             policy_from_config(self.augmentation.get(key, "none"))  # raises naming the bad key
+        from .semi_supervised import settings as semi_settings
+        ss = semi_settings(self.semi_supervised)
+        for key in ("weights_a", "weights_b"):
+            try:
+                make_class_weighter(ss[key], len(self.classes))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"semi_supervised.{key} {ss[key]!r}: {exc}") from None
+        if ss["method"] != "none" and self.class_weighting.get("method", "none") != "none":
+            raise ValueError("semi-supervised training weights each network through semi_supervised.weights_a/"
+                             "weights_b; leave class_weighting at 'none'")
+        if ss["method"] != "none" and (self.mixup.get("probability", 0.0) or self.adversarial.get("probability", 0.0)):
+            raise ValueError("asymmetric mixup and adversarial training are supervised-only; "
+                             "turn them off for semi-supervised training")
+
+    @property
+    def is_semi_supervised(self) -> bool:
+        return self.semi_supervised.get("method", "none") != "none"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -193,6 +220,20 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, config: TrainConfig, nam
         unknown = sorted(int(v) for v in np.unique(lab_arr) if v >= n_cls)
         raise ValueError(f"{name or 'case'}: label values {unknown} are not among the {n_cls} classes of the config")
     return make_case(arr, lab_arr, name)
+
+
+def prepare_unlabeled_case(image: sitk.Image, config: TrainConfig, name: str = "") -> Case:
+    """Preprocess an unlabelled image for semi-supervised training (same steps as inference).
+
+    The returned case has an all-background label array that is never used as labels: the
+    semi-supervised trainer samples only its image, at random positions."""
+    check_image(image, f"{name or 'unlabelled'} image", min_size=2)
+    img = to_canonical(sitk.Cast(image, sitk.sitkFloat32))
+    if needs_resampling(img, config.target_spacing):
+        img = resample_to_spacing(img, config.target_spacing)
+    arr = normalise_intensities(sitk.GetArrayViewFromImage(img), config.normalization)
+    return Case(image=np.ascontiguousarray(arr, dtype=np.float32), labels=np.zeros(arr.shape, dtype=np.uint8),
+                name=name, class_voxels={})
 
 
 def make_case(image: np.ndarray, labels: np.ndarray, name: str = "") -> Case:
@@ -333,10 +374,72 @@ def _load_checkpoint(path: Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def build_training_loss(config: TrainConfig, names: List[str], fractions: List[float]):
+    """The configured loss, the rare class names and the rare mask (from the training voxel fractions)."""
+    rare_mask = resolve_rare_mask(names, fractions, config.rare_classes, config.rare_threshold)
+    rare_names = [n for n, r in zip(names, rare_mask.tolist()) if r]
+    loss_settings = dict(config.loss)
+    if loss_settings.get("name", "").startswith("asym"):
+        loss_settings.setdefault("rare_classes", rare_names)
+    return build_loss(loss_settings, names, fractions), rare_names, rare_mask
+
+
+def build_augmenter(config: TrainConfig, rare_mask: torch.Tensor) -> Optional[ClassSpecificAugmenter]:
+    aug = config.augmentation
+    if aug.get("default", "none") == "none" and aug.get("rare", "none") == "none":
+        return None
+    return ClassSpecificAugmenter(policy_from_config(aug.get("default", "none")),
+                                  policy_from_config(aug.get("rare", "none")),
+                                  [i for i, r in enumerate(rare_mask.tolist()) if r],
+                                  spacing=tuple(reversed(config.target_spacing)))
+
+
+def training_card(config: TrainConfig, network_entry: Dict[str, Any], validation: Dict[str, Any],
+                  rare_names: List[str], voxel_counts: np.ndarray, n_train: int, n_val: int, total_time: float,
+                  history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The model card written at the end of training."""
+    return {
+        "name": config.name,
+        "description": config.description,
+        "network": network_entry,
+        "classes": config.classes,
+        "preprocessing": {"modality": config.modality, "target_spacing": list(config.target_spacing),
+                          "patch_size": list(config.patch_size), "normalization": config.normalization,
+                          "orientation": "LPS"},
+        "calibration": {"method": "none"},
+        "validation": validation,
+        "training": {
+            "method": config.method,
+            "loss": config.loss.get("name", "dice_ce"),
+            "rare_classes": rare_names,
+            "seconds_per_iteration": round(total_time / max(1, config.iterations), 4),
+            "config": config.to_dict(),
+            "class_voxel_fractions": dict(zip([c["name"] for c in config.classes],
+                                              (voxel_counts / voxel_counts.sum()).tolist())),
+            "train_cases": n_train, "val_cases": n_val,
+            "wall_time_s": round(total_time, 1), "history": history,
+            "software": {"imbalanceseglib": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+        },
+    }
+
+
 def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[Case], out_dir: Path,
-          resume: bool = True, log: LogFn = print, extra_card: Optional[Dict[str, Any]] = None) -> Path:
-    """Train, checkpoint and write ``<out_dir>/<name>.imbseg``; returns the bundle path."""
+          resume: bool = True, log: LogFn = print, extra_card: Optional[Dict[str, Any]] = None,
+          unlabeled_cases: Optional[Sequence[Case]] = None) -> Path:
+    """Train, checkpoint and write ``<out_dir>/<name>.imbseg``; returns the bundle path.
+
+    Semi-supervised methods (``config.semi_supervised``) also take ``unlabeled_cases``
+    (:func:`prepare_unlabeled_case`) and train two networks
+    (:func:`imbalanceseglib.semi_supervised.train_semi_supervised`)."""
     config.validate()
+    if config.is_semi_supervised:
+        from .semi_supervised import train_semi_supervised
+        return train_semi_supervised(config, train_cases, unlabeled_cases or [], val_cases, out_dir,
+                                     resume=resume, log=log, extra_card=extra_card)
+    if unlabeled_cases:
+        raise ValueError(f"unlabelled cases were given but method {config.method!r} is supervised; "
+                         "choose a semi-supervised method (cps, cps_weighted, double_mix)")
     voxel_counts = check_training_data(config, train_cases)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -350,22 +453,13 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         optimizer, lambda it: (1 - it / config.iterations) ** 0.9)  # nnU-Net's polynomial decay
     names = [c["name"] for c in config.classes]
     fractions = (voxel_counts / voxel_counts.sum()).tolist()
-    rare_mask = resolve_rare_mask(names, fractions, config.rare_classes, config.rare_threshold)
-    rare_names = [n for n, r in zip(names, rare_mask.tolist()) if r]
-    loss_settings = dict(config.loss)
-    if loss_settings.get("name", "").startswith("asym"):
-        loss_settings.setdefault("rare_classes", rare_names)
-    loss_fn = build_loss(loss_settings, names, fractions)
+    loss_fn, rare_names, rare_mask = build_training_loss(config, names, fractions)
+    loss_settings = config.loss
     weighter = make_class_weighter(config.class_weighting, n_cls)
     if isinstance(weighter, DistributionWeights):
         weighter.update(torch.as_tensor(voxel_counts))  # start from the training set's distribution
     aug = config.augmentation
-    augmenter = None
-    if aug.get("default", "none") != "none" or aug.get("rare", "none") != "none":
-        augmenter = ClassSpecificAugmenter(policy_from_config(aug.get("default", "none")),
-                                           policy_from_config(aug.get("rare", "none")),
-                                           [i for i, r in enumerate(rare_mask.tolist()) if r],
-                                           spacing=tuple(reversed(config.target_spacing)))
+    augmenter = build_augmenter(config, rare_mask)
     mix_p = float(config.mixup.get("probability", 0.0))
     adv_p = float(config.adversarial.get("probability", 0.0))
     log(f"method {config.method}: loss {loss_settings.get('name')}, rare classes {rare_names or 'none'}, "
@@ -465,31 +559,9 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     network.eval()
     validation = evaluate_cases(network, val_cases, config) if val_cases else {"per_class": {}, "cases": 0}
     total_time = elapsed_before + time.perf_counter() - t_start
-    card = {
-        "name": config.name,
-        "description": config.description,
-        "network": {"arch": "UNet3D", "params": {"in_channels": 1, "out_channels": n_cls,
-                                                  "features": list(config.features)}},
-        "classes": config.classes,
-        "preprocessing": {"modality": config.modality, "target_spacing": list(config.target_spacing),
-                          "patch_size": list(config.patch_size), "normalization": config.normalization,
-                          "orientation": "LPS"},
-        "calibration": {"method": "none"},
-        "validation": validation,
-        "training": {
-            "method": config.method,
-            "loss": config.loss.get("name", "dice_ce"),
-            "rare_classes": rare_names,
-            "seconds_per_iteration": round(total_time / max(1, config.iterations), 4),
-            "config": config.to_dict(),
-            "class_voxel_fractions": dict(zip([c["name"] for c in config.classes],
-                                              (voxel_counts / voxel_counts.sum()).tolist())),
-            "train_cases": len(train_cases), "val_cases": len(val_cases),
-            "wall_time_s": round(total_time, 1), "history": history,
-            "software": {"imbalanceseglib": __version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
-        },
-    }
+    card = training_card(config, {"arch": "UNet3D", "params": {"in_channels": 1, "out_channels": n_cls,
+                                                                "features": list(config.features)}},
+                         validation, rare_names, voxel_counts, len(train_cases), len(val_cases), total_time, history)
     if extra_card:
         card.update(copy.deepcopy(extra_card))
     return save_bundle(out_dir / f"{config.name}{BUNDLE_SUFFIX}", card, network)

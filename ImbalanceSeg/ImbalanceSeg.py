@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 _MODULE_DIR = Path(__file__).resolve().parent
 
@@ -305,6 +305,50 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             raise
         return SegmentationResult(seg_node, prob_nodes, unc_node, table, rows,
                                   [c["name"] for c in classes], timings, perf_table, perf_rows, calibration)
+
+    # -- training -----------------------------------------------------------------
+
+    def trainingCasesFromScene(self, config, pairs: Sequence[Tuple[Any, Any]], unlabeledVolumeNodes: Sequence[Any] = ()):
+        """Library training cases from scene nodes: ``pairs`` of (volume node, segmentation node)
+        and, for semi-supervised methods, unlabelled volume nodes.
+
+        Segments are matched to the config's classes by name (case and underscores ignored), as in
+        the reference comparison; a segmentation that names none of the classes is refused. Nodes are
+        only read. Returns (labelled cases, unlabelled cases)."""
+        import SimpleITK as sitk
+        from imbalanceseglib.training import prepare_case, prepare_unlabeled_case
+        from ImbalanceSegSlicer import scene as sc
+        from ImbalanceSegSlicer.reference import reference_label_array
+        names = [c["name"] for c in config.classes]
+        labelled, unlabelled = [], []
+        for volume, segmentation in pairs:
+            if volume is None or segmentation is None:
+                raise ValueError("each training pair needs a volume and a segmentation")
+            if volume.GetImageData() is None:
+                raise ValueError(f"training volume {volume.GetName()!r} has no image data")
+            image = sc.sitk_from_volume_node(volume)
+            labels, matched = reference_label_array(self.scene, segmentation, volume, names)
+            if not matched:
+                raise ValueError(f"segmentation {segmentation.GetName()!r} has no segment named like a class of the "
+                                 f"model ({', '.join(names[1:])})")
+            lab_img = sitk.GetImageFromArray(labels)
+            lab_img.CopyInformation(image)
+            labelled.append(prepare_case(image, lab_img, config, volume.GetName()))
+        for volume in unlabeledVolumeNodes:
+            if volume is None or volume.GetImageData() is None:
+                raise ValueError("an unlabelled volume has no image data")
+            unlabelled.append(prepare_unlabeled_case(sc.sitk_from_volume_node(volume), config, volume.GetName()))
+        return labelled, unlabelled
+
+    def trainFromScene(self, config, pairs, outputFolder: os.PathLike, unlabeledVolumeNodes: Sequence[Any] = (),
+                       validationPairs: Sequence[Tuple[Any, Any]] = (), log=print, resume: bool = True) -> Path:
+        """Train a model (supervised or semi-supervised, by ``config.method``) on scene nodes; returns
+        the bundle path. The scene is not changed."""
+        from imbalanceseglib.training import train
+        cases, unlabelled = self.trainingCasesFromScene(config, pairs, unlabeledVolumeNodes)
+        val, _ = self.trainingCasesFromScene(config, validationPairs) if validationPairs else ([], [])
+        return train(config, cases, val, Path(outputFolder), resume=resume, log=log,
+                     unlabeled_cases=unlabelled or None)
 
     @staticmethod
     def calibrationDescription(prediction) -> str:

@@ -8,6 +8,7 @@ Python on the ``slicer-core`` wheel (tests, the demo, batch scripts).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -15,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 _MODULE_DIR = Path(__file__).resolve().parent
 
@@ -181,8 +184,15 @@ PERFORMANCE_COLUMNS = [
                     "(no voxels but an expected volume of at least half a voxel)"},
     {"name": "Flag", "type": "string", "unit": "",
      "description": "review: estimated Dice below the flag threshold, or possibly missed"},
+    {"name": "Threshold", "type": "string", "unit": "",
+     "description": "argmax (most probable class) or the probability threshold set for the class in Review. "
+                    "A row whose segment differs from the argmax segment is re-estimated from the calibrated "
+                    "probabilities (expected Dice, sensitivity, precision)"},
 ]
 PERFORMANCE_KEYS = [c["name"] for c in PERFORMANCE_COLUMNS]
+#: Table attribute keeping the label-free estimator's rows (argmax segments), restored when a
+#: class's segment returns to its argmax form.
+ESTIMATOR_ROWS_ATTRIBUTE = "ImbalanceSeg.EstimatorRows"
 
 
 #
@@ -239,6 +249,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         in the performance table.
         """
         from imbalanceseglib.inference import check_model_fits, predict
+        from ImbalanceSegSlicer import review
         from ImbalanceSegSlicer import scene as sc
 
         progress = progress or (lambda stage, frac: None)
@@ -258,6 +269,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         timings: Dict[str, float] = {}
         base = baseName or inputVolumeNode.GetName()
         created: List[Any] = []
+        folder = 0
         try:
             t = time.perf_counter()
             image = sc.sitk_from_volume_node(inputVolumeNode)
@@ -295,13 +307,18 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                                                  [[r[k] for k in PERFORMANCE_KEYS] for r in perf_rows])
             perf_table.SetAttribute("ImbalanceSeg.Calibration", calibration)
             perf_table.SetAttribute("ImbalanceSeg.FlagThreshold", f"{float(flagThreshold):g}")
+            perf_table.SetAttribute(ESTIMATOR_ROWS_ATTRIBUTE, json.dumps(perf_rows))
             created.append(perf_table)
+            review.link_result_nodes(seg_node, inputVolumeNode, prob_nodes, unc_node, perf_table, table, classes)
+            folder = sc.place_in_subject_hierarchy(self.scene, inputVolumeNode, created, f"{base} ImbalanceSeg")
             timings["results"] = time.perf_counter() - t
             progress("results", 1.0)
         except BaseException:
             for node in reversed(created):
-                if node is not None and node.GetScene() is self.scene:
-                    self.scene.RemoveNode(node)
+                sc.remove_node_with_dependents(self.scene, node)
+            if folder:
+                sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+                sh.RemoveItem(folder, False, True)
             raise
         return SegmentationResult(seg_node, prob_nodes, unc_node, table, rows,
                                   [c["name"] for c in classes], timings, perf_table, perf_rows, calibration)
@@ -350,6 +367,139 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         return train(config, cases, val, Path(outputFolder), resume=resume, log=log,
                      unlabeled_cases=unlabelled or None)
 
+    # -- review -------------------------------------------------------------------
+
+    def resultClassNames(self, segmentationNode) -> List[str]:
+        """Foreground class names of a result segmentation (raises for other segmentations)."""
+        from ImbalanceSegSlicer import review
+        return [c["name"] for c in review.result_classes(segmentationNode)[1:]]
+
+    def leastConfidentRegions(self, segmentationNode, className: str, count: int = 3,
+                              radiusMm: float = 6.0) -> List[Dict[str, Any]]:
+        """Regions where the model is least sure about ``className``, most doubtful first
+        (see :func:`ImbalanceSegSlicer.review.review_regions`); each has its centre in RAS."""
+        from ImbalanceSegSlicer import review
+        c = review.class_index(segmentationNode, className)
+        node = review.probability_nodes(segmentationNode)[c]
+        if node.GetParentTransformNode() is not None:
+            raise ValueError(f"confidence map {node.GetName()!r} is under a transform; harden it first")
+        regions = review.review_regions(review.node_array(node), tuple(reversed(node.GetSpacing())),
+                                        count=count, radius_mm=radiusMm)
+        for r in regions:
+            r["ras"] = review.index_to_ras(node, r["index_zyx"])
+            r["class"] = className
+        return regions
+
+    def jumpToRegion(self, region) -> None:
+        """Centre every slice view on a region (or an RAS point)."""
+        ras = region["ras"] if isinstance(region, dict) else region
+        r, a, s_ = (float(v) for v in ras)
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, r, a, s_, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+    def classThresholds(self, segmentationNode) -> Dict[str, float]:
+        from ImbalanceSegSlicer import review
+        review.result_classes(segmentationNode)
+        return review.get_thresholds(segmentationNode)
+
+    def setClassThreshold(self, segmentationNode, className: str, threshold: Optional[float]) -> Dict[str, Any]:
+        """Set (or with ``None`` clear) the probability threshold of one class and update the segments.
+
+        Lower thresholds trade precision for sensitivity. The segments of every class whose voxels
+        change are rewritten from the confidence maps; the performance table rows of those classes
+        are re-estimated from the calibrated probabilities (restored to the label-free estimator's
+        values when a segment is back to its argmax form). Everything is checked before anything
+        changes. Returns the class's expected Dice/sensitivity/precision and voxel counts.
+        """
+        from ImbalanceSegSlicer import review
+        classes = review.result_classes(segmentationNode)
+        c = review.class_index(segmentationNode, className)
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 < float(threshold) < 1.0):
+            raise ValueError(f"threshold for {className!r} must be a probability between 0 and 1 (exclusive), "
+                             f"or None for argmax; got {threshold!r}")
+        probs = review.probabilities_from_nodes(segmentationNode)
+        names = [k["name"] for k in classes]
+        thresholds = review.get_thresholds(segmentationNode)
+        old = review.thresholded_labels(probs, {names.index(k): v for k, v in thresholds.items() if k in names})
+        if threshold is None:
+            thresholds.pop(className, None)
+        else:
+            thresholds[className] = float(threshold)
+        new = review.thresholded_labels(probs, {names.index(k): v for k, v in thresholds.items() if k in names})
+        changed = [k for k in range(1, len(names)) if not np.array_equal(old == k, new == k)]
+        reference = segmentationNode.GetNodeReference(review.INPUT_REF)
+        review.write_labels(segmentationNode, new, reference or review.probability_nodes(segmentationNode)[0],
+                            classes, changed)
+        segmentationNode.SetAttribute(review.THRESHOLDS_ATTRIBUTE, json.dumps(thresholds, sort_keys=True))
+        self._updatePerformanceRows(segmentationNode, probs, new, thresholds)
+        result = review.expected_metrics(probs[c], new == c)
+        result.update({"class": className, "threshold": threshold, "changed_classes": [names[k] for k in changed],
+                       "voxels_before": int(np.count_nonzero(old == c))})
+        return result
+
+    def _updatePerformanceRows(self, segmentationNode, probs, labels, thresholds: Dict[str, float]) -> None:
+        from ImbalanceSegSlicer import review
+        from ImbalanceSegSlicer import scene as sc
+        table = segmentationNode.GetNodeReference(review.PERFORMANCE_REF)
+        if table is None or not table.GetAttribute(ESTIMATOR_ROWS_ATTRIBUTE):
+            return
+        estimator_rows = json.loads(table.GetAttribute(ESTIMATOR_ROWS_ATTRIBUTE))
+        flag_threshold = float(table.GetAttribute("ImbalanceSeg.FlagThreshold") or 0.7)
+        names = [k["name"] for k in review.result_classes(segmentationNode)]
+        argmax = np.argmax(probs, axis=0)
+        reference = review.probability_nodes(segmentationNode)[0]
+        voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+        rows = []
+        for est in estimator_rows:
+            c = names.index(est["Segment"])
+            row = dict(est)
+            row["Threshold"] = f"{thresholds[est['Segment']]:g}" if est["Segment"] in thresholds else "argmax"
+            mask = labels == c
+            if not np.array_equal(mask, argmax == c):
+                m = review.expected_metrics(probs[c], mask)
+                row.update({"Estimated Dice": m["dice"], "Estimated sensitivity": m["sensitivity"],
+                            "Estimated precision": m["precision"], "Volume": m["voxels"] * voxel_ml,
+                            "Expected volume": m["expected_voxels"] * voxel_ml,
+                            "Mean confidence": m["precision"],
+                            "State": "predicted" if m["voxels"] else ("possibly missed" if m["expected_voxels"] >= 0.5
+                                                                      else "absent")})
+                dice = row["Estimated Dice"]
+                row["Flag"] = "review" if (row["State"] == "possibly missed"
+                                           or (dice is not None and dice < flag_threshold)) else ""
+            rows.append(row)
+        sc.fill_table_node(table, PERFORMANCE_COLUMNS, [[r.get(k) for k in PERFORMANCE_KEYS] for r in rows])
+
+    def compareWithReference(self, segmentationNode, referenceSegmentationNode) -> List[Dict[str, Any]]:
+        """Per-class metrics of the result's current segments (after threshold changes or manual
+        edits) against a reference segmentation (segments matched by name); updates the result's
+        class table and returns its rows. Nothing else in the scene changes."""
+        from ImbalanceSegSlicer import review
+        from ImbalanceSegSlicer import scene as sc
+        from ImbalanceSegSlicer.reference import reference_label_array
+        if referenceSegmentationNode is None or not referenceSegmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise ValueError("select a reference segmentation to compare with")
+        if referenceSegmentationNode is segmentationNode:
+            raise ValueError("the reference must be another segmentation than the result")
+        classes = review.result_classes(segmentationNode)
+        names = [k["name"] for k in classes]
+        grid = segmentationNode.GetNodeReference(review.INPUT_REF) or review.probability_nodes(segmentationNode)[0]
+        probs = review.probabilities_from_nodes(segmentationNode)
+        labels, _ = reference_label_array(self.scene, segmentationNode, grid, names)
+        reference = reference_label_array(self.scene, referenceSegmentationNode, grid, names)
+        if not reference[1]:
+            raise ValueError(f"reference {referenceSegmentationNode.GetName()!r} has no segment named like a class "
+                             f"of the result ({', '.join(names[1:])})")
+        rows = self.classRowsFromArrays(labels, probs, names, tuple(grid.GetSpacing()), reference)
+        table = segmentationNode.GetNodeReference(review.CLASS_TABLE_REF)
+        if table is None:
+            table = sc.table_node_from_rows(self.scene, f"{segmentationNode.GetName()} class table", TABLE_COLUMNS,
+                                            [[r[k] for k in ROW_KEYS] for r in rows])
+            segmentationNode.SetNodeReferenceID(review.CLASS_TABLE_REF, table.GetID())
+        else:
+            sc.fill_table_node(table, TABLE_COLUMNS, [[r[k] for k in ROW_KEYS] for r in rows])
+        table.SetAttribute("ImbalanceSeg.Reference", referenceSegmentationNode.GetName())
+        return rows
+
     @staticmethod
     def calibrationDescription(prediction) -> str:
         est = prediction.estimator
@@ -370,7 +520,8 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             rows.append({"Segment": prediction.class_names[c], "Estimated Dice": dice,
                          "Estimated sensitivity": est["sensitivity"], "Estimated precision": est["precision"],
                          "Volume": est.get("predicted_ml"), "Expected volume": est.get("expected_ml"),
-                         "Mean confidence": est["mean_confidence"], "State": est["state"], "Flag": flag})
+                         "Mean confidence": est["mean_confidence"], "State": est["state"], "Flag": flag,
+                         "Threshold": "argmax"})
         return rows
 
     @staticmethod
@@ -397,28 +548,34 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
     def classRows(prediction, spacing: Sequence[float], reference=None) -> List[Dict[str, Any]]:
         """Per foreground class: voxels, volume (ml), mean probability and, with a reference,
         Dice, HD95, ASSD and surface Dice (``imbalanceseglib.evaluation``)."""
-        import numpy as np
+        return ImbalanceSegLogic.classRowsFromArrays(prediction.labels, prediction.probabilities,
+                                                     prediction.class_names, spacing, reference)
+
+    @staticmethod
+    def classRowsFromArrays(labels_zyx, probabilities, class_names: Sequence[str], spacing: Sequence[float],
+                            reference=None) -> List[Dict[str, Any]]:
+        """:meth:`classRows` on arrays: labels (z, y, x), probabilities (C, z, y, x), spacing (x, y, z)."""
         from imbalanceseglib.evaluation import evaluate_labels
 
-        n = len(prediction.class_names)
+        n = len(class_names)
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        counts = np.bincount(prediction.labels.ravel(), minlength=n)
+        counts = np.bincount(np.asarray(labels_zyx).ravel(), minlength=n)
         evaluated, matched = {}, {}
         if reference is not None:
             ref_labels, matched = reference
-            labels = [c for c in range(1, n) if prediction.class_names[c] in matched]
+            labels = [c for c in range(1, n) if class_names[c] in matched]
             if labels:
-                case = evaluate_labels(prediction.labels, ref_labels, tuple(reversed(tuple(spacing))),
-                                       labels=labels, class_names=prediction.class_names,
+                case = evaluate_labels(labels_zyx, ref_labels, tuple(reversed(tuple(spacing))),
+                                       labels=labels, class_names=list(class_names),
                                        metrics=("overlap", "distance", "nsd"))
                 evaluated = case.by_label()
         rows = []
         for c in range(1, n):
-            mask = prediction.labels == c
+            mask = labels_zyx == c
             row = {k: None for k in ROW_KEYS}
-            row.update({"Segment": prediction.class_names[c], "Voxel count": int(counts[c]),
+            row.update({"Segment": class_names[c], "Voxel count": int(counts[c]),
                         "Volume": float(counts[c] * voxel_ml),
-                        "Mean probability": float(prediction.probabilities[c][mask].mean()) if counts[c] else None})
+                        "Mean probability": float(probabilities[c][mask].mean()) if counts[c] else None})
             if c in evaluated:
                 e = evaluated[c]
                 row.update({"Reference voxel count": e.reference_voxels, "Dice": e.dice, "HD95": e.hd95_mm,

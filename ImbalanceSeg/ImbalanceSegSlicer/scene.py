@@ -83,6 +83,22 @@ def ensure_scene_logic(scene) -> dict:
     return logic
 
 
+def remove_node_with_dependents(scene, node) -> None:
+    """Remove ``node`` and the display and storage nodes that only it uses (a bare MRML scene
+    leaves them behind when the node alone is removed)."""
+    if node is None or node.GetScene() is not scene:
+        return
+    dependents = []
+    if node.IsA("vtkMRMLDisplayableNode"):
+        dependents += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if node.IsA("vtkMRMLStorableNode"):
+        dependents += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for dep in dependents:
+        if dep is not None and dep.GetScene() is scene:
+            scene.RemoveNode(dep)
+
+
 def create_scene():
     """Return a new ``vtkMRMLScene`` with the default colour tables."""
     scene = slicer.vtkMRMLScene()
@@ -380,6 +396,8 @@ def segmentation_from_labelmap(
         segment.AddRepresentation(BINARY_LABELMAP, shared)
         segment.SetLabelValue(value)
         segment.SetTag("ImbalanceSeg.ClassValue", str(value))
+        if cls.get("terminology"):
+            segment.SetTerminology(terminology_string(cls["terminology"]))
         if not segmentation.AddSegment(segment, seg_id):
             raise RuntimeError(f"Failed to add segment {seg_id!r}")
     seg_node.EndModify(was_modifying)
@@ -390,6 +408,55 @@ def segmentation_from_labelmap(
         display.SetVisibility2DFill(True)
         display.SetVisibility2DOutline(True)
     return seg_node
+
+
+DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+DEFAULT_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def terminology_string(term: dict) -> str:
+    """Slicer's serialized terminology entry for a model card's class ``terminology``
+    (``category``/``type``/... as [coding scheme, code value, code meaning])."""
+    entry = slicer.vtkSlicerTerminologyEntry()
+    entry.SetTerminologyContextName(term.get("context", DEFAULT_TERMINOLOGY_CONTEXT))
+    targets = {"category": entry.GetCategoryObject(), "type": entry.GetTypeObject(),
+               "type_modifier": entry.GetTypeModifierObject(), "region": entry.GetRegionObject(),
+               "region_modifier": entry.GetRegionModifierObject()}
+    for key, obj in targets.items():
+        if term.get(key):
+            scheme, value, meaning = term[key]
+            obj.SetCodingSchemeDesignator(scheme)
+            obj.SetCodeValue(value)
+            obj.SetCodeMeaning(meaning)
+    if term.get("region"):
+        entry.SetRegionContextName(DEFAULT_ANATOMIC_CONTEXT)
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
+
+
+def place_in_subject_hierarchy(scene, input_node, nodes: Sequence, folder_name: str) -> int:
+    """Put ``nodes`` in a new subject hierarchy folder beside ``input_node`` (same parent:
+    patient/study when the input came from DICOM). Returns the folder item ID.
+
+    Inside Slicer every node already has an item; on a bare slicer-core scene items are created."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None:
+        raise RuntimeError("the scene has no subject hierarchy")
+    scene_item = sh.GetSceneItemID()
+    input_item = sh.GetItemByDataNode(input_node)
+    if not input_item:
+        input_item = sh.CreateItem(scene_item, input_node)
+    parent = sh.GetItemParent(input_item) or scene_item
+    folder = sh.CreateFolderItem(parent, folder_name)
+    sh.SetItemAttribute(folder, "ImbalanceSeg.ResultFolder", "1")
+    for node in nodes:
+        if node is None:
+            continue
+        item = sh.GetItemByDataNode(node)
+        if not item:
+            sh.CreateItem(folder, node)
+        else:
+            sh.SetItemParent(item, folder)
+    return folder
 
 
 def segment_voxel_counts(segmentation_node) -> dict[str, int]:
@@ -428,8 +495,23 @@ def table_node_from_rows(scene, name: str, columns: list[dict], rows: Iterable[S
         if len(r) != len(columns):
             raise ValueError(f"Row has {len(r)} values, expected {len(columns)}: {r!r}")
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    fill_table_node(node, columns, rows)
+    return node
+
+
+def fill_table_node(node, columns: list[dict], rows: Iterable[Sequence]) -> None:
+    """Replace all columns and rows of an existing table node (see :func:`table_node_from_rows`)."""
+    rows = [list(r) for r in rows]
+    for r in rows:
+        if len(r) != len(columns):
+            raise ValueError(f"Row has {len(r)} values, expected {len(columns)}: {r!r}")
+    for col in columns:
+        if col.get("type", "string") not in _ARRAY_TYPES:
+            raise ValueError(f"Unsupported column type {col.get('type')!r}")
     was_modifying = node.StartModify()
     table = node.GetTable()
+    while table.GetNumberOfColumns():
+        table.RemoveColumn(table.GetNumberOfColumns() - 1)
     for ci, col in enumerate(columns):
         ctype = col.get("type", "string")
         if ctype not in _ARRAY_TYPES:
@@ -456,7 +538,6 @@ def table_node_from_rows(scene, name: str, columns: list[dict], rows: Iterable[S
     node.SetUseColumnTitleAsColumnHeader(True)
     node.Modified()
     node.EndModify(was_modifying)
-    return node
 
 
 # ---------------------------------------------------------------------------

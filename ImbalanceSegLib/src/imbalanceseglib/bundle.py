@@ -242,6 +242,40 @@ def _check_normalization(norm: Any) -> None:
             raise BundleError("fixed_zscore normalisation needs clip_min < clip_max and std > 0")
 
 
+TERMINOLOGY_KEYS = ("category", "type", "type_modifier", "region", "region_modifier")
+
+
+def _check_terminology(term: Any, where: str) -> None:
+    """Optional DICOM-style coded terminology of a class: ``category`` and ``type`` (required),
+    ``type_modifier``, ``region``, ``region_modifier`` (optional), each ``[coding scheme, code value,
+    code meaning]``, e.g. ``["SCT", "123037004", "Anatomical Structure"]``; plus an optional
+    ``context`` (the Slicer terminology context name)."""
+    if not isinstance(term, dict):
+        raise BundleError(f"{where}: 'terminology' must be an object")
+    unknown = set(term) - set(TERMINOLOGY_KEYS) - {"context"}
+    if unknown:
+        raise BundleError(f"{where}: unknown terminology fields {sorted(unknown)}; "
+                          f"allowed: context, {', '.join(TERMINOLOGY_KEYS)}")
+    for key in ("category", "type"):
+        if key not in term:
+            raise BundleError(f"{where}: terminology needs '{key}'")
+    for key in TERMINOLOGY_KEYS:
+        if key in term:
+            code = term[key]
+            if not (isinstance(code, list) and len(code) == 3 and all(isinstance(v, str) for v in code)
+                    and code[0].strip() and code[1].strip()):
+                raise BundleError(f"{where}: terminology '{key}' must be [coding scheme, code value, code meaning] "
+                                  f"strings, got {_short(code)}")
+            for v in code:
+                _check_text(v, f"{where} terminology {key}")
+                if any(ch in v for ch in "~^|"):
+                    raise BundleError(f"{where}: terminology '{key}' must not contain '~', '^' or '|'")
+    if "context" in term:
+        if not isinstance(term["context"], str):
+            raise BundleError(f"{where}: terminology 'context' must be a string")
+        _check_text(term["context"], f"{where} terminology context")
+
+
 def _check_calibration(cal: Any, n_classes: int) -> None:
     if not isinstance(cal, dict):
         raise BundleError(f"model card field 'calibration' must be an object, got {_short(cal)}")
@@ -318,6 +352,8 @@ def validate_card(card: Dict[str, Any]) -> Dict[str, Any]:
             raise BundleError(f"class name {cls['name']!r} appears twice")
         seen_names.add(cls["name"])
         _check_color(cls.get("color", [0, 0, 0]), f"class {cls['name']!r}")
+        if "terminology" in cls:
+            _check_terminology(cls["terminology"], f"class {cls['name']!r}")
     _check_network(card["network"], len(classes))
     pre = card["preprocessing"]
     if not isinstance(pre, dict):

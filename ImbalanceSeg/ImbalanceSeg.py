@@ -239,20 +239,8 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     # -- processing -------------------------------------------------------------
 
-    def process(self, inputVolumeNode, model, referenceSegmentationNode=None, device: str = "cpu",
-                progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None,
-                modality: Optional[str] = None, flagThreshold: float = 0.7) -> SegmentationResult:
-        """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle).
-
-        ``modality`` (e.g. "CT", "MR"), when known, must match the model card's.
-        ``flagThreshold``: classes whose estimated Dice falls below it are flagged for review
-        in the performance table.
-        """
-        from imbalanceseglib.inference import check_model_fits, predict
-        from ImbalanceSegSlicer import review
-        from ImbalanceSegSlicer import scene as sc
-
-        progress = progress or (lambda stage, frac: None)
+    def checkInputs(self, inputVolumeNode, flagThreshold: float = 0.7) -> None:
+        """Refuse bad inputs before any work, with a message naming the problem."""
         if isinstance(flagThreshold, bool) or not isinstance(flagThreshold, (int, float)) \
                 or not 0.0 <= float(flagThreshold) <= 1.0:
             raise ValueError(f"flagThreshold must be a number between 0 and 1 (an estimated Dice), "
@@ -263,25 +251,55 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError("the input volume is not in this logic's scene")
         if inputVolumeNode.GetImageData() is None:
             raise ValueError(f"input volume {inputVolumeNode.GetName()!r} has no image data")
+
+    def process(self, inputVolumeNode, model, referenceSegmentationNode=None, device: str = "cpu",
+                progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None,
+                modality: Optional[str] = None, flagThreshold: float = 0.7) -> SegmentationResult:
+        """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle), in this process.
+
+        ``modality`` (e.g. "CT", "MR"), when known, must match the model card's.
+        ``flagThreshold``: classes whose estimated Dice falls below it are flagged for review
+        in the performance table. (:class:`ImbalanceSegSlicer.jobs.SegmentationJob` runs the
+        same work in a background process.)
+        """
+        from imbalanceseglib.inference import check_model_fits, predict
+        from ImbalanceSegSlicer import scene as sc
+
+        progress = progress or (lambda stage, frac: None)
+        self.checkInputs(inputVolumeNode, flagThreshold)
         bundle = model if hasattr(model, "network") else self.loadModel(model)
         check_model_fits(bundle, modality=modality)
+        t = time.perf_counter()
+        image = sc.sitk_from_volume_node(inputVolumeNode)
+        prediction = predict(image, bundle, device=device, progress=progress)
+        timings = {f"inference.{k}": v for k, v in prediction.timings.items()}
+        timings["inference"] = time.perf_counter() - t
+        return self.createResultNodes(inputVolumeNode, prediction, bundle.classes, referenceSegmentationNode,
+                                      progress=progress, baseName=baseName, flagThreshold=flagThreshold,
+                                      timings=timings)
+
+    def createResultNodes(self, inputVolumeNode, prediction, classes: Sequence[Dict[str, Any]],
+                          referenceSegmentationNode=None, progress: Optional[ProgressCallback] = None,
+                          baseName: Optional[str] = None, flagThreshold: float = 0.7,
+                          timings: Optional[Dict[str, float]] = None) -> SegmentationResult:
+        """Add the result nodes of a prediction (on the input volume's grid) to the scene, in a
+        subject hierarchy folder beside the input. On any failure every node created here is
+        removed again."""
+        from ImbalanceSegSlicer import review
+        from ImbalanceSegSlicer import scene as sc
+
+        progress = progress or (lambda stage, frac: None)
+        self.checkInputs(inputVolumeNode, flagThreshold)
         sc.ensure_scene_logic(self.scene)
-        timings: Dict[str, float] = {}
+        timings = dict(timings or {})
         base = baseName or inputVolumeNode.GetName()
         created: List[Any] = []
         folder = 0
         try:
             t = time.perf_counter()
-            image = sc.sitk_from_volume_node(inputVolumeNode)
-            prediction = predict(image, bundle, device=device, progress=progress)
-            timings.update({f"inference.{k}": v for k, v in prediction.timings.items()})
-            timings["inference"] = time.perf_counter() - t
-
-            t = time.perf_counter()
             progress("results", 0.0)
-            classes = bundle.classes
             seg_node = sc.segmentation_from_labelmap(self.scene, prediction.label_image(), inputVolumeNode,
-                                                     classes[1:], f"{base} segmentation")
+                                                     list(classes[1:]), f"{base} segmentation")
             created.append(seg_node)
             prob_nodes = []
             for i, cls in enumerate(classes):
@@ -297,7 +315,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                 from ImbalanceSegSlicer.reference import reference_label_array
                 reference = reference_label_array(self.scene, referenceSegmentationNode, inputVolumeNode,
                                                   [c["name"] for c in classes])
-            rows = self.classRows(prediction, image.GetSpacing(), reference)
+            rows = self.classRows(prediction, prediction.reference.GetSpacing(), reference)
             table = sc.table_node_from_rows(self.scene, f"{base} class table", TABLE_COLUMNS,
                                             [[r[k] for k in ROW_KEYS] for r in rows])
             created.append(table)

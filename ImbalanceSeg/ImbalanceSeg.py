@@ -237,6 +237,83 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             self._bundles[key] = load_bundle(path)
         return self._bundles[key]
 
+    @staticmethod
+    def modelCard(path: os.PathLike) -> Dict[str, Any]:
+        """The model card of a bundle, read without loading the weights (validated)."""
+        from imbalanceseglib.bundle import read_card
+        return read_card(path)
+
+    @staticmethod
+    def modelSummaryHtml(card: Dict[str, Any]) -> str:
+        """The model card as HTML for the module panel: classes with colours and validation results,
+        expected modality and spacing, training method and calibration."""
+        import html
+        esc = html.escape
+        pre = card.get("preprocessing", {})
+        val = card.get("validation", {}).get("per_class", {})
+        training = card.get("training", {})
+        cal = card.get("calibration") or {}
+        parts = [f"<b>{esc(card['name'])}</b>"]
+        if card.get("description"):
+            parts.append(f"<br>{esc(str(card['description']))}")
+        spacing = pre.get("target_spacing")
+        parts.append(f"<br>Expected input: {esc(str(pre.get('modality') or 'any modality'))}, "
+                     f"resampled to {' x '.join(f'{v:g}' for v in spacing) + ' mm' if spacing else 'its own spacing'}")
+        if training.get("method"):
+            parts.append(f"<br>Trained with: {esc(str(training['method']))}"
+                         + (f" on {training['train_cases']} cases" if training.get("train_cases") else ""))
+        if cal.get("method") and cal.get("method") != "none":
+            fitted = cal.get("fitted_on", {})
+            parts.append(f"<br>Calibration: {esc(cal['method'].upper())} "
+                         f"({'class-specific' if cal.get('class_specific') else 'global'})"
+                         + (f", fitted on {fitted['cases']} cases" if fitted.get("cases") else ""))
+        else:
+            parts.append("<br>Calibration: none (confidence maps are plain softmax probabilities)")
+        n_val = card.get("validation", {}).get("cases")
+        parts.append("<table cellspacing='4'><tr><th></th><th align='left'>Class</th>"
+                     f"<th>Val. Dice{f' ({n_val} cases)' if n_val else ''}</th><th>Sensitivity</th></tr>")
+        for c in card["classes"][1:]:
+            rgb = [float(v) for v in c.get("color", [0.5, 0.5, 0.5])][:3]
+            if all(v <= 1.0 for v in rgb):
+                rgb = [v * 255 for v in rgb]
+            colour = "#%02x%02x%02x" % tuple(int(round(v)) for v in rgb)
+            v = val.get(c["name"], {})
+
+            def cell(x):
+                return "-" if x is None else f"{x:.3f}"
+            parts.append(f"<tr><td bgcolor='{colour}'>&nbsp;&nbsp;&nbsp;</td><td>{esc(c['name'])}</td>"
+                         f"<td align='right'>{cell(v.get('dice'))}</td><td align='right'>{cell(v.get('sensitivity'))}"
+                         "</td></tr>")
+        parts.append("</table>")
+        return "".join(parts)
+
+    def probabilityNodeForClass(self, segmentationNode, className: str):
+        """The confidence map (calibrated probability) node of one class of a result."""
+        from ImbalanceSegSlicer import review
+        return review.probability_nodes(segmentationNode)[review.class_index(segmentationNode, className)]
+
+    def uncertaintyNodeOf(self, segmentationNode):
+        from ImbalanceSegSlicer import review
+        review.result_classes(segmentationNode)
+        node = segmentationNode.GetNodeReference(review.UNCERTAINTY_REF)
+        if node is None:
+            raise ValueError("the uncertainty map of this result was removed from the scene")
+        return node
+
+    def performanceTableOf(self, segmentationNode):
+        from ImbalanceSegSlicer import review
+        review.result_classes(segmentationNode)
+        return segmentationNode.GetNodeReference(review.PERFORMANCE_REF)
+
+    def flaggedClasses(self, segmentationNode) -> List[str]:
+        """Classes whose performance row is flagged for review, in table order."""
+        table = self.performanceTableOf(segmentationNode)
+        if table is None:
+            return []
+        t = table.GetTable()
+        return [t.GetValueByName(r, "Segment").ToString() for r in range(t.GetNumberOfRows())
+                if t.GetValueByName(r, "Flag").ToString() == "review"]
+
     # -- processing -------------------------------------------------------------
 
     def checkInputs(self, inputVolumeNode, flagThreshold: float = 0.7) -> None:
@@ -517,6 +594,65 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             sc.fill_table_node(table, TABLE_COLUMNS, [[r[k] for k in ROW_KEYS] for r in rows])
         table.SetAttribute("ImbalanceSeg.Reference", referenceSegmentationNode.GetName())
         return rows
+
+    def trainingPairsFromSegmentations(self, segmentationNodes: Sequence[Any]) -> List[Tuple[Any, Any]]:
+        """(volume, segmentation) pairs, each segmentation with the volume it was drawn on (its
+        reference geometry volume, set by the Segment Editor)."""
+        pairs = []
+        for seg in segmentationNodes:
+            if seg is None or not seg.IsA("vtkMRMLSegmentationNode"):
+                raise ValueError("training needs segmentation nodes")
+            volume = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
+            if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode"):
+                raise ValueError(f"segmentation {seg.GetName()!r} has no source volume; open it in the Segment "
+                                 "Editor with its volume selected, or pass (volume, segmentation) pairs")
+            pairs.append((volume, seg))
+        return pairs
+
+    def updateTrainingPlot(self, history: Sequence[Dict[str, Any]], classNames: Sequence[str],
+                           chartNode=None, name: str = "ImbalanceSeg training"):
+        """Show a training history (``{"iteration", "loss"}`` and ``{"iteration", "val": {class: Dice}}``
+        entries) as a plot: loss and per-class validation Dice against the iteration. Creates the
+        table, series and chart nodes on the first call and updates them afterwards. Returns the chart."""
+        from vtkmodules.vtkCommonCore import vtkDoubleArray
+        from ImbalanceSegSlicer import scene as sc
+        if chartNode is None:
+            chartNode = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+            chartNode.SetTitle(name)
+            chartNode.SetXAxisTitle("iteration")
+            chartNode.SetYAxisTitle("loss / validation Dice")
+        table = chartNode.GetNodeReference("ImbalanceSegTrainingTable")
+        if table is None:
+            table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} history")
+            chartNode.SetNodeReferenceID("ImbalanceSegTrainingTable", table.GetID())
+        iterations = sorted({int(e["iteration"]) for e in history})
+        loss = {int(e["iteration"]): float(e["loss"]) for e in history if "loss" in e}
+        val: Dict[int, Dict[str, Any]] = {}
+        for e in history:
+            if "val" in e:
+                val.setdefault(int(e["iteration"]), {}).update(e["val"])
+        columns = [{"name": "iteration", "type": "double"}, {"name": "loss", "type": "double"}] + \
+            [{"name": f"val Dice {c}", "type": "double"} for c in classNames]
+        rows = []
+        for it in iterations:
+            v = val.get(it, {})
+            rows.append([it, loss.get(it)] + [v.get(c) for c in classNames])
+        sc.fill_table_node(table, columns, rows)
+        wanted = ["loss"] + [f"val Dice {c}" for c in classNames]
+        existing = {chartNode.GetNthPlotSeriesNode(i).GetName(): chartNode.GetNthPlotSeriesNode(i)
+                    for i in range(chartNode.GetNumberOfPlotSeriesNodes())}
+        for column in wanted:
+            if column in existing:
+                continue
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", column)
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("iteration")
+            series.SetYColumnName(column)
+            series.SetPlotType(series.PlotTypeScatter)
+            if column != "loss":
+                series.SetMarkerStyle(series.MarkerStyleCircle)
+            chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+        return chartNode
 
     @staticmethod
     def calibrationDescription(prediction) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,7 +55,40 @@ def _library_paths() -> List[str]:
 
 
 class JobError(RuntimeError):
-    """The background segmentation failed; the message says why (the worker's own error)."""
+    """A background job failed or was cancelled; the message says why (the worker's own error)."""
+
+
+def _launch(cmd: List[str], cwd: Path, threads: Optional[int]) -> subprocess.Popen:
+    """Start a child in its own process group with the library on its path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(_library_paths() + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    popen_kw = {"start_new_session": True} if os.name == "posix" else {
+        "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            cwd=str(cwd), **popen_kw)
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate a child and its process group (kill if it does not stop within ``timeout``)."""
+    if proc.poll() is not None:
+        return
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass
 
 
 class SegmentationJob:
@@ -115,15 +149,7 @@ class SegmentationJob:
                    "--model", str(self.modelPath), "--output", str(self._tmp / "out"), "--device", self.device]
             if self.modality:
                 cmd += ["--modality", self.modality]
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(_library_paths() + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                                    else []))
-            if self.threads:
-                env["OMP_NUM_THREADS"] = str(self.threads)
-            popen_kw = {"start_new_session": True} if os.name == "posix" else {
-                "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-                                          cwd=str(self._tmp), **popen_kw)
+            self._proc = _launch(cmd, self._tmp, self.threads)
         except BaseException:
             shutil.rmtree(self._tmp, ignore_errors=True)
             raise
@@ -228,22 +254,7 @@ class SegmentationJob:
         """Stop the worker; the scene stays as it was. Returns the final state."""
         if self.state != RUNNING:
             return self.state
-        proc = self._proc
-        if proc.poll() is None:
-            try:
-                if os.name == "posix":
-                    os.killpg(proc.pid, signal.SIGTERM)
-                else:
-                    proc.terminate()
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                if os.name == "posix":
-                    os.killpg(proc.pid, signal.SIGKILL)
-                else:
-                    proc.kill()
-                proc.wait(timeout)
-            except ProcessLookupError:
-                pass
+        _stop(self._proc, timeout)
         self.state = CANCELLED
         self.error = "cancelled by the user"
         self._cleanup()
@@ -272,6 +283,210 @@ class SegmentationJob:
     @property
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc is not None else None
+
+    def __del__(self):
+        try:
+            if self.state == RUNNING:
+                self.cancel(timeout=1.0)
+        except Exception:
+            pass
+
+
+_ITER_LINE = re.compile(r"^iter\s+(\d+)/(\d+)\s+loss\s+([-+0-9.eE]+|nan)")
+_VAL_LINE = re.compile(r"^\s*val dice[^:]*:\s*(.*)$")
+_BUNDLE_LINE = re.compile(r"^\[train\] bundle written: (.+)$")
+
+
+def parse_training_line(line: str) -> Optional[Dict[str, Any]]:
+    """One line of the trainer's log as a history entry: ``{"iteration", "total", "loss"}``,
+    ``{"val": {class: dice or None}}``, ``{"bundle": path}``, or None for other lines."""
+    m = _ITER_LINE.match(line.strip())
+    if m:
+        return {"iteration": int(m.group(1)), "total": int(m.group(2)), "loss": float(m.group(3))}
+    m = _VAL_LINE.match(line)
+    if m:
+        val: Dict[str, Optional[float]] = {}
+        for item in m.group(1).split("  "):
+            if "=" in item:
+                name, value = item.strip().rsplit("=", 1)
+                val[name] = None if value == "absent" else float(value)
+        return {"val": val}
+    m = _BUNDLE_LINE.match(line.strip())
+    if m:
+        return {"bundle": m.group(1).strip()}
+    return None
+
+
+class TrainingJob:
+    """Training in a background process (``imbalanceseg train``) on scene nodes.
+
+    The labelled pairs (volume, segmentation; segments matched to the config's classes by name),
+    optional validation pairs and unlabelled volumes are written to a temporary folder; the
+    trainer writes checkpoints and the final bundle to ``outputFolder``, so a cancelled run
+    resumes from its last checkpoint when started again with ``resume=True``. ``history`` holds
+    the loss and validation Dice as they are logged (for the live plot); ``bundlePath`` is set
+    when the bundle is written. The scene is never changed.
+    """
+
+    def __init__(self, logic, config, pairs: Sequence[Tuple[Any, Any]], outputFolder,
+                 unlabeledVolumeNodes: Sequence[Any] = (), validationPairs: Sequence[Tuple[Any, Any]] = (),
+                 resume: bool = True, python: Optional[str] = None, threads: Optional[int] = None):
+        self.logic, self.config = logic, config
+        self.pairs, self.validationPairs = list(pairs), list(validationPairs)
+        self.unlabeledVolumeNodes = list(unlabeledVolumeNodes)
+        self.outputFolder = Path(outputFolder)
+        self.resume = resume
+        self.python = python or python_executable()
+        self.threads = threads
+        self.state = CREATED
+        self.iteration, self.total = 0, int(config.iterations)
+        self.history: List[Dict[str, Any]] = []
+        self.bundlePath: Optional[Path] = None
+        self.error: Optional[str] = None
+        self.log: List[str] = []
+        self._proc: Optional[subprocess.Popen] = None
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._stderr: List[str] = []
+        self._eof = False
+        self._tmp: Optional[Path] = None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.iteration / max(1, self.total))
+
+    def _export(self, folder: Path, pairs, prefix: str) -> Tuple[str, str]:
+        import SimpleITK as sitk
+        from ImbalanceSegSlicer import scene as sc
+        from ImbalanceSegSlicer.reference import reference_label_array
+        names = [c["name"] for c in self.config.classes]
+        images, labels = folder / f"{prefix}images", folder / f"{prefix}labels"
+        images.mkdir()
+        labels.mkdir()
+        for k, (volume, segmentation) in enumerate(pairs):
+            if volume is None or segmentation is None:
+                raise ValueError("each training pair needs a volume and a segmentation")
+            if volume.GetImageData() is None:
+                raise ValueError(f"training volume {volume.GetName()!r} has no image data")
+            image = sc.sitk_from_volume_node(volume)
+            arr, matched = reference_label_array(self.logic.scene, segmentation, volume, names)
+            if not matched:
+                raise ValueError(f"segmentation {segmentation.GetName()!r} has no segment named like a class of "
+                                 f"the model ({', '.join(names[1:])})")
+            lab = sitk.GetImageFromArray(arr)
+            lab.CopyInformation(image)
+            stem = f"case{k:03d}"
+            sitk.WriteImage(image, str(images / f"{stem}.nrrd"))
+            sitk.WriteImage(lab, str(labels / f"{stem}.nrrd"))
+        return images.name, labels.name
+
+    def start(self) -> "TrainingJob":
+        import SimpleITK as sitk
+        from ImbalanceSegSlicer import scene as sc
+        if self.state != CREATED:
+            raise RuntimeError("a job can be started once")
+        if not self.pairs:
+            raise ValueError("choose at least one (volume, segmentation) pair to train on")
+        self.config.validate()
+        if self.unlabeledVolumeNodes and not self.config.is_semi_supervised:
+            raise ValueError(f"unlabelled volumes were given but method {self.config.method!r} is supervised; "
+                             "choose cps, cps_weighted or double_mix")
+        self.outputFolder.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix="imbalanceseg-train-"))
+        try:
+            images, labels = self._export(self._tmp, self.pairs, "")
+            data: Dict[str, Any] = {"kind": "folders", "images": images, "labels": labels}
+            if self.validationPairs:
+                data["val_images"], data["val_labels"] = self._export(self._tmp, self.validationPairs, "val_")
+            if self.unlabeledVolumeNodes:
+                folder = self._tmp / "unlabeled"
+                folder.mkdir()
+                for k, volume in enumerate(self.unlabeledVolumeNodes):
+                    if volume is None or volume.GetImageData() is None:
+                        raise ValueError("an unlabelled volume has no image data")
+                    sitk.WriteImage(sc.sitk_from_volume_node(volume), str(folder / f"unlabeled{k:03d}.nrrd"))
+                data["unlabeled_images"] = "unlabeled"
+            (self._tmp / "config.json").write_text(json.dumps({"train": self.config.to_dict(), "data": data}))
+            cmd = [self.python, "-u", "-m", "imbalanceseglib.cli", "train", str(self._tmp / "config.json"),
+                   "--out", str(self.outputFolder)] + ([] if self.resume else ["--no-resume"])
+            self._proc = _launch(cmd, self._tmp, self.threads)
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+            raise
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.state = RUNNING
+        return self
+
+    def _read_stdout(self) -> None:
+        for line in self._proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _read_stderr(self) -> None:
+        for line in self._proc.stderr:
+            self._stderr.append(line.rstrip())
+            del self._stderr[:-200]
+
+    def poll(self) -> str:
+        if self.state != RUNNING:
+            return self.state
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._eof = True
+                continue
+            self.log.append(line)
+            entry = parse_training_line(line)
+            if entry is None:
+                continue
+            if "bundle" in entry:
+                self.bundlePath = Path(entry["bundle"])
+            elif "val" in entry:
+                self.history.append({"iteration": self.iteration, "val": entry["val"]})
+            else:
+                self.iteration, self.total = entry["iteration"], entry["total"]
+                self.history.append({"iteration": entry["iteration"], "loss": entry["loss"]})
+        if self._proc.poll() is None or not self._eof:
+            return self.state
+        rc = self._proc.returncode
+        if rc == 0 and self.bundlePath is not None and self.bundlePath.is_file():
+            self.state = DONE
+        else:
+            tail = "\n".join((self._stderr or self.log)[-5:])
+            self.error = f"training stopped (exit code {rc})" + (f":\n{tail}" if tail else "")
+            self.state = FAILED
+        self._cleanup()
+        return self.state
+
+    def cancel(self, timeout: float = 10.0) -> str:
+        """Stop training; checkpoints already written stay in the output folder (resume later)."""
+        if self.state != RUNNING:
+            return self.state
+        _stop(self._proc, timeout)
+        self.state = CANCELLED
+        self.error = "cancelled by the user"
+        self._cleanup()
+        return self.state
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.2) -> Path:
+        t0 = time.monotonic()
+        while self.poll() == RUNNING:
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                self.cancel()
+                raise JobError(f"training took longer than {timeout:g} s and was cancelled")
+            time.sleep(interval)
+        if self.state != DONE:
+            raise JobError(self.error or self.state)
+        return self.bundlePath
+
+    def _cleanup(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __del__(self):
         try:

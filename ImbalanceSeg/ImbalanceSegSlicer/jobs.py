@@ -294,7 +294,7 @@ class SegmentationJob:
 
 _ITER_LINE = re.compile(r"^iter\s+(\d+)/(\d+)\s+loss\s+([-+0-9.eE]+|nan)")
 _VAL_LINE = re.compile(r"^\s*val dice[^:]*:\s*(.*)$")
-_BUNDLE_LINE = re.compile(r"^\[train\] bundle written: (.+)$")
+_BUNDLE_LINE = re.compile(r"^\[(?:train\] bundle written:|calibrate\] wrote) (.+)$")
 
 
 def parse_training_line(line: str) -> Optional[Dict[str, Any]]:
@@ -323,15 +323,21 @@ class TrainingJob:
     The labelled pairs (volume, segmentation; segments matched to the config's classes by name),
     optional validation pairs and unlabelled volumes are written to a temporary folder; the
     trainer writes checkpoints and the final bundle to ``outputFolder``, so a cancelled run
-    resumes from its last checkpoint when started again with ``resume=True``. ``history`` holds
+    resumes from its last checkpoint when started again with ``resume=True``. With validation
+    pairs, the trained model is then calibrated on them (``calibration``: ts-atc by default, as
+    ``imbalanceseg calibrate``) and ``bundlePath`` is the calibrated bundle. ``history`` holds
     the loss and validation Dice as they are logged (for the live plot); ``bundlePath`` is set
     when the bundle is written. The scene is never changed.
     """
 
     def __init__(self, logic, config, pairs: Sequence[Tuple[Any, Any]], outputFolder,
                  unlabeledVolumeNodes: Sequence[Any] = (), validationPairs: Sequence[Tuple[Any, Any]] = (),
-                 resume: bool = True, python: Optional[str] = None, threads: Optional[int] = None):
+                 resume: bool = True, python: Optional[str] = None, threads: Optional[int] = None,
+                 calibration: str = "ts-atc"):
         self.logic, self.config = logic, config
+        self.calibration = calibration
+        self.phase = "train"  # then "calibrate" when there are validation pairs
+        self.trainedBundlePath: Optional[Path] = None
         self.pairs, self.validationPairs = list(pairs), list(validationPairs)
         self.unlabeledVolumeNodes = list(unlabeledVolumeNodes)
         self.outputFolder = Path(outputFolder)
@@ -453,6 +459,20 @@ class TrainingJob:
         if self._proc.poll() is None or not self._eof:
             return self.state
         rc = self._proc.returncode
+        if rc == 0 and self.phase == "train" and self.bundlePath is not None and self.bundlePath.is_file() \
+                and self.validationPairs and self.calibration != "none":
+            self.trainedBundlePath = self.bundlePath
+            calibrated = self.bundlePath.with_name(self.bundlePath.name.replace(".imbseg", "") + "_calibrated.imbseg")
+            cmd = [self.python, "-u", "-m", "imbalanceseglib.cli", "calibrate", "--model", str(self.bundlePath),
+                   "--images", str(self._tmp / "val_images"), "--labels", str(self._tmp / "val_labels"),
+                   "--method", self.calibration, "--out", str(calibrated)]
+            self.phase = "calibrate"
+            self.bundlePath = None
+            self._eof = False
+            self._proc = _launch(cmd, self._tmp, self.threads)
+            threading.Thread(target=self._read_stdout, daemon=True).start()
+            threading.Thread(target=self._read_stderr, daemon=True).start()
+            return self.state
         if rc == 0 and self.bundlePath is not None and self.bundlePath.is_file():
             self.state = DONE
         else:

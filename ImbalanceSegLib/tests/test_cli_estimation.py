@@ -71,6 +71,20 @@ def test_calibrate_writes_a_new_calibrated_bundle_and_leaves_the_input_alone(tmp
     assert model.read_bytes() == before
 
 
+def test_calibrate_ts_atc_away_from_temperature_one(tmp_path):
+    """Regression: the CLI reduced cases to T = 1 statistics, so a TS-ATC fit whose temperatures
+    were not 1 failed ("no histograms at the fitted temperatures")."""
+    from imbalanceseglib import performance as pe
+    model = _model(tmp_path, [0.0, 0.5, -1.0])
+    img_dir, lab_dir = _folders(tmp_path)
+    out = tmp_path / "ts_atc.imbseg"
+    assert cli_main(["calibrate", "--model", str(model), "--images", str(img_dir), "--labels", str(lab_dir),
+                     "--method", "ts-atc", "--out", str(out)]) == 0
+    cal = read_card(out)["calibration"]
+    assert cal["method"] == "ts-atc" and any(abs(t - 1.0) > 1e-6 for t in cal["temperature"])
+    assert all(t in pe.TEMPERATURE_GRID for t in cal["temperature"])
+
+
 def test_calibrate_errors_name_the_problem(tmp_path, capsys):
     model = _model(tmp_path, [0.0, 0.5, -1.0])
     img_dir, lab_dir = _folders(tmp_path, n=2)

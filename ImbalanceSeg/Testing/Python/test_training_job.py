@@ -26,6 +26,7 @@ def test_parse_training_lines():
         {"val": {"Cerebral cortex": pytest.approx(0.912), "Amygdala": None}}
     assert parse_training_line("  val dice (mean of the two networks): A=0.100")["val"] == {"A": pytest.approx(0.1)}
     assert parse_training_line("[train] bundle written: /x/y.imbseg") == {"bundle": "/x/y.imbseg"}
+    assert parse_training_line("[calibrate] wrote /x/y_calibrated.imbseg") == {"bundle": "/x/y_calibrated.imbseg"}
     assert parse_training_line("[train] preparing data (folders)") is None
 
 
@@ -45,7 +46,11 @@ def test_background_training_reports_history_and_writes_a_bundle(scene, syntheti
     vals = [e for e in job.history if "val" in e]
     assert [e["iteration"] for e in losses] == [2, 4] and all(math.isfinite(e["loss"]) for e in losses)
     assert [e["iteration"] for e in vals] == [2, 4] and set(vals[0]["val"]) == {"Sphere A", "Sphere B"}
+    # With validation pairs the trained model is calibrated on them: the calibrated bundle is the result.
+    assert job.phase == "calibrate" and path.name == "scene_model_calibrated.imbseg"
+    assert job.trainedBundlePath.is_file() and job.trainedBundlePath != path
     card = load_bundle(path).card
+    assert card["calibration"]["method"] == "ts-atc" and card["calibration"]["fitted_on"]["cases"] == 1
     # The history the job parsed is the one the trainer recorded in the card.
     card_losses = [e["loss"] for e in card["training"]["history"] if "loss" in e]
     np.testing.assert_allclose([e["loss"] for e in losses], card_losses, atol=1e-4)

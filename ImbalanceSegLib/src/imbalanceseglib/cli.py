@@ -162,7 +162,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"no label map for case(s) {', '.join(missing)} in {args.labels}")
     t0 = time.perf_counter()
-    stats, names = [], []
+    names: List[str] = []
     score_range = None
     cases = []
     for cid, img_path in images.items():
@@ -176,14 +176,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"[calibrate] {cid}: logits on the model grid {'x'.join(map(str, logits.shape[1:]))}", flush=True)
     if args.confidence == "energy":
         score_range = pe.energy_range(lg for _, lg, _ in cases)
+    # The logits go to the fit (not only T = 1 statistics): TS-ATC adds histograms at the
+    # temperatures it fits, which may be any grid temperature.
+    est = pe.fit_estimator([(lg, lab) for _, lg, lab in cases], method=args.method, class_specific=not args.global_,
+                           confidence=args.confidence, score_range=score_range)
+    errors = []
     for cid, logits, lab_arr in cases:
-        stats.append(pe.case_statistics(logits, lab_arr, args.confidence, score_range,
-                                        temperatures=args.method in ("ts", "ts-atc")))
+        truth = pe.case_statistics(logits, lab_arr, args.confidence, score_range, temperatures=False).true_dice()
+        errors.append(np.abs(est.estimate(logits).metric_array("dice") - truth))
         names.append(cid)
+    errors = np.array(errors)
     del cases
-    est = pe.fit_estimator(stats, method=args.method, class_specific=not args.global_, confidence=args.confidence,
-                           score_range=score_range)
-    errors = np.array([np.abs(est.estimate_stats(st).metric_array("dice") - st.true_dice()) for st in stats])
     card = dict(bundle.card)
     card["calibration"] = est.to_card()
     card["calibration"]["fitted_on"]["case_ids"] = names
@@ -193,7 +196,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                                for k, n in enumerate(bundle.class_names)}}
     written = save_bundle(out, card, bundle.network)
     print(f"[calibrate] {args.method} ({'global' if args.global_ else 'class-specific'}, {args.confidence}) fitted on "
-          f"{len(stats)} case(s) in {time.perf_counter() - t0:.1f} s")
+          f"{len(names)} case(s) in {time.perf_counter() - t0:.1f} s")
     print(f"  {'class':<22}{'Dice MAE (in-sample)':>22}")
     for n, v in card["calibration_validation"]["per_class_dice_mae"].items():
         print(f"  {n:<22}{'-' if v is None else f'{100 * v:.2f} points':>22}")

@@ -38,6 +38,7 @@ _add_library_paths()
 try:  # Inside the 3D Slicer application.
     import qt  # noqa: F401
     import slicer
+    import vtk
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                                ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
     from slicer.util import VTKObservationMixin
@@ -114,6 +115,25 @@ class ImbalanceSeg(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Demo data: Colin27 T1 (Holmes et al. 1998) with the AAL atlas (Tzourio-Mazoyer et al. 2002), "
             "as distributed by Debian's mricron-data package. See Resources/Demo/SOURCES.md.")
+        if IN_SLICER_APP:
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def sampleDataSources() -> List[Dict[str, Any]]:
+    """What the module adds to Slicer's Sample Data module: the demo T1 volume (shipped with the
+    extension, so nothing is downloaded). Its reference segmentation, with class names, is loaded
+    by ``ImbalanceSegSlicer.scenarios.load_demo_case``."""
+    demo = demo_data_dir()
+    return [{"category": "ImbalanceSeg", "sampleName": "ImbalanceSegDemoBrainT1",
+             "thumbnailFileName": str(_MODULE_DIR / "Resources" / "Icons" / "ImbalanceSeg.png"),
+             "uris": (demo / "demo_t1.nrrd").as_uri(), "fileNames": "ImbalanceSegDemoBrainT1.nrrd",
+             "nodeNames": "DemoBrainT1", "loadFileType": "VolumeFile"}]
+
+
+def registerSampleData() -> None:
+    import SampleData
+    for source in sampleDataSources():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 #
@@ -609,12 +629,51 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             pairs.append((volume, seg))
         return pairs
 
+    @staticmethod
+    def trainingMethods() -> List[str]:
+        """The training presets a user can pick (baseline, imbalance-aware, semi-supervised)."""
+        from imbalanceseglib.training import METHOD_PRESETS
+        return list(METHOD_PRESETS)
+
+    def trainingConfigFromScene(self, pairs: Sequence[Tuple[Any, Any]], method: str = "dice_ce",
+                                iterations: int = 2000, name: str = "my_model", modality: str = "",
+                                patchSize: int = 64):
+        """A training config for scene pairs: classes are the segments of the first segmentation
+        (names and colours; background first), the target spacing is the median voxel spacing of the
+        volumes, patches at most ``patchSize`` voxels a side (and no larger than the volumes)."""
+        from imbalanceseglib.training import TrainConfig
+        if not pairs:
+            raise ValueError("choose at least one (volume, segmentation) pair to train on")
+        if not name or any(ch in name for ch in "/\\:") or name.strip() != name:
+            raise ValueError(f"model name {name!r} must be a plain file name (no slashes or surrounding spaces)")
+        first = pairs[0][1].GetSegmentation()
+        if first.GetNumberOfSegments() == 0:
+            raise ValueError(f"segmentation {pairs[0][1].GetName()!r} has no segments")
+        classes = [{"value": 0, "name": "Background", "color": [0, 0, 0]}]
+        for i in range(first.GetNumberOfSegments()):
+            seg = first.GetSegment(first.GetNthSegmentID(i))
+            if seg.GetName() in [c["name"] for c in classes]:
+                raise ValueError(f"two segments are named {seg.GetName()!r}; class names must be unique")
+            classes.append({"value": i + 1, "name": seg.GetName(), "color": [round(v, 4) for v in seg.GetColor()]})
+        spacings = np.array([v.GetSpacing() for v, _ in pairs], dtype=float)
+        dims = np.array([v.GetImageData().GetDimensions() for v, _ in pairs if v.GetImageData() is not None])
+        target = [float(x) for x in np.median(spacings, axis=0)]
+        size_mm = dims.min(axis=0) * spacings.min(axis=0) if len(dims) else np.array([patchSize] * 3)
+        patch = [int(max(16, min(patchSize, 16 * (int(s / t) // 16 or 1)))) for s, t in zip(size_mm, target)]
+        config = TrainConfig.from_dict({"name": name, "classes": classes, "target_spacing": target,
+                                        "patch_size": patch, "features": [16, 32, 64, 128], "iterations": int(iterations),
+                                        "method": method, "modality": modality or "",
+                                        "val_every": max(1, int(iterations) // 10),
+                                        "checkpoint_every": max(1, min(100, int(iterations) // 10)),
+                                        "log_every": max(1, min(25, int(iterations) // 20))})
+        config.validate()
+        return config
+
     def updateTrainingPlot(self, history: Sequence[Dict[str, Any]], classNames: Sequence[str],
                            chartNode=None, name: str = "ImbalanceSeg training"):
         """Show a training history (``{"iteration", "loss"}`` and ``{"iteration", "val": {class: Dice}}``
         entries) as a plot: loss and per-class validation Dice against the iteration. Creates the
         table, series and chart nodes on the first call and updates them afterwards. Returns the chart."""
-        from vtkmodules.vtkCommonCore import vtkDoubleArray
         from ImbalanceSegSlicer import scene as sc
         if chartNode is None:
             chartNode = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
@@ -753,8 +812,32 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
 
 #
-# Widget (thin: connects the GUI to the Logic)
+# Parameter node and widget (thin: connects the GUI to the Logic)
 #
+
+if IN_SLICER_APP:
+    from typing import Annotated
+
+    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+
+    @parameterNodeWrapper
+    class ImbalanceSegParameterNode:
+        """Module state kept in the scene (saved with it). Widgets are bound by the
+        ``SlicerParameterName`` property in Resources/UI/ImbalanceSeg.ui."""
+        inputVolume: vtkMRMLScalarVolumeNode
+        referenceSegmentation: vtkMRMLSegmentationNode
+        resultSegmentation: vtkMRMLSegmentationNode
+        flagThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.7
+        iterations: Annotated[int, WithinRange(10, 1000000)] = 2000
+        modelName: str = "my_model"
+        resume: bool = True
+
+#: Choices remembered between sessions (QSettings keys).
+SETTINGS_MODEL_FOLDERS = "ImbalanceSeg/ModelFolders"
+SETTINGS_DEVICE = "ImbalanceSeg/Device"
+SETTINGS_METHOD = "ImbalanceSeg/TrainingMethod"
+SETTINGS_OUTPUT = "ImbalanceSeg/TrainingOutputFolder"
 
 
 class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -762,62 +845,186 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._trainJob = None
+        self._trainClasses: List[str] = []
+        self._chart = None
+        self._plotViewNode = None
+        self._regions: List[Dict[str, Any]] = []
+        self._regionIndex = 0
+        self._plotted = -1
+        self._timer = None
 
+    # -- setup ----------------------------------------------------------------------
     def setup(self):
-        import ctk
         import qt
         ScriptedLoadableModuleWidget.setup(self)
-        box = ctk.ctkCollapsibleButton()
-        box.text = "Segment"
-        self.layout.addWidget(box)
-        form = qt.QFormLayout(box)
-        self.inputSelector = slicer.qMRMLNodeComboBox()
-        self.inputSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-        self.inputSelector.addEnabled = False
-        self.inputSelector.removeEnabled = False
-        self.inputSelector.setMRMLScene(slicer.mrmlScene)
-        self.inputSelector.toolTip = "Volume to segment"
-        form.addRow("Input volume:", self.inputSelector)
-        self.modelSelector = qt.QComboBox()
-        self.modelSelector.toolTip = "Trained model bundle (.imbseg)"
-        form.addRow("Model:", self.modelSelector)
-        self.referenceSelector = slicer.qMRMLNodeComboBox()
-        self.referenceSelector.nodeTypes = ["vtkMRMLSegmentationNode"]
-        self.referenceSelector.noneEnabled = True
-        self.referenceSelector.addEnabled = False
-        self.referenceSelector.removeEnabled = False
-        self.referenceSelector.setMRMLScene(slicer.mrmlScene)
-        self.referenceSelector.toolTip = "Optional reference segmentation (segments matched by name) for Dice"
-        form.addRow("Reference (optional):", self.referenceSelector)
-        self.deviceSelector = qt.QComboBox()
-        self.deviceSelector.addItems(["cpu", "cuda"])
-        form.addRow("Device:", self.deviceSelector)
-        self.applyButton = qt.QPushButton("Apply")
-        self.applyButton.toolTip = "Run the model"
-        form.addRow(self.applyButton)
-        self.progressBar = qt.QProgressBar()
-        self.progressBar.visible = False
-        form.addRow(self.progressBar)
-        self.statusLabel = qt.QLabel("")
-        self.statusLabel.wordWrap = True
-        form.addRow(self.statusLabel)
-        self.layout.addStretch(1)
-        self.applyButton.connect("clicked(bool)", self.onApply)
-        self.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self._populateModels()
-        self.updateButtons()
-
-    def _populateModels(self):
-        self.modelSelector.clear()
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ImbalanceSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = ImbalanceSegLogic(slicer.mrmlScene)
+        self.ui.progressBar.hide()
+        self.ui.deviceSelector.addItems(self._devices())
+        saved_device = qt.QSettings().value(SETTINGS_DEVICE, "cpu")
+        if self.ui.deviceSelector.findText(saved_device) >= 0:
+            self.ui.deviceSelector.currentText = saved_device
         try:
-            models = ImbalanceSegLogic.availableModels()
-        except ImportError:
-            models = []
-        for path in models:
-            self.modelSelector.addItem(path.stem, str(path))
+            self.ui.methodSelector.addItems(ImbalanceSegLogic.trainingMethods())
+        except ImportError:  # library dependencies not installed yet
+            pass
+        saved_method = qt.QSettings().value(SETTINGS_METHOD, "dice_ce")
+        if self.ui.methodSelector.findText(saved_method) >= 0:
+            self.ui.methodSelector.currentText = saved_method
+        self.ui.outputFolderSelector.currentPath = qt.QSettings().value(
+            SETTINGS_OUTPUT, os.path.join(slicer.app.defaultScenePath, "ImbalanceSegModels"))
+        self._timer = qt.QTimer()
+        self._timer.setInterval(250)
+        self._timer.connect("timeout()", self.onTimer)
 
-    def updateButtons(self, *args):
-        self.applyButton.enabled = self.inputSelector.currentNode() is not None and self.modelSelector.count > 0
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceSelector.connect("currentIndexChanged(int)",
+                                       lambda i: qt.QSettings().setValue(SETTINGS_DEVICE, self.ui.deviceSelector.currentText))
+        self.ui.resultSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onResultChanged)
+        self.ui.classSelector.connect("currentIndexChanged(int)", self.onClassChanged)
+        self.ui.showConfidenceButton.connect("clicked(bool)", self.onShowConfidence)
+        self.ui.showUncertaintyButton.connect("clicked(bool)", self.onShowUncertainty)
+        self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.resetThresholdButton.connect("clicked(bool)", self.onResetThreshold)
+        self.ui.nextRegionButton.connect("clicked(bool)", self.onNextRegion)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
+        self.ui.cancelTrainButton.connect("clicked(bool)", self.onCancelTraining)
+        self.ui.methodSelector.connect("currentIndexChanged(int)",
+                                       lambda i: qt.QSettings().setValue(SETTINGS_METHOD, self.ui.methodSelector.currentText))
+
+        self._populateModels()
+        self.initializeParameterNode()
+        self.updateGui()
+
+    def cleanup(self):
+        self.removeObservers()
+        if self._timer is not None:
+            self._timer.stop()
+        if self._job is not None:
+            self._job.cancel()
+        if self._trainJob is not None:
+            self._trainJob.cancel()  # checkpoints stay; training resumes from them
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+
+    def onSceneStartClose(self, caller, event):
+        if self._job is not None:  # its results would land in a closed scene
+            self._job.cancel()
+            self._job = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(ImbalanceSegParameterNode(self.logic.getParameterNode()))
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self.updateGui()
+
+    # -- state ------------------------------------------------------------------------
+    @staticmethod
+    def _devices() -> List[str]:
+        devices = ["cpu"]
+        try:
+            import torch
+            if torch.cuda.is_available():
+                devices.append("cuda")
+        except ImportError:
+            pass
+        return devices
+
+    def _modelFolders(self) -> List[str]:
+        import qt
+        folders = qt.QSettings().value(SETTINGS_MODEL_FOLDERS) or []
+        return [folders] if isinstance(folders, str) else list(folders)
+
+    def _populateModels(self, select: Optional[str] = None):
+        self.ui.modelSelector.blockSignals(True)
+        self.ui.modelSelector.clear()
+        for path in ImbalanceSegLogic.availableModels(self._modelFolders()):
+            self.ui.modelSelector.addItem(f"{path.stem}  ({path.parent.name})", str(path))
+        if select is not None:
+            index = self.ui.modelSelector.findData(str(select))
+            if index >= 0:
+                self.ui.modelSelector.currentIndex = index
+        self.ui.modelSelector.blockSignals(False)
+        self.onModelChanged()
+
+    def updateGui(self, caller=None, event=None):
+        if not hasattr(self, "ui"):
+            return
+        pn = self._parameterNode
+        running = self._job is not None
+        training = self._trainJob is not None
+        self.ui.applyButton.enabled = bool(pn and pn.inputVolume) and self.ui.modelSelector.count > 0 and not running
+        self.ui.applyButton.toolTip = ("Segment the input volume in a background process" if self.ui.applyButton.enabled
+                                       else "Select an input volume and a model")
+        self.ui.cancelButton.enabled = running
+        has_result = bool(pn and pn.resultSegmentation)
+        for w in (self.ui.classSelector, self.ui.showConfidenceButton, self.ui.showUncertaintyButton,
+                  self.ui.thresholdSlider, self.ui.resetThresholdButton, self.ui.nextRegionButton):
+            w.enabled = has_result and self.ui.classSelector.count > 0
+        self.ui.compareButton.enabled = has_result and bool(pn.referenceSegmentation)
+        self.ui.trainButton.enabled = not training
+        self.ui.cancelTrainButton.enabled = training
+
+    # -- segment -------------------------------------------------------------------------
+    def onAddModelFolder(self):
+        import qt
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder of ImbalanceSeg models")
+        if folder:
+            folders = self._modelFolders()
+            if folder not in folders:
+                qt.QSettings().setValue(SETTINGS_MODEL_FOLDERS, folders + [folder])
+            self._populateModels()
+
+    def onModelChanged(self, index=None):
+        path = self.ui.modelSelector.currentData
+        if not path:
+            self.ui.modelCardBrowser.setHtml("No model found: add a model folder.")
+        else:
+            try:
+                self.ui.modelCardBrowser.setHtml(ImbalanceSegLogic.modelSummaryHtml(ImbalanceSegLogic.modelCard(path)))
+            except Exception as exc:  # a damaged file: say so, keep the panel usable
+                self.ui.modelCardBrowser.setPlainText(f"This model cannot be used: {exc}")
+        self.updateGui()
 
     def _ensureDependencies(self) -> bool:
         missing = _missing_python_packages()
@@ -838,29 +1045,240 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return not _missing_python_packages()
 
     def onApply(self):
-        import qt
+        from ImbalanceSegSlicer.jobs import SegmentationJob
         if not self._ensureDependencies():
             return
-        if self.logic is None:
-            self.logic = ImbalanceSegLogic(slicer.mrmlScene)
-        self.progressBar.visible = True
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("ImbalanceSeg could not start.", waitCursor=True):
+            self._job = SegmentationJob(self.logic, pn.inputVolume, self.ui.modelSelector.currentData,
+                                        pn.referenceSegmentation, device=self.ui.deviceSelector.currentText,
+                                        flagThreshold=pn.flagThreshold).start()
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = "Starting..."
+            self._timer.start()
+        self.updateGui()
 
-        def progress(stage, fraction):
-            self.progressBar.value = int(100 * fraction)
-            self.statusLabel.text = f"{stage}…"
-            slicer.app.processEvents()
+    def onCancel(self):
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = "Cancelled; the scene is unchanged."
+        self.updateGui()
 
-        with slicer.util.tryWithErrorDisplay("ImbalanceSeg failed.", waitCursor=True):
-            result = self.logic.process(self.inputSelector.currentNode(), self.modelSelector.currentData,
-                                        self.referenceSelector.currentNode(),
-                                        device=self.deviceSelector.currentText, progress=progress)
-            slicer.util.setSliceViewerLayers(background=self.inputSelector.currentNode(),
-                                             foreground=result.probabilityNodes[1], foregroundOpacity=0.4)
-            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
-            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.tableNode.GetID())
-            slicer.app.applicationLogic().PropagateTableSelection()
-            self.statusLabel.text = "Done in " + f"{sum(v for k, v in result.timings.items() if '.' not in k):.1f} s"
-        self.progressBar.visible = False
+    def onTimer(self):
+        from ImbalanceSegSlicer.jobs import RUNNING
+        if self._job is not None:
+            state = self._job.poll()
+            self.ui.progressBar.value = int(100 * self._job.fraction)
+            self.ui.statusLabel.text = f"{self._job.stage}..."
+            if state != RUNNING:
+                self._segmentationFinished(self._job)
+                self._job = None
+        if self._trainJob is not None:
+            state = self._trainJob.poll()
+            self._showTrainingProgress(self._trainJob)
+            if state != RUNNING:
+                self._trainingFinished(self._trainJob)
+                self._trainJob = None
+        if self._job is None and self._trainJob is None:
+            self._timer.stop()
+        self.updateGui()
+
+    def _segmentationFinished(self, job):
+        from ImbalanceSegSlicer.jobs import DONE
+        self.ui.progressBar.hide()
+        if job.state != DONE:
+            self.ui.statusLabel.text = "Segmentation failed; the scene is unchanged."
+            slicer.util.errorDisplay(f"Segmentation failed: {job.error}")
+            return
+        result = job.result
+        seg = result.segmentationNode
+        flagged = self.logic.flaggedClasses(seg)
+        self._parameterNode.resultSegmentation = seg
+        self.ui.reviewCollapsibleButton.collapsed = False
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.performanceTableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        total = sum(v for k, v in result.timings.items() if "." not in k)
+        self.ui.statusLabel.text = (f"Done ({total:.1f} s in the scene). " + (
+            f"Review: {', '.join(flagged)}." if flagged else "No class flagged for review."))
+
+    # -- review ----------------------------------------------------------------------------
+    def _reviewTarget(self):
+        pn = self._parameterNode
+        return (pn.resultSegmentation if pn else None), self.ui.classSelector.currentData
+
+    def onResultChanged(self, node=None):
+        self.ui.classSelector.blockSignals(True)
+        self.ui.classSelector.clear()
+        self._regions, self._regionIndex = [], 0
+        self.ui.reviewLabel.text = ""
+        if node is not None:
+            try:
+                flagged = set(self.logic.flaggedClasses(node))
+                for name in self.logic.resultClassNames(node):
+                    self.ui.classSelector.addItem(name + ("  (review)" if name in flagged else ""), name)
+                self.ui.performanceTableView.setMRMLTableNode(self.logic.performanceTableOf(node))
+            except ValueError as exc:
+                self.ui.reviewLabel.text = str(exc)
+        self.ui.classSelector.blockSignals(False)
+        self.onClassChanged()
+
+    def onClassChanged(self, index=None):
+        seg, cls = self._reviewTarget()
+        self._regions, self._regionIndex = [], 0
+        if seg is None or not cls:
+            self.updateGui()
+            return
+        self.ui.thresholdSlider.blockSignals(True)
+        self.ui.thresholdSlider.value = self.logic.classThresholds(seg).get(cls, 0.5)
+        self.ui.thresholdSlider.blockSignals(False)
+        self.onShowConfidence()
+        self.updateGui()
+
+    def _showOverlay(self, node):
+        seg = self._parameterNode.resultSegmentation
+        from ImbalanceSegSlicer import review
+        background = seg.GetNodeReference(review.INPUT_REF) if seg is not None else None
+        slicer.util.setSliceViewerLayers(background=background, foreground=node,
+                                         foregroundOpacity=self.ui.overlayOpacitySlider.value)
+
+    def onShowConfidence(self):
+        seg, cls = self._reviewTarget()
+        if seg is None or not cls:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot show the confidence map."):
+            self._showOverlay(self.logic.probabilityNodeForClass(seg, cls))
+
+    def onShowUncertainty(self):
+        seg, _ = self._reviewTarget()
+        if seg is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot show the uncertainty map."):
+            self._showOverlay(self.logic.uncertaintyNodeOf(seg))
+
+    def onOpacityChanged(self, value):
+        for name in ("Red", "Yellow", "Green"):
+            widget = slicer.app.layoutManager().sliceWidget(name)
+            if widget is not None:
+                widget.sliceLogic().GetSliceCompositeNode().SetForegroundOpacity(value)
+
+    def onThresholdChanged(self, value):
+        seg, cls = self._reviewTarget()
+        if seg is None or not cls:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot change the threshold.", waitCursor=True):
+            self._reportThreshold(self.logic.setClassThreshold(seg, cls, float(value)))
+
+    def onResetThreshold(self):
+        seg, cls = self._reviewTarget()
+        if seg is None or not cls:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot reset the threshold.", waitCursor=True):
+            self._reportThreshold(self.logic.setClassThreshold(seg, cls, None))
+            self.ui.thresholdSlider.blockSignals(True)
+            self.ui.thresholdSlider.value = 0.5
+            self.ui.thresholdSlider.blockSignals(False)
+
+    def _reportThreshold(self, out):
+        def fmt(v):
+            return "-" if v is None else f"{v:.3f}"
+        rule = "argmax" if out["threshold"] is None else f"p >= {out['threshold']:.2f}"
+        self.ui.reviewLabel.text = (f"{out['class']} ({rule}): {out['voxels']} voxels (was {out['voxels_before']}); "
+                                    f"expected Dice {fmt(out['dice'])}, sensitivity {fmt(out['sensitivity'])}, "
+                                    f"precision {fmt(out['precision'])}")
+
+    def onNextRegion(self):
+        seg, cls = self._reviewTarget()
+        if seg is None or not cls:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot find regions to review.", waitCursor=True):
+            if not self._regions:
+                self._regions, self._regionIndex = self.logic.leastConfidentRegions(seg, cls, count=5), 0
+            if not self._regions:
+                self.ui.reviewLabel.text = f"The model never considers {cls} (no voxel above 5 %)."
+                return
+            region = self._regions[self._regionIndex % len(self._regions)]
+            self.logic.jumpToRegion(region)
+            self.ui.reviewLabel.text = (f"{cls}: region {self._regionIndex % len(self._regions) + 1} of "
+                                        f"{len(self._regions)}, doubt {region['score']:.2f}, "
+                                        f"{region['doubtful_voxels']} voxels with 0.2 <= p <= 0.8 "
+                                        f"(mean p {region['mean_probability']:.2f})")
+            self._regionIndex += 1
+
+    def onCompare(self):
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Comparison failed.", waitCursor=True):
+            rows = self.logic.compareWithReference(pn.resultSegmentation, pn.referenceSegmentation)
+            from ImbalanceSegSlicer import review
+            self.ui.performanceTableView.setMRMLTableNode(
+                pn.resultSegmentation.GetNodeReference(review.CLASS_TABLE_REF))
+            self.ui.reviewLabel.text = "Against the reference: " + ", ".join(
+                f"{r['Segment']} {r['Dice']:.3f}" for r in rows if r["Dice"] is not None)
+
+    # -- train -------------------------------------------------------------------------------
+    def onTrain(self):
+        import qt
+        from ImbalanceSegSlicer.jobs import TrainingJob
+        if not self._ensureDependencies():
+            return
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+            pairs = self.logic.trainingPairsFromSegmentations(self.ui.trainingSegmentationsSelector.checkedNodes())
+            val = self.logic.trainingPairsFromSegmentations(self.ui.validationSegmentationsSelector.checkedNodes())
+            config = self.logic.trainingConfigFromScene(pairs, self.ui.methodSelector.currentText, pn.iterations,
+                                                        pn.modelName)
+            out = self.ui.outputFolderSelector.currentPath
+            if not out:
+                raise ValueError("choose an output folder for the checkpoints and the model")
+            qt.QSettings().setValue(SETTINGS_OUTPUT, out)
+            self._trainClasses = [c["name"] for c in config.classes[1:]]
+            self._trainJob = TrainingJob(self.logic, config, pairs, Path(out) / pn.modelName,
+                                         unlabeledVolumeNodes=self.ui.unlabeledVolumesSelector.checkedNodes(),
+                                         validationPairs=val, resume=pn.resume).start()
+            self._chart = None
+            self.ui.trainStatusLabel.text = "Preparing the data..."
+            self._timer.start()
+        self.updateGui()
+
+    def onCancelTraining(self):
+        if self._trainJob is not None:
+            self._trainJob.cancel()
+            self._trainJob = None
+            self.ui.trainStatusLabel.text = "Stopped. Train again with 'Resume' to continue from the last checkpoint."
+        self.updateGui()
+
+    def _showTrainingProgress(self, job):
+        self.ui.trainProgressBar.value = int(100 * job.fraction)
+        losses = [e for e in job.history if "loss" in e]
+        if job.phase == "calibrate":
+            self.ui.trainStatusLabel.text = "Calibrating on the validation segmentations..."
+        elif losses:
+            self.ui.trainStatusLabel.text = f"Iteration {job.iteration}/{job.total}, loss {losses[-1]['loss']:.4f}"
+        if job.history and (self._chart is None or len(job.history) != self._plotted):
+            self._chart = self.logic.updateTrainingPlot(job.history, self._trainClasses, self._chart)
+            self._plotted = len(job.history)
+            if self._plotViewNode is None:
+                self._plotViewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "ImbalanceSeg training view")
+                self.ui.trainingPlotView.setMRMLScene(slicer.mrmlScene)
+                self.ui.trainingPlotView.setMRMLPlotViewNode(self._plotViewNode)
+            self._plotViewNode.SetPlotChartNodeID(self._chart.GetID())
+
+    def _trainingFinished(self, job):
+        import qt
+        from ImbalanceSegSlicer.jobs import DONE
+        if job.state != DONE:
+            self.ui.trainStatusLabel.text = "Training failed."
+            slicer.util.errorDisplay(f"Training failed: {job.error}")
+            return
+        folder = str(job.bundlePath.parent)
+        folders = self._modelFolders()
+        if folder not in folders:
+            qt.QSettings().setValue(SETTINGS_MODEL_FOLDERS, folders + [folder])
+        self._populateModels(select=job.bundlePath)
+        self.ui.trainStatusLabel.text = f"Model written: {job.bundlePath} (selected in the model list)."
 
 
 #
@@ -869,12 +1287,19 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class ImbalanceSegTest(ScriptedLoadableModuleTest):
+    """Slicer's headless test runner: segment the demo case, review it and compare with the
+    reference (the same scenarios run under pytest on slicer-core, see Testing/Python/test_demo.py)."""
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
         self.test_demo_segmentation()
+        self.setUp()
+        self.test_review_and_compare()
+        self.setUp()
+        self.test_background_segmentation()
 
     def test_demo_segmentation(self):
         from ImbalanceSegSlicer.scenarios import run_demo_scenario
@@ -884,3 +1309,26 @@ class ImbalanceSegTest(ScriptedLoadableModuleTest):
             self.assertGreater(dice, result["min_dice"][name], name)
             self.assertAlmostEqual(result["estimated_dice"][name], dice, delta=result["estimate_tolerance"], msg=name)
         self.delayDisplay("ImbalanceSeg demo test passed")
+
+    def test_review_and_compare(self):
+        from ImbalanceSegSlicer.scenarios import run_review_scenario
+        r = run_review_scenario(slicer.mrmlScene)
+        cls = r["class"]
+        self.assertEqual(len(r["regions"]), 3)
+        self.assertGreater(r["counts_lowered"][cls], r["counts_before"][cls])
+        self.assertGreater(r["lowered"]["sensitivity"], r["at_argmax"]["sensitivity"])
+        self.assertLess(r["lowered"]["precision"], r["at_argmax"]["precision"])
+        self.assertEqual(r["after"][cls]["Voxel count"], r["counts_lowered"][cls])
+        self.assertEqual(r["counts_restored"], r["counts_before"])
+        self.delayDisplay("ImbalanceSeg review test passed")
+
+    def test_background_segmentation(self):
+        from ImbalanceSegSlicer.jobs import SegmentationJob
+        from ImbalanceSegSlicer.scenarios import load_demo_case, repository_paths
+        volume, reference = load_demo_case(slicer.mrmlScene)
+        logic = ImbalanceSegLogic(slicer.mrmlScene)
+        job = SegmentationJob(logic, volume, repository_paths()["model"], reference).start()
+        result = job.wait(timeout=900, progress=lambda stage, fraction: slicer.app.processEvents())
+        for row in result.rows:
+            self.assertIsNotNone(row["Dice"], row["Segment"])
+        self.delayDisplay("ImbalanceSeg background segmentation test passed")

@@ -58,3 +58,31 @@ def run_demo_scenario(scene, device: str = "cpu", progress=None) -> Dict[str, An
             "estimated_dice": estimated,
             # label-free estimate vs the reference: the calibrated demo model stays within 0.05 here
             "estimate_tolerance": 0.05}
+
+
+def run_review_scenario(scene, demo: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Review the demo result: the least confident region of the smallest class, a lower
+    threshold for it (more sensitive), the comparison with the reference before and after,
+    and the way back to argmax. Returns what the tests assert."""
+    from ImbalanceSeg import ImbalanceSegLogic
+    from ImbalanceSegSlicer import scene as sc
+
+    demo = demo or run_demo_scenario(scene)
+    logic = ImbalanceSegLogic(scene)
+    seg = demo["result"].segmentationNode
+    smallest = demo["class_names"][-1]  # the demo's classes run from large to small
+    regions = logic.leastConfidentRegions(seg, smallest, count=3)
+    before = {r["Segment"]: r for r in logic.compareWithReference(seg, demo["reference"])}
+    counts_before = sc.segment_voxel_counts(seg)
+    from ImbalanceSegSlicer import review
+    c = review.class_index(seg, smallest)
+    probs = review.probabilities_from_nodes(seg)
+    at_argmax = review.expected_metrics(probs[c], probs.argmax(axis=0) == c)
+    lowered = logic.setClassThreshold(seg, smallest, 0.2)
+    after = {r["Segment"]: r for r in logic.compareWithReference(seg, demo["reference"])}
+    counts_lowered = sc.segment_voxel_counts(seg)
+    restored = logic.setClassThreshold(seg, smallest, None)
+    counts_restored = sc.segment_voxel_counts(seg)
+    return {"class": smallest, "regions": regions, "at_argmax": at_argmax, "before": before, "after": after, "lowered": lowered,
+            "restored": restored, "counts_before": counts_before, "counts_lowered": counts_lowered,
+            "counts_restored": counts_restored, "segment_id": smallest}

@@ -98,3 +98,18 @@ def test_icon_is_128_pixels_square():
     for icon in (ROOT / "Resources" / "Icons" / "ImbalanceSeg.png", MODULE / "Resources" / "Icons" / "ImbalanceSeg.png"):
         img = sitk.ReadImage(str(icon))
         assert img.GetSize() == (128, 128), icon
+
+
+def test_screenshots_listed_in_the_metadata_exist_and_are_real_renders():
+    import SimpleITK as sitk
+    import numpy as np
+    urls = cmake_var(ROOT / "CMakeLists.txt", "EXTENSION_SCREENSHOTURLS").split()
+    assert len(urls) >= 2
+    for url in urls:
+        rel = url.split("/main/", 1)[1]
+        path = ROOT / rel
+        assert path.is_file(), rel
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        assert arr.shape[0] >= 512 and arr.std() > 20, rel  # not blank
+    icon_url = cmake_var(ROOT / "CMakeLists.txt", "EXTENSION_ICONURL")
+    assert (ROOT / icon_url.split("/main/", 1)[1]).is_file()

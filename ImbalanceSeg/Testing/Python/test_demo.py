@@ -114,3 +114,23 @@ def test_the_scenario_slicers_test_runner_uses(scene):
     # The user's input volume and reference are left as they were.
     assert result["volume"].GetName() == "DemoBrainT1"
     assert sc.segment_voxel_counts(result["reference"])["Amygdala"] == 444
+
+
+def test_the_review_scenario_slicers_test_runner_uses(scene):
+    """ImbalanceSegTest.test_review: least confident region, threshold trade-off, compare."""
+    from ImbalanceSegSlicer.scenarios import run_review_scenario
+    r = run_review_scenario(scene)
+    cls = r["class"]
+    assert cls == "Amygdala"
+    assert len(r["regions"]) == 3 and r["regions"][0]["score"] >= r["regions"][1]["score"] > 0
+    # A lower threshold grows the segment: sensitivity up, precision down (against the reference too).
+    assert r["counts_lowered"][cls] > r["counts_before"][cls]
+    assert r["after"][cls]["Voxel count"] == r["counts_lowered"][cls]
+    # Compare on the current segments: the reference comparison moves with the threshold.
+    before, after = r["before"][cls], r["after"][cls]
+    assert after["Dice"] != before["Dice"]
+    # The expected (label-free) trade-off: more sensitive, less precise than at argmax.
+    assert r["lowered"]["sensitivity"] > r["at_argmax"]["sensitivity"]
+    assert r["lowered"]["precision"] < r["at_argmax"]["precision"]
+    assert r["lowered"]["voxels"] == r["counts_lowered"][cls]
+    assert r["counts_restored"] == r["counts_before"]

@@ -210,3 +210,17 @@ def test_reference_on_another_grid_is_resampled_from_a_copy(scene, synthetic):
     # Resampled back onto the input grid, the spheres keep their voxel counts within 5 %.
     assert ref_counts[0] == pytest.approx(499, rel=0.05) and ref_counts[1] == pytest.approx(277, rel=0.05)
     assert sc.segment_voxel_counts(reference) == before
+
+
+def test_sample_data_source_points_at_the_shipped_demo_volume():
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from ImbalanceSeg import sampleDataSources
+    (source,) = sampleDataSources()
+    path = url2pathname(urlparse(source["uris"]).path)
+    img = sitk.ReadImage(path)
+    assert img.GetSize() == (90, 108, 90)
+    assert source["loadFileType"] == "VolumeFile" and source["nodeNames"] == "DemoBrainT1"
+    import os
+    assert os.path.isfile(source["thumbnailFileName"])

@@ -88,3 +88,23 @@ def test_training_cancel_and_refusals(scene, synthetic, tmp_path):
     bare = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Loose")
     with pytest.raises(ValueError, match="'Loose' has no source volume"):
         logic.trainingPairsFromSegmentations([bare])
+
+
+def test_training_config_from_scene_pairs(scene, synthetic):
+    volume, segmentation, _ = _scene_inputs(scene, synthetic)
+    logic = ImbalanceSegLogic(scene)
+    config = logic.trainingConfigFromScene([(volume, segmentation)], "cdifw", iterations=500, name="spheres")
+    assert [c["name"] for c in config.classes] == ["Background", "Sphere A", "Sphere B"]
+    assert config.classes[1]["color"] == [1.0, 0.0, 0.0]
+    assert config.target_spacing == pytest.approx(list(volume.GetSpacing()))
+    # 40 x 30 x 20 voxels of 0.8 x 0.9 x 2.5 mm: patches fit the volume, multiples of 16 voxels
+    assert config.patch_size == [32, 16, 16]
+    assert config.class_weighting["method"] == "cdifw" and config.iterations == 500 and config.val_every == 50
+    assert "cps" in logic.trainingMethods() and "asym_focal" in logic.trainingMethods()
+    with pytest.raises(ValueError, match="plain file name"):
+        logic.trainingConfigFromScene([(volume, segmentation)], name="../x")
+    with pytest.raises(ValueError, match="unknown training method 'magic'"):
+        logic.trainingConfigFromScene([(volume, segmentation)], "magic")
+    segmentation.GetSegmentation().AddEmptySegment("dup", "Sphere A")
+    with pytest.raises(ValueError, match="two segments are named 'Sphere A'"):
+        logic.trainingConfigFromScene([(volume, segmentation)])

@@ -669,6 +669,54 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         config.validate()
         return config
 
+    def trainingConfigFromFolder(self, folder: os.PathLike, method: str = "dice_ce", iterations: int = 2000,
+                                 name: str = "my_model", modality: str = "", patchSize: int = 64):
+        """A training config for a data folder: ``classes.json`` (a list of ``{"value", "name", "color"}``;
+        background 0 is added when absent), ``images/`` and ``labels/`` with the same file names.
+        Target spacing: the median spacing of the images (read from their headers)."""
+        import SimpleITK as sitk
+        from imbalanceseglib.training import TrainConfig
+        folder = Path(folder)
+        spec = folder / "classes.json"
+        if not spec.is_file():
+            raise FileNotFoundError(f"{spec} not found: a data folder needs classes.json with the class names")
+        try:
+            classes = json.loads(spec.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{spec} is not valid JSON ({exc})") from exc
+        if not isinstance(classes, list) or not all(isinstance(c, dict) and "name" in c and "value" in c
+                                                    for c in classes):
+            raise ValueError(f"{spec} must be a list of objects with 'value' and 'name'")
+        classes = [{"value": int(c["value"]), "name": str(c["name"]), "color": c.get("color", [0.5, 0.5, 0.5])}
+                   for c in classes]
+        if not any(c["value"] == 0 for c in classes):
+            classes.insert(0, {"value": 0, "name": "Background", "color": [0, 0, 0]})
+        classes.sort(key=lambda c: c["value"])
+        if [c["value"] for c in classes] != list(range(len(classes))):
+            raise ValueError(f"{spec}: class values must be 0, 1, 2, ... without gaps, "
+                             f"got {[c['value'] for c in classes]}")
+        images = sorted(p for p in (folder / "images").glob("*") if p.is_file()) if (folder / "images").is_dir() else []
+        if not images:
+            raise FileNotFoundError(f"no images in {folder / 'images'}")
+        spacings, sizes = [], []
+        for p in images:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(p))
+            reader.ReadImageInformation()
+            spacings.append(reader.GetSpacing())
+            sizes.append(reader.GetSize())
+        target = [float(x) for x in np.median(np.array(spacings), axis=0)]
+        size_mm = np.array(sizes).min(axis=0) * np.array(spacings).min(axis=0)
+        patch = [int(max(16, min(patchSize, 16 * (int(s / t) // 16 or 1)))) for s, t in zip(size_mm, target)]
+        config = TrainConfig.from_dict({"name": name, "classes": classes, "target_spacing": target,
+                                        "patch_size": patch, "features": [16, 32, 64, 128], "iterations": int(iterations),
+                                        "method": method, "modality": modality or "",
+                                        "val_every": max(1, int(iterations) // 10),
+                                        "checkpoint_every": max(1, min(100, int(iterations) // 10)),
+                                        "log_every": max(1, min(25, int(iterations) // 20))})
+        config.validate()
+        return config
+
     def updateTrainingPlot(self, history: Sequence[Dict[str, Any]], classNames: Sequence[str],
                            chartNode=None, name: str = "ImbalanceSeg training"):
         """Show a training history (``{"iteration", "loss"}`` and ``{"iteration", "val": {class: Dice}}``
@@ -1228,8 +1276,13 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             pairs = self.logic.trainingPairsFromSegmentations(self.ui.trainingSegmentationsSelector.checkedNodes())
             val = self.logic.trainingPairsFromSegmentations(self.ui.validationSegmentationsSelector.checkedNodes())
-            config = self.logic.trainingConfigFromScene(pairs, self.ui.methodSelector.currentText, pn.iterations,
-                                                        pn.modelName)
+            folder = self.ui.trainingFolderSelector.currentPath if not pairs else ""
+            if folder:
+                config = self.logic.trainingConfigFromFolder(folder, self.ui.methodSelector.currentText,
+                                                             pn.iterations, pn.modelName)
+            else:
+                config = self.logic.trainingConfigFromScene(pairs, self.ui.methodSelector.currentText, pn.iterations,
+                                                            pn.modelName)
             out = self.ui.outputFolderSelector.currentPath
             if not out:
                 raise ValueError("choose an output folder for the checkpoints and the model")
@@ -1237,7 +1290,7 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._trainClasses = [c["name"] for c in config.classes[1:]]
             self._trainJob = TrainingJob(self.logic, config, pairs, Path(out) / pn.modelName,
                                          unlabeledVolumeNodes=self.ui.unlabeledVolumesSelector.checkedNodes(),
-                                         validationPairs=val, resume=pn.resume).start()
+                                         validationPairs=val, resume=pn.resume, dataFolder=folder or None).start()
             self._chart = None
             self.ui.trainStatusLabel.text = "Preparing the data..."
             self._timer.start()

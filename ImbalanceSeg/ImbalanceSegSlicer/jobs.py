@@ -318,7 +318,8 @@ def parse_training_line(line: str) -> Optional[Dict[str, Any]]:
 
 
 class TrainingJob:
-    """Training in a background process (``imbalanceseg train``) on scene nodes.
+    """Training in a background process (``imbalanceseg train``) on scene nodes, or on a data
+    folder (``images/``, ``labels/``, optional ``val_images/`` and ``val_labels/``, same file names).
 
     The labelled pairs (volume, segmentation; segments matched to the config's classes by name),
     optional validation pairs and unlabelled volumes are written to a temporary folder; the
@@ -333,8 +334,9 @@ class TrainingJob:
     def __init__(self, logic, config, pairs: Sequence[Tuple[Any, Any]], outputFolder,
                  unlabeledVolumeNodes: Sequence[Any] = (), validationPairs: Sequence[Tuple[Any, Any]] = (),
                  resume: bool = True, python: Optional[str] = None, threads: Optional[int] = None,
-                 calibration: str = "ts-atc"):
+                 calibration: str = "ts-atc", dataFolder=None):
         self.logic, self.config = logic, config
+        self.dataFolder = Path(dataFolder) if dataFolder else None
         self.calibration = calibration
         self.phase = "train"  # then "calibrate" when there are validation pairs
         self.trainedBundlePath: Optional[Path] = None
@@ -355,6 +357,7 @@ class TrainingJob:
         self._stderr: List[str] = []
         self._eof = False
         self._tmp: Optional[Path] = None
+        self._data: Dict[str, Any] = {}
 
     @property
     def fraction(self) -> float:
@@ -390,7 +393,14 @@ class TrainingJob:
         from ImbalanceSegSlicer import scene as sc
         if self.state != CREATED:
             raise RuntimeError("a job can be started once")
-        if not self.pairs:
+        if self.dataFolder is not None:
+            if self.pairs or self.validationPairs:
+                raise ValueError("train either on scene segmentations or on a data folder, not both")
+            for sub in ("images", "labels"):
+                if not (self.dataFolder / sub).is_dir():
+                    raise FileNotFoundError(f"data folder {self.dataFolder} has no '{sub}' folder "
+                                            "(expected images/, labels/ and classes.json)")
+        elif not self.pairs:
             raise ValueError("choose at least one (volume, segmentation) pair to train on")
         self.config.validate()
         if self.unlabeledVolumeNodes and not self.config.is_semi_supervised:
@@ -399,10 +409,18 @@ class TrainingJob:
         self.outputFolder.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix="imbalanceseg-train-"))
         try:
-            images, labels = self._export(self._tmp, self.pairs, "")
-            data: Dict[str, Any] = {"kind": "folders", "images": images, "labels": labels}
-            if self.validationPairs:
-                data["val_images"], data["val_labels"] = self._export(self._tmp, self.validationPairs, "val_")
+            if self.dataFolder is not None:
+                data: Dict[str, Any] = {"kind": "folders", "images": str(self.dataFolder / "images"),
+                                        "labels": str(self.dataFolder / "labels")}
+                if (self.dataFolder / "val_images").is_dir() and (self.dataFolder / "val_labels").is_dir():
+                    data["val_images"] = str(self.dataFolder / "val_images")
+                    data["val_labels"] = str(self.dataFolder / "val_labels")
+            else:
+                images, labels = self._export(self._tmp, self.pairs, "")
+                data = {"kind": "folders", "images": images, "labels": labels}
+                if self.validationPairs:
+                    data["val_images"], data["val_labels"] = self._export(self._tmp, self.validationPairs, "val_")
+            self._data = data
             if self.unlabeledVolumeNodes:
                 folder = self._tmp / "unlabeled"
                 folder.mkdir()
@@ -460,11 +478,12 @@ class TrainingJob:
             return self.state
         rc = self._proc.returncode
         if rc == 0 and self.phase == "train" and self.bundlePath is not None and self.bundlePath.is_file() \
-                and self.validationPairs and self.calibration != "none":
+                and "val_images" in self._data and self.calibration != "none":
             self.trainedBundlePath = self.bundlePath
             calibrated = self.bundlePath.with_name(self.bundlePath.name.replace(".imbseg", "") + "_calibrated.imbseg")
             cmd = [self.python, "-u", "-m", "imbalanceseglib.cli", "calibrate", "--model", str(self.bundlePath),
-                   "--images", str(self._tmp / "val_images"), "--labels", str(self._tmp / "val_labels"),
+                   "--images", str(self._tmp / self._data["val_images"]),
+                   "--labels", str(self._tmp / self._data["val_labels"]),
                    "--method", self.calibration, "--out", str(calibrated)]
             self.phase = "calibrate"
             self.bundlePath = None

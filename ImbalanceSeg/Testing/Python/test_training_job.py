@@ -108,3 +108,52 @@ def test_training_config_from_scene_pairs(scene, synthetic):
     segmentation.GetSegmentation().AddEmptySegment("dup", "Sphere A")
     with pytest.raises(ValueError, match="two segments are named 'Sphere A'"):
         logic.trainingConfigFromScene([(volume, segmentation)])
+
+
+def _data_folder(tmp_path, synthetic, classes_json=None):
+    import json
+    import SimpleITK as sitk
+    folder = tmp_path / "data"
+    for sub in ("images", "labels", "val_images", "val_labels"):
+        (folder / sub).mkdir(parents=True)
+    for sub in ("", "val_"):
+        sitk.WriteImage(synthetic["image"], str(folder / f"{sub}images" / "case0.nrrd"))
+        sitk.WriteImage(synthetic["label"], str(folder / f"{sub}labels" / "case0.nrrd"))
+    (folder / "classes.json").write_text(json.dumps(classes_json if classes_json is not None else [
+        {"value": 1, "name": "Sphere A", "color": [1, 0, 0]}, {"value": 2, "name": "Sphere B", "color": [0, 1, 0]}]))
+    return folder
+
+
+def test_training_from_a_data_folder(scene, synthetic, tmp_path):
+    folder = _data_folder(tmp_path, synthetic)
+    logic = ImbalanceSegLogic(scene)
+    config = logic.trainingConfigFromFolder(folder, "dice_ce", iterations=4, name="folder_model")
+    assert [c["name"] for c in config.classes] == ["Background", "Sphere A", "Sphere B"]
+    assert config.target_spacing == pytest.approx([0.8, 0.9, 2.5])
+    config.features, config.patch_size, config.batch_size = [4, 8], [16, 16, 8], 1
+    before = _node_ids(scene)
+    job = TrainingJob(logic, config, [], tmp_path / "out", dataFolder=folder, threads=1).start()
+    path = job.wait(timeout=600)
+    assert path.name == "folder_model_calibrated.imbseg"  # val_images/ present: calibrated on them
+    card = load_bundle(path).card
+    assert card["training"]["train_cases"] == 1 and card["calibration"]["fitted_on"]["cases"] == 1
+    assert _node_ids(scene) == before
+
+    volume, segmentation, _ = _scene_inputs(scene, synthetic)
+    with pytest.raises(ValueError, match="not both"):
+        TrainingJob(logic, config, [(volume, segmentation)], tmp_path, dataFolder=folder).start()
+    with pytest.raises(FileNotFoundError, match="has no 'images' folder"):
+        TrainingJob(logic, config, [], tmp_path, dataFolder=tmp_path / "nowhere").start()
+
+
+def test_data_folder_class_list_is_checked(tmp_path, synthetic, scene):
+    logic = ImbalanceSegLogic(scene)
+    folder = _data_folder(tmp_path, synthetic, [{"value": 1, "name": "A"}, {"value": 3, "name": "C"}])
+    with pytest.raises(ValueError, match="without gaps"):
+        logic.trainingConfigFromFolder(folder)
+    (folder / "classes.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        logic.trainingConfigFromFolder(folder)
+    (folder / "classes.json").unlink()
+    with pytest.raises(FileNotFoundError, match="needs classes.json"):
+        logic.trainingConfigFromFolder(folder)

@@ -45,6 +45,7 @@ EXPECTED = {
     "validationSegmentationsSelector": "qMRMLCheckableNodeComboBox",
     "unlabeledVolumesSelector": "qMRMLCheckableNodeComboBox",
     "outputFolderSelector": "ctkPathLineEdit",         # currentPath
+    "trainingFolderSelector": "ctkPathLineEdit",
     "reviewCollapsibleButton": "ctkCollapsibleButton",  # collapsed
     "iterationsSpinBox": "QSpinBox",
     "modelNameLineEdit": "QLineEdit",

@@ -530,20 +530,14 @@ class PerformanceEstimator:
         if self.num_classes and c != self.num_classes:
             raise EstimationError(f"the estimator was fitted for {self.num_classes} classes, "
                                   f"the logits have {c}")
-        z = _flat(logits)
-        tp = torch.zeros(c, dtype=torch.float64)
-        g = torch.zeros(c, dtype=torch.float64)
-        n = torch.zeros(c, dtype=torch.float64)
-        for start in range(0, z.shape[0], _CHUNK):
-            pred, q, r = self._voxel_q(z[start:start + _CHUNK])
-            qd = q.double()
-            tp.index_add_(0, pred, qd)
-            n += torch.bincount(pred, minlength=c)[:c].double()
-            g += (r.double() * (1.0 - qd)[:, None]).sum(0)
-        g += tp
-        names = list(class_names) if class_names else [f"class {k}" for k in range(c)]
-        return CaseEstimate(names, _metrics_from_expectations(tp.numpy(), n.numpy(), g.numpy(), self.absent_voxels),
-                            self.method, self.class_specific)
+        acc = self.accumulator(c)
+        acc.add(logits)
+        return acc.result(class_names)
+
+    def accumulator(self, num_classes: int) -> "EstimateAccumulator":
+        """Streaming form of :meth:`estimate`: add the logits of a volume piece by piece (any
+        split into voxel sets), then read the estimate; the sums are the same as in one pass."""
+        return EstimateAccumulator(self, num_classes)
 
     def calibrated_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated per-class probabilities for logits (N, C, ...) (the module's confidence maps).
@@ -779,3 +773,45 @@ def fit_estimator(cases: Iterable[Any], method: str = "ts-atc", class_specific: 
     est.fit_seconds = time.perf_counter() - t0
     est.fitted_on = {"cases": len(stats), "voxels": int(sum(st.voxels for st in stats))}
     return est
+
+
+class EstimateAccumulator:
+    """Per-class expected true positives, predicted and expected reference voxels, summed over
+    pieces of one case (see :meth:`PerformanceEstimator.accumulator`)."""
+
+    def __init__(self, estimator: PerformanceEstimator, num_classes: int):
+        if estimator.num_classes and num_classes != estimator.num_classes:
+            raise EstimationError(f"the estimator was fitted for {estimator.num_classes} classes, "
+                                  f"the logits have {num_classes}")
+        self.estimator = estimator
+        self.c = int(num_classes)
+        self.tp = torch.zeros(self.c, dtype=torch.float64)
+        self.g = torch.zeros(self.c, dtype=torch.float64)
+        self.n = torch.zeros(self.c, dtype=torch.float64)
+
+    def add(self, logits) -> None:
+        """Logits ``(C, ...)`` of some voxels (numpy or torch)."""
+        if isinstance(logits, torch.Tensor):
+            if logits.shape[0] != self.c:
+                raise EstimationError(f"expected {self.c} classes, got logits of shape {tuple(logits.shape)}")
+            z = logits.reshape(self.c, -1).T.float()
+            if not bool(torch.isfinite(z).all()):
+                raise EstimationError("logits contain NaN or infinite values; the network output is unusable")
+        else:
+            logits = _check_logits(logits)
+            if logits.shape[0] != self.c:
+                raise EstimationError(f"expected {self.c} classes, got logits of shape {logits.shape}")
+            z = _flat(logits)
+        for start in range(0, z.shape[0], _CHUNK):
+            pred, q, r = self.estimator._voxel_q(z[start:start + _CHUNK])
+            qd = q.double()
+            self.tp.index_add_(0, pred, qd)
+            self.n += torch.bincount(pred, minlength=self.c)[:self.c].double()
+            self.g += (r.double() * (1.0 - qd)[:, None]).sum(0)
+
+    def result(self, class_names: Optional[Sequence[str]] = None) -> CaseEstimate:
+        g = self.g + self.tp
+        names = list(class_names) if class_names else [f"class {k}" for k in range(self.c)]
+        return CaseEstimate(names, _metrics_from_expectations(self.tp.numpy(), self.n.numpy(), g.numpy(),
+                                                              self.estimator.absent_voxels),
+                            self.estimator.method, self.estimator.class_specific)

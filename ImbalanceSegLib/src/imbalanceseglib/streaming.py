@@ -1,0 +1,356 @@
+"""Sliding-window inference for big volumes, with bounded memory.
+
+MONAI's ``sliding_window_inference`` keeps float32 accumulators for every class over the whole
+volume (and the output is another float32 copy): for 250 million voxels and 9 classes that is
+about 18 GB before any probability is computed. Here the windows are visited slab by slab along
+z (the first array axis); only a band of ``roi_z + step_z`` planes is accumulated, and every plane
+that no later window touches is finished at once: its logits are calibrated, fed to the
+label-free performance estimate (a streaming sum), turned into probabilities, labels and the
+uncertainty map, and stored compactly (``uint8``: probability x 255 rounded, or ``float16``) in
+memory or in ``.npy`` files on disk, tile by tile.
+
+Blending and window placement are MONAI's (``dense_patch_slices`` positions, Gaussian importance
+map from ``compute_importance_map`` with sigma = 0.125 x window), so the logits equal MONAI's up
+to float rounding; windows are batched (``sw_batch_size``), the network runs under
+``torch.inference_mode`` in the channels-last 3D layout on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+ProgressCallback = Callable[[str, float], None]
+SlabSink = Callable[[int, torch.Tensor], None]
+
+STORAGE = ("uint8", "float16", "float32")
+
+
+def _noop(stage: str, fraction: float) -> None:
+    pass
+
+
+def window_starts(size: int, roi: int, overlap: float) -> List[int]:
+    """Window start positions along one axis of a (padded) size, as MONAI places them."""
+    if roi >= size:
+        return [0]
+    step = max(1, int(roi * (1 - overlap)))
+    n = next(d for d in range(int(math.ceil(size / step))) if d * step + roi >= size) + 1
+    return [i * step - max(i * step + roi - size, 0) for i in range(n)]
+
+
+def _importance_map(roi: Sequence[int]) -> torch.Tensor:
+    from monai.data.utils import compute_importance_map
+    return compute_importance_map(tuple(int(r) for r in roi), mode="gaussian", sigma_scale=0.125,
+                                  device="cpu", dtype=torch.float32)
+
+
+def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequence[int], sink: SlabSink,
+                  overlap: float = 0.5, sw_batch_size: int = 4, device: str = "cpu",
+                  progress: Optional[ProgressCallback] = None, channels_last: bool = True) -> Dict[str, float]:
+    """Run ``network`` over ``volume`` (z, y, x; normalised float32) window by window and call
+    ``sink(z0, logits)`` with finished slabs of blended logits ``(C, dz, y, x)`` (float32, CPU), in
+    order of z, covering the volume exactly once. Returns timings (network, blending)."""
+    progress = progress or _noop
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3D (z, y, x), got shape {volume.shape}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise ValueError("sw_batch_size must be at least 1")
+    roi = [int(r) for r in roi_size]
+    dev = torch.device(device)
+    network = network.to(dev).eval()
+    use_cl = channels_last and dev.type == "cpu"
+    if use_cl:
+        network = network.to(memory_format=torch.channels_last_3d)
+    # Symmetric zero padding where the volume is smaller than the window (as MONAI does).
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(volume.shape, roi)]
+    vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+    if any(a or b for a, b in pads):
+        vol = torch.nn.functional.pad(vol, [p for ab in reversed(pads) for p in ab])
+    Z, Y, X = vol.shape
+    starts = [window_starts(n, r, overlap) for n, r in zip((Z, Y, X), roi)]
+    imp = _importance_map(roi)
+    step_z = max(1, int(roi[0] * (1 - overlap))) if roi[0] < Z else roi[0]
+    span = min(Z, roi[0] + step_z)
+    n_windows = len(starts[0]) * len(starts[1]) * len(starts[2])
+    done = 0
+    acc: Optional[torch.Tensor] = None
+    wsum = torch.zeros((span, Y, X), dtype=torch.float32)
+    bz0 = 0  # padded z of the first plane in the band
+    t_net = t_blend = 0.0
+    yx = [(ys, xs) for ys in starts[1] for xs in starts[2]]
+    (z_lo, _), (y_lo, _), (x_lo, _) = pads
+    orig = volume.shape
+    with torch.inference_mode():
+        for zi, zs in enumerate(starts[0]):
+            for b in range(0, len(yx), sw_batch_size):
+                batch = yx[b:b + sw_batch_size]
+                t0 = time.perf_counter()
+                inp = torch.stack([vol[zs:zs + roi[0], ys:ys + roi[1], xs:xs + roi[2]] for ys, xs in batch])[:, None]
+                if use_cl:
+                    inp = inp.contiguous(memory_format=torch.channels_last_3d)
+                out = network(inp.to(dev)).float()
+                if out.device.type != "cpu":
+                    out = out.cpu()
+                t1 = time.perf_counter()
+                t_net += t1 - t0
+                if acc is None:
+                    acc = torch.zeros((out.shape[1], span, Y, X), dtype=torch.float32)
+                z0 = zs - bz0
+                for k, (ys, xs) in enumerate(batch):
+                    acc[:, z0:z0 + roi[0], ys:ys + roi[1], xs:xs + roi[2]].addcmul_(out[k], imp)
+                    wsum[z0:z0 + roi[0], ys:ys + roi[1], xs:xs + roi[2]].add_(imp)
+                t_blend += time.perf_counter() - t1
+                done += len(batch)
+                progress("network", done / n_windows)
+            t1 = time.perf_counter()
+            next_z = starts[0][zi + 1] if zi + 1 < len(starts[0]) else Z
+            n = next_z - bz0  # planes no later window touches
+            if n > 0:
+                logits = acc[:, :n] / wsum[:n]
+                # crop the padding before handing the slab on
+                a, e = max(bz0, z_lo), min(bz0 + n, z_lo + orig[0])
+                if e > a:
+                    sink(a - z_lo, logits[:, a - bz0:e - bz0, y_lo:y_lo + orig[1], x_lo:x_lo + orig[2]])
+                keep = span - n
+                acc[:, :keep] = acc[:, n:].clone()
+                acc[:, keep:] = 0
+                wsum[:keep] = wsum[n:].clone()
+                wsum[keep:] = 0
+                bz0 = next_z
+            t_blend += time.perf_counter() - t1
+    return {"network": t_net, "blend": t_blend}
+
+
+@dataclass
+class CompactPrediction:
+    """Result of :func:`predict_streaming`: probabilities stored compactly, on the input grid.
+
+    ``probabilities[c]`` decodes one class to float32 (so code written for
+    :class:`imbalanceseglib.inference.Prediction` works unchanged); ``stored`` is the raw
+    ``(C, z, y, x)`` array (uint8: p x 255, float16 or float32, possibly a memory map).
+    """
+
+    stored: np.ndarray
+    storage: str
+    labels: np.ndarray
+    uncertainty_stored: np.ndarray
+    reference: sitk.Image
+    class_names: List[str]
+    timings: Dict[str, float] = field(default_factory=dict)
+    performance: Any = None
+    estimator: Any = None
+    files: Dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def probabilities(self) -> "_Decoded":
+        return _Decoded(self.stored, self.storage)
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        return decode(self.uncertainty_stored, self.storage)
+
+    def _image(self, array: np.ndarray) -> sitk.Image:
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(self.reference)
+        return out
+
+    def probability_image(self, index: int) -> sitk.Image:
+        return self._image(self.probabilities[index])
+
+    def label_image(self) -> sitk.Image:
+        return self._image(np.asarray(self.labels))
+
+    def uncertainty_image(self) -> sitk.Image:
+        return self._image(self.uncertainty)
+
+
+class _Decoded:
+    def __init__(self, stored: np.ndarray, storage: str):
+        self.stored, self.storage = stored, storage
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        return decode(self.stored[c], self.storage)
+
+    def __len__(self) -> int:
+        return self.stored.shape[0]
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.stored.shape)
+
+
+def encode(p: torch.Tensor, storage: str) -> np.ndarray:
+    if storage == "uint8":
+        return torch.round(p.clamp(0, 1) * 255.0).to(torch.uint8).numpy()
+    if storage == "float16":
+        return p.to(torch.float16).numpy()
+    return p.to(torch.float32).numpy()
+
+
+def decode(a: np.ndarray, storage: str) -> np.ndarray:
+    if storage == "uint8":
+        return np.asarray(a, dtype=np.float32) * np.float32(1.0 / 255.0)
+    return np.asarray(a, dtype=np.float32)
+
+
+def _normalise_lean(image: sitk.Image, pre: Dict[str, Any]) -> np.ndarray:
+    """:func:`imbalanceseglib.images.normalise_intensities` with fewer full-size copies."""
+    from .images import ImageError
+    arr = sitk.GetArrayFromImage(image)
+    arr = arr.astype(np.float32, copy=False)
+    flat = arr.reshape(-1)
+    for s in range(0, flat.size, 1 << 24):
+        if not np.isfinite(flat[s:s + (1 << 24)]).all():
+            raise ImageError("image has NaN or infinite voxel values; fix or mask them before segmenting")
+    scheme = pre.get("scheme", "percentile_zscore")
+    if scheme == "none":
+        return arr
+    if scheme == "percentile_zscore":
+        lo, hi = np.percentile(arr, [pre.get("lower_percentile", 0.5), pre.get("upper_percentile", 99.5)])
+        np.clip(arr, lo, hi, out=arr)
+        mean = float(arr.mean(dtype=np.float64))
+        var = 0.0
+        for s in range(0, flat.size, 1 << 24):
+            d = flat[s:s + (1 << 24)].astype(np.float64) - mean
+            var += float(np.dot(d, d))
+        std = math.sqrt(var / max(1, flat.size))
+        arr -= np.float32(mean)
+        arr /= np.float32(std if std > 1e-8 else 1.0)
+        return arr
+    if scheme == "fixed_zscore":
+        np.clip(arr, pre["clip_min"], pre["clip_max"], out=arr)
+        arr -= np.float32(pre["mean"])
+        arr /= np.float32(pre["std"])
+        return arr
+    raise ImageError(f"unknown intensity normalisation scheme {scheme!r}")
+
+
+def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: float = 0.5,
+                      sw_batch_size: int = 4, progress: Optional[ProgressCallback] = None,
+                      storage: str = "uint8", out_dir: Optional[Path] = None) -> CompactPrediction:
+    """Segment one volume with bounded memory (see the module docstring).
+
+    ``storage``: how probabilities and the uncertainty map are kept (``uint8``: 1/255 steps,
+    ``float16``, ``float32``). ``out_dir``: write them as ``.npy`` memory maps there (tile by
+    tile, as slabs finish) instead of keeping them in memory: ``probabilities.npy`` (C, z, y, x),
+    ``labels.npy``, ``uncertainty.npy``.
+
+    The volume must already be on the model's grid and in its orientation for the bounded-memory
+    path; otherwise it is resampled first (whole volume, float32).
+    """
+    from .images import check_image, needs_resampling, resample_to_spacing, to_canonical
+    from .inference import apply_calibration, calibration_logits, estimator_for, _to_input_grid
+
+    progress = progress or _noop
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE)}, got {storage!r}")
+    if bundle.network is None:
+        from .bundle import BundleError
+        raise BundleError("bundle was loaded without weights; use load_bundle()")
+    check_image(image, "input volume", min_size=2)
+    timings: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    progress("preprocess", 0.0)
+    pre = bundle.preprocessing
+    canonical = to_canonical(image)
+    resampled = needs_resampling(canonical, pre.get("target_spacing"))
+    work = resample_to_spacing(sitk.Cast(canonical, sitk.sitkFloat32), pre["target_spacing"]) if resampled else canonical
+    volume = _normalise_lean(work, pre.get("normalization", {}))
+    geometry = sitk.Image(1, 1, 1, sitk.sitkUInt8)
+    geometry.SetOrigin(work.GetOrigin())
+    geometry.SetSpacing(work.GetSpacing())
+    geometry.SetDirection(work.GetDirection())
+    same_grid = not resampled and canonical.GetDirection() == image.GetDirection()
+    del work
+    timings["preprocess"] = time.perf_counter() - t0
+    progress("preprocess", 1.0)
+
+    c = bundle.num_classes
+    shape = volume.shape
+    calibration = bundle.card.get("calibration")
+    estimator = estimator_for(calibration, c)
+    acc = estimator.accumulator(c)
+    store_dtype = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}[storage]
+    files: Dict[str, Path] = {}
+
+    def alloc(name: str, shp: Tuple[int, ...], dtype) -> np.ndarray:
+        if out_dir is None or not same_grid:
+            return np.empty(shp, dtype=dtype)
+        path = Path(out_dir) / f"{name}.npy"
+        files[name] = path
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shp)
+
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    probs_out = alloc("probabilities", (c, *shape), store_dtype)
+    labels_out = alloc("labels", shape, np.uint8 if c <= 256 else np.uint16)
+    unc_out = alloc("uncertainty", shape, store_dtype)
+    log_c = math.log(c)
+    t_post = [0.0]
+
+    def sink(z0: int, logits: torch.Tensor) -> None:
+        t = time.perf_counter()
+        acc.add(calibration_logits(logits[None], calibration)[0])
+        p = apply_calibration(logits[None], calibration)[0]
+        dz = p.shape[1]
+        probs_out[:, z0:z0 + dz] = encode(p, storage)
+        labels_out[z0:z0 + dz] = torch.argmax(p, dim=0).numpy()
+        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0) / log_c
+        unc_out[z0:z0 + dz] = encode(ent.clamp(0, 1), storage)
+        t_post[0] += time.perf_counter() - t
+
+    roi = pre.get("patch_size") or [min(s, 96) for s in shape]
+    t1 = time.perf_counter()
+    parts = stream_logits(bundle.network, volume, roi, sink, overlap=overlap, sw_batch_size=sw_batch_size,
+                          device=device, progress=progress)
+    del volume
+    timings["network"] = parts["network"]
+    timings["blend"] = parts["blend"]
+    timings["calibrate_store"] = t_post[0]
+    timings["sliding_window_total"] = time.perf_counter() - t1
+
+    progress("estimate", 0.0)
+    performance = acc.result(bundle.class_names)
+    voxel_ml = float(np.prod(geometry.GetSpacing())) / 1000.0
+    for row in performance.classes:
+        row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
+        row["expected_ml"] = row["expected_voxels"] * voxel_ml
+    progress("estimate", 1.0)
+
+    t2 = time.perf_counter()
+    progress("postprocess", 0.0)
+    if not same_grid:
+        # Back to the input grid (reorientation or resampling): this path holds float32 maps of
+        # every class, like the in-memory predict(); the bounded-memory path is the one above.
+        work_ref = sitk.Image([int(v) for v in reversed(shape)], sitk.sitkUInt8)
+        work_ref.SetOrigin(geometry.GetOrigin())
+        work_ref.SetSpacing(geometry.GetSpacing())
+        work_ref.SetDirection(geometry.GetDirection())
+        dec = np.stack([decode(probs_out[k], storage) for k in range(c)])
+        dec = _to_input_grid(dec, work_ref, to_canonical(image), image, resampled)
+        probs_out = encode(torch.from_numpy(dec), storage)
+        labels_out = np.argmax(dec, axis=0).astype(np.uint8 if c <= 256 else np.uint16)
+        ent = -(dec * np.log(np.clip(dec, 1e-12, None))).sum(0) / log_c
+        unc_out = encode(torch.from_numpy(np.clip(ent, 0, 1).astype(np.float32)), storage)
+        del dec
+    reference = sitk.Image([int(v) for v in image.GetSize()], sitk.sitkUInt8)
+    reference.CopyInformation(image)
+    timings["postprocess"] = time.perf_counter() - t2
+    progress("postprocess", 1.0)
+    for arr in (probs_out, labels_out, unc_out):
+        if isinstance(arr, np.memmap):
+            arr.flush()
+    return CompactPrediction(stored=probs_out, storage=storage, labels=labels_out, uncertainty_stored=unc_out,
+                             reference=reference, class_names=bundle.class_names, timings=timings,
+                             performance=performance, estimator=estimator, files=files)
+

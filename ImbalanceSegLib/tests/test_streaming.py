@@ -1,0 +1,88 @@
+"""Bounded-memory sliding-window inference against MONAI's sliding window and predict()."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+
+from imbalanceseglib.inference import predict
+from imbalanceseglib.streaming import predict_streaming, stream_logits, window_starts
+
+from test_inference import _bundle, _image
+
+
+@pytest.mark.parametrize("size,roi,overlap", [(100, 16, 0.5), (33, 16, 0.25), (16, 16, 0.5), (17, 16, 0.5),
+                                              (64, 24, 0.6)])
+def test_window_starts_are_monais(size, roi, overlap):
+    step = max(1, int(roi * (1 - overlap))) if roi < size else roi
+    monai = sorted({s[0].start for s in dense_patch_slices((size,), (roi,), (step,))})
+    assert window_starts(size, roi, overlap) == monai
+
+
+@pytest.mark.parametrize("shape", [(40, 30, 35), (10, 30, 20)])  # the second is thinner than the window in z
+def test_streamed_logits_equal_monai_sliding_window(shape):
+    b = _bundle()
+    vol = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    slabs = []
+    stream_logits(b.network, vol, [16, 16, 16], lambda z0, lg: slabs.append((z0, lg.clone())), overlap=0.5,
+                  sw_batch_size=3)
+    # the slabs tile the volume exactly once, in order
+    zs = [z0 for z0, _ in slabs]
+    assert zs == sorted(zs) and zs[0] == 0
+    assert sum(lg.shape[1] for _, lg in slabs) == shape[0]
+    ours = torch.cat([lg for _, lg in slabs], dim=1)
+    with torch.inference_mode():
+        ref = sliding_window_inference(torch.from_numpy(vol)[None, None], [16, 16, 16], 3, b.network,
+                                       overlap=0.5, mode="gaussian")[0]
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage,tol", [("float32", 1e-5), ("float16", 1e-3), ("uint8", 0.5 / 255 + 1e-6)])
+def test_predict_streaming_matches_predict(storage, tol):
+    img, b = _image(shape=(40, 30, 35)), _bundle()
+    full = predict(img, b)
+    comp = predict_streaming(img, b, storage=storage, sw_batch_size=2)
+    assert comp.stored.dtype == {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}[storage]
+    for c in range(3):
+        np.testing.assert_allclose(comp.probabilities[c], full.probabilities[c], atol=tol)
+    # labels equal except where two classes are tied within float rounding
+    top2 = np.sort(full.probabilities, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-4
+    np.testing.assert_array_equal(comp.labels[clear], full.labels[clear])
+    np.testing.assert_allclose(comp.uncertainty, full.uncertainty, atol=max(tol, 1e-5) * 2)
+    for a, e in zip(comp.performance.classes, full.performance.classes):
+        assert a["predicted_voxels"] == pytest.approx(e["predicted_voxels"], abs=2)
+        if e["dice"] is not None:
+            assert a["dice"] == pytest.approx(e["dice"], abs=1e-3)
+    assert comp.probability_image(1).GetSize() == img.GetSize()
+
+
+def test_resampled_input_comes_back_on_the_input_grid():
+    c, s = np.cos(0.3), np.sin(0.3)
+    img = _image(shape=(10, 18, 22), spacing=(0.9, 0.8, 2.5), direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    b = _bundle(target_spacing=(1.0, 1.0, 1.0))
+    full = predict(img, b)
+    comp = predict_streaming(img, b, storage="float32")
+    np.testing.assert_allclose(comp.probabilities[2], full.probabilities[2], atol=1e-5)
+    assert comp.probability_image(0).GetDirection() == pytest.approx(img.GetDirection())
+
+
+def test_tiles_are_written_to_memory_maps(tmp_path):
+    img, b = _image(shape=(40, 30, 35)), _bundle()
+    comp = predict_streaming(img, b, storage="uint8", out_dir=tmp_path)
+    assert set(comp.files) == {"probabilities", "labels", "uncertainty"}
+    on_disk = np.load(comp.files["probabilities"], mmap_mode="r")
+    assert on_disk.shape == (3, 40, 30, 35) and on_disk.dtype == np.uint8
+    np.testing.assert_array_equal(on_disk, comp.stored)
+    np.testing.assert_array_equal(np.load(comp.files["labels"]), comp.labels)
+
+
+def test_bad_arguments_are_refused():
+    img, b = _image(), _bundle()
+    with pytest.raises(ValueError, match="storage must be one of"):
+        predict_streaming(img, b, storage="int4")
+    with pytest.raises(ValueError, match="overlap"):
+        stream_logits(b.network, np.zeros((8, 8, 8), np.float32), [4, 4, 4], lambda z, l: None, overlap=1.0)

@@ -1,7 +1,8 @@
 """Background segmentation worker: runs in its own Python process (Slicer's ``PythonSlicer``
 or any Python with ImbalanceSegLib), started by :class:`ImbalanceSegSlicer.jobs.SegmentationJob`.
 
-It never touches a scene. It reads the input volume from a file, runs the model and writes
+It never touches a scene. It reads the input volume from a file, runs the model with the
+bounded-memory sliding window (:func:`imbalanceseglib.streaming.predict_streaming`) and writes
 the calibrated probabilities, the uncertainty map and the label-free performance estimate to
 an output folder. Progress, completion and errors are JSON lines on stdout:
 
@@ -41,7 +42,8 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
 
     from imbalanceseglib.bundle import load_bundle
     from imbalanceseglib.images import read_image
-    from imbalanceseglib.inference import check_model_fits, predict
+    from imbalanceseglib.inference import check_model_fits
+    from imbalanceseglib.streaming import predict_streaming
 
     t0 = time.perf_counter()
     out = Path(output)
@@ -59,10 +61,12 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
             last["t"] = now
             _emit({"event": "progress", "stage": stage, "fraction": float(fraction)})
 
-    prediction = predict(image, bundle, device=device, progress=progress)
+    # Bounded-memory sliding window (imbalanceseglib.streaming); float32 storage, so the maps
+    # equal the in-process predict() up to float rounding.
+    prediction = predict_streaming(image, bundle, device=device, progress=progress, storage="float32")
     _emit({"event": "progress", "stage": "write", "fraction": 0.0})
-    _save_npy(out / "probabilities.npy", prediction.probabilities.astype(np.float32, copy=False))
-    _save_npy(out / "uncertainty.npy", prediction.uncertainty.astype(np.float32, copy=False))
+    _save_npy(out / "probabilities.npy", np.asarray(prediction.stored, dtype=np.float32))
+    _save_npy(out / "uncertainty.npy", np.asarray(prediction.uncertainty_stored, dtype=np.float32))
     est = prediction.estimator
     timings = dict(prediction.timings, worker_total=time.perf_counter() - t0)
     summary = {"class_names": prediction.class_names, "classes": bundle.classes,

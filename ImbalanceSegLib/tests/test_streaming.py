@@ -86,3 +86,25 @@ def test_bad_arguments_are_refused():
         predict_streaming(img, b, storage="int4")
     with pytest.raises(ValueError, match="overlap"):
         stream_logits(b.network, np.zeros((8, 8, 8), np.float32), [4, 4, 4], lambda z, l: None, overlap=1.0)
+
+
+def test_cli_predict_stream_writes_maps_that_evaluate_reads_back(tmp_path):
+    from imbalanceseglib.bundle import save_bundle
+    from imbalanceseglib.cli import main as cli_main
+    from imbalanceseglib.evaluation import _read_probability
+    img, b = _image(shape=(40, 30, 35)), _bundle()
+    model = save_bundle(tmp_path / "m.imbseg", b.card, b.network)
+    sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
+    out_f, out_s = tmp_path / "float", tmp_path / "stream"
+    assert cli_main(["predict", "--model", str(model), "--input", str(tmp_path / "in.nrrd"),
+                     "--output", str(out_f)]) == 0
+    assert cli_main(["predict", "--model", str(model), "--input", str(tmp_path / "in.nrrd"),
+                     "--output", str(out_s), "--stream", "--storage", "uint8"]) == 0
+    assert (out_s / "probabilities.npy").is_file()
+    raw = sitk.ReadImage(str(out_s / "probability_01.nrrd"))
+    assert raw.GetPixelID() == sitk.sitkUInt8
+    for k in range(3):
+        np.testing.assert_allclose(_read_probability(out_s / f"probability_{k:02d}.nrrd", "c"),
+                                   _read_probability(out_f / f"probability_{k:02d}.nrrd", "c"), atol=0.5 / 255 + 1e-5)
+    assert cli_main(["predict", "--model", str(model), "--input", str(tmp_path / "in.nrrd"),
+                     "--output", str(out_s), "--stream", "--tta", "identity,flip_x"]) == 2

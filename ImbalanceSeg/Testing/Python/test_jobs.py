@@ -40,13 +40,13 @@ def test_background_job_gives_the_same_result_as_in_process(scene, synthetic, mo
     assert job.state == DONE
     in_process = logic.process(volume, model_file, baseName="again")
     for a, b in zip(result.probabilityNodes, in_process.probabilityNodes):
-        np.testing.assert_allclose(_array(a), _array(b), atol=1e-6)
-    np.testing.assert_allclose(_array(result.uncertaintyNode), _array(in_process.uncertaintyNode), atol=1e-6)
+        np.testing.assert_allclose(_array(a), _array(b), atol=2e-5)  # streamed vs MONAI's sliding window
+    np.testing.assert_allclose(_array(result.uncertaintyNode), _array(in_process.uncertaintyNode), atol=2e-5)
     assert sc.segment_voxel_counts(result.segmentationNode) == sc.segment_voxel_counts(in_process.segmentationNode)
     for r1, r2 in zip(result.performanceRows, in_process.performanceRows):
         assert r1["State"] == r2["State"]
         if r1["Estimated Dice"] is not None:
-            assert r1["Estimated Dice"] == pytest.approx(r2["Estimated Dice"], abs=1e-6)
+            assert r1["Estimated Dice"] == pytest.approx(r2["Estimated Dice"], abs=1e-4)
     assert job.stages == ["load model", "preprocess", "network", "estimate", "postprocess", "write", "results"]
     assert stages and set(stages) <= set(job.stages) | {"starting"}
     assert job._tmp is None  # temporary files removed

@@ -45,6 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
     import SimpleITK as sitk
 
     from .bundle import load_bundle
@@ -63,12 +64,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"\r[predict] {stage:<12} {100 * frac:5.1f}%", end="", flush=True)
 
     tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else None
-    pred = predict(image, bundle, device=args.device, progress=progress, tta=tta)
-    print()
-    write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
-    for i, name in enumerate(pred.class_names):
-        write_image(pred.probability_image(i), out / f"probability_{i:02d}.nrrd")
-    write_image(pred.uncertainty_image(), out / "uncertainty.nrrd")
+    if args.stream:
+        if tta:
+            raise ValueError("--tta and --stream cannot be combined yet")
+        from .streaming import predict_streaming
+        pred = predict_streaming(image, bundle, device=args.device, progress=progress, storage=args.storage,
+                                 out_dir=out, sw_batch_size=args.sw_batch_size)
+        print()
+        write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
+        for i, name in enumerate(pred.class_names):
+            if args.storage == "uint8":  # written as stored: probability = value / 255
+                img = sitk.GetImageFromArray(np.asarray(pred.stored[i]))
+                img.CopyInformation(pred.reference)
+                img.SetMetaData("ImbalanceSeg_probability_scale", "1/255")
+                write_image(img, out / f"probability_{i:02d}.nrrd")
+            else:
+                write_image(pred.probability_image(i), out / f"probability_{i:02d}.nrrd")
+        write_image(pred.uncertainty_image(), out / "uncertainty.nrrd")
+    else:
+        pred = predict(image, bundle, device=args.device, progress=progress, tta=tta)
+        print()
+        write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
+        for i, name in enumerate(pred.class_names):
+            write_image(pred.probability_image(i), out / f"probability_{i:02d}.nrrd")
+        write_image(pred.uncertainty_image(), out / "uncertainty.nrrd")
     (out / "classes.json").write_text(json.dumps(bundle.classes, indent=2))
     print(f"[predict] wrote {out} ({', '.join(f'{k} {v:.2f}s' for k, v in pred.timings.items())})")
     return 0
@@ -303,6 +322,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--modality", help="modality of the input (e.g. CT, MR); refused if the model is for another")
     p.add_argument("--tta", help="test-time augmentation, comma-separated (e.g. identity,flip_x); merged per class "
                                  "(max for the card's rare classes, mean otherwise)")
+    p.add_argument("--stream", action="store_true",
+                   help="bounded-memory sliding window for big volumes: probabilities kept compactly "
+                        "(--storage) and written tile by tile to probabilities.npy in the output folder")
+    p.add_argument("--storage", default="uint8", choices=["uint8", "float16", "float32"],
+                   help="with --stream: uint8 (probability x 255), float16 or float32")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per network call (with --stream)")
     p.set_defaults(func=_cmd_predict)
     p = sub.add_parser("card", help="show a model card")
     p.add_argument("model")

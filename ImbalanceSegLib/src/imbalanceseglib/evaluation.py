@@ -437,6 +437,21 @@ def _probability_files(label_file: Path) -> List[Path]:
     return sorted(files, key=lambda q: int(_case_id(q).split("_")[1]))
 
 
+def _read_probability(path: Path, cid: str) -> np.ndarray:
+    """A probability map written by ``imbalanceseg predict``: float, or uint8 with
+    ``ImbalanceSeg_probability_scale = 1/255`` (``predict --stream --storage uint8``)."""
+    import SimpleITK as sitk
+
+    from .images import read_image
+    img = read_image(path, f"probabilities {cid}")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if img.HasMetaDataKey("ImbalanceSeg_probability_scale"):
+        if img.GetMetaData("ImbalanceSeg_probability_scale") != "1/255":
+            raise ValueError(f"{path}: unknown probability scale {img.GetMetaData('ImbalanceSeg_probability_scale')!r}")
+        arr *= np.float32(1.0 / 255.0)
+    return arr
+
+
 def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_dir: Union[str, Path], *,
                      labels: Optional[Sequence[int]] = None,
                      class_names: Optional[Union[Sequence[str], Dict[int, str]]] = None,
@@ -497,8 +512,7 @@ def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_
         if prob_files:
             ref_arr = sitk.GetArrayViewFromImage(ref_img)
             pred_arr = sitk.GetArrayViewFromImage(pred_img)
-            probs = np.stack([sitk.GetArrayFromImage(read_image(f, f"probabilities {cid}")).astype(np.float32)
-                              for f in prob_files])
+            probs = np.stack([_read_probability(f, cid) for f in prob_files])
             if probs.shape[1:] != ref_arr.shape:
                 raise ValueError(f"probabilities of {cid} have shape {probs.shape[1:]}, the reference {ref_arr.shape}")
             rep = cm.calibration_report(probs, ref_arr, res.spacing, pred=pred_arr, n_bins=n_bins,

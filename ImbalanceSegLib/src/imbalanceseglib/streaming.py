@@ -12,7 +12,7 @@ memory or in ``.npy`` files on disk, tile by tile.
 Blending and window placement are MONAI's (``dense_patch_slices`` positions, Gaussian importance
 map from ``compute_importance_map`` with sigma = 0.125 x window), so the logits equal MONAI's up
 to float rounding; windows are batched (``sw_batch_size``), the network runs under
-``torch.inference_mode`` in the channels-last 3D layout on CPU.
+``torch.inference_mode`` (optionally in the channels-last 3D layout).
 """
 
 from __future__ import annotations
@@ -54,10 +54,13 @@ def _importance_map(roi: Sequence[int]) -> torch.Tensor:
 
 def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequence[int], sink: SlabSink,
                   overlap: float = 0.5, sw_batch_size: int = 4, device: str = "cpu",
-                  progress: Optional[ProgressCallback] = None, channels_last: bool = True) -> Dict[str, float]:
+                  progress: Optional[ProgressCallback] = None, channels_last: bool = False) -> Dict[str, float]:
     """Run ``network`` over ``volume`` (z, y, x; normalised float32) window by window and call
     ``sink(z0, logits)`` with finished slabs of blended logits ``(C, dz, y, x)`` (float32, CPU), in
-    order of z, covering the volume exactly once. Returns timings (network, blending)."""
+    order of z, covering the volume exactly once. Returns timings (network, blending).
+
+    ``channels_last``: run the network in the channels-last 3D layout (off by default: on the
+    2-core AVX2 benchmark machine it was not faster, see Testing/Benchmarks/reports/streaming_inference.md)."""
     progress = progress or _noop
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3D (z, y, x), got shape {volume.shape}")

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class _ConvBlock(nn.Sequential):
@@ -57,20 +58,27 @@ class UNet3D(nn.Module):
             self.upsamplers.append(nn.ConvTranspose3d(f_deep, f_skip, 2, stride=2, bias=False))
             self.decoders.append(_ConvBlock(2 * f_skip, f_skip))
         self.head = nn.Conv3d(self.features[0], self.out_channels, 1)
+        # Activation checkpointing (training only; see set_activation_checkpointing).
+        self.checkpointing = False
 
     @property
     def size_divisor(self) -> int:
         return 2 ** (len(self.features) - 1)
 
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: List[torch.Tensor] = []
         for enc in self.encoders:
-            x = enc(x)
+            x = self._run(enc, x)
             skips.append(x)
         x = skips.pop()
         for up, dec in zip(self.upsamplers, self.decoders):
             x = up(x)
-            x = dec(torch.cat([x, skips.pop()], dim=1))
+            x = self._run(dec, torch.cat([x, skips.pop()], dim=1))
         return self.head(x)
 
 
@@ -100,6 +108,16 @@ class UNet3DEnsemble(nn.Module):
         for m in self.members[1:]:
             out = out + m(x)
         return out / len(self.members)
+
+
+def set_activation_checkpointing(network: nn.Module, enabled: bool = True) -> nn.Module:
+    """Recompute each U-Net block's activations in the backward pass instead of storing them
+    (``torch.utils.checkpoint``): less memory for large training patches, about one more forward
+    pass of compute. Results and gradients are unchanged; inference is unaffected."""
+    for module in network.modules():
+        if isinstance(module, UNet3D):
+            module.checkpointing = bool(enabled)
+    return network
 
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {

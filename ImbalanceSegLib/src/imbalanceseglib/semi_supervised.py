@@ -183,7 +183,7 @@ def train_semi_supervised(config, labelled_cases: Sequence, unlabelled_cases: Se
     ``<out_dir>/<name>.imbseg`` and returns its path.  Checkpoints and resume as
     :func:`imbalanceseglib.training.train`."""
     from . import training as tr
-    from .networks import build_network
+    from .networks import build_network, set_activation_checkpointing
 
     ss = settings(config.semi_supervised)
     if ss["method"] == "none":
@@ -202,6 +202,7 @@ def train_semi_supervised(config, labelled_cases: Sequence, unlabelled_cases: Se
     torch.manual_seed(config.seed)
     arch_params = {"in_channels": 1, "out_channels": n_cls, "features": list(config.features), "members": 2}
     network = build_network("UNet3DEnsemble", arch_params)
+    set_activation_checkpointing(network, config.activation_checkpointing)
     net_a, net_b = network.members[0], network.members[1]
     use_mix = ss["method"] == "double_mix"
     teachers = copy.deepcopy(network) if use_mix else None

@@ -43,7 +43,7 @@ from .imbalance import (ConfidenceDifficultyWeights, DifficultyWeights, Distribu
                         per_class_batch_dice, per_class_confidence)
 from .losses import DEFAULT_LOSS, build_loss, resolve_rare_mask
 from .metrics import overlap_metrics
-from .networks import build_network
+from .networks import build_network, set_activation_checkpointing
 
 LogFn = Callable[[str], None]
 
@@ -116,6 +116,8 @@ class TrainConfig:
     augmentation: Dict[str, Any] = field(default_factory=lambda: {"default": "none", "rare": "none"})
     # Semi-supervised training (imbalanceseglib.semi_supervised); method "none" is supervised.
     semi_supervised: Dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    # Recompute block activations in the backward pass (less memory for large patches).
+    activation_checkpointing: bool = False
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -135,6 +137,8 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         if len(self.classes) < 2:
             raise ValueError("config.classes must list the background and at least one foreground class")
         for i, c in enumerate(self.classes):
@@ -448,6 +452,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     n_cls = len(config.classes)
     torch.manual_seed(config.seed)
     network = build_network("UNet3D", {"in_channels": 1, "out_channels": n_cls, "features": list(config.features)})
+    set_activation_checkpointing(network, config.activation_checkpointing)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - it / config.iterations) ** 0.9)  # nnU-Net's polynomial decay

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,36 +12,41 @@ from typing import List, Optional
 
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .data import folder_images, load_training_data, load_unlabeled_data
     from .training import TrainConfig, prepare_case, prepare_unlabeled_case, train
 
+    say = print if int(os.environ.get("RANK", "0")) == 0 else _silent  # under torchrun only rank 0 talks
     cfg_path = Path(args.config)
     spec = json.loads(cfg_path.read_text())
     base = Path(args.data_root) if args.data_root else cfg_path.parent
     config = TrainConfig.from_dict(spec["train"])
     if args.iterations:
         config.iterations = args.iterations
-    print(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
+    say(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
     t0 = time.perf_counter()
-    train_pairs, val_pairs = load_training_data(spec["data"], base, log=lambda s: print(s, flush=True))
+    train_pairs, val_pairs = load_training_data(spec["data"], base, log=lambda s: say(s, flush=True))
     train_cases = [prepare_case(i, l, config, n) for i, l, n in train_pairs]
     val_cases = [prepare_case(i, l, config, n) for i, l, n in val_pairs]
-    unlabeled = load_unlabeled_data(spec["data"], base, log=lambda s: print(s, flush=True))
+    unlabeled = load_unlabeled_data(spec["data"], base, log=lambda s: say(s, flush=True))
     if args.unlabeled:
         unlabeled += folder_images(Path(args.unlabeled))
     if unlabeled and not config.is_semi_supervised:
-        print(f"[train] error: {len(unlabeled)} unlabelled images given but method {config.method!r} is "
+        say(f"[train] error: {len(unlabeled)} unlabelled images given but method {config.method!r} is "
               "supervised; choose cps, cps_weighted or double_mix", file=sys.stderr)
         return 2
     unlabeled_cases = [prepare_unlabeled_case(i, config, n) for i, n in unlabeled]
-    print(f"[train] {len(train_cases)} training, {len(val_cases)} validation"
+    say(f"[train] {len(train_cases)} training, {len(val_cases)} validation"
           + (f" and {len(unlabeled_cases)} unlabelled" if unlabeled_cases else "")
           + f" cases ready in {time.perf_counter() - t0:.1f} s", flush=True)
     path = train(config, train_cases, val_cases, Path(args.out), resume=not args.no_resume,
-                 log=lambda s: print(s, flush=True), extra_card={"training_data": spec["data"]},
+                 log=lambda s: say(s, flush=True), extra_card={"training_data": spec["data"]},
                  unlabeled_cases=unlabeled_cases or None)
-    print(f"[train] bundle written: {path}")
+    say(f"[train] bundle written: {path}")
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import math
 import platform
 import time
@@ -43,6 +44,7 @@ from .imbalance import (ConfidenceDifficultyWeights, DifficultyWeights, Distribu
                         per_class_batch_dice, per_class_confidence)
 from .losses import DEFAULT_LOSS, build_loss, resolve_rare_mask
 from .metrics import overlap_metrics
+from . import distributed as dd
 from .networks import build_network, set_activation_checkpointing
 
 LogFn = Callable[[str], None]
@@ -359,6 +361,10 @@ def make_class_weighter(settings: Dict[str, Any], n_classes: int):
     raise ValueError(f"unknown class weighting {method!r}")
 
 
+def _quiet(message: str) -> None:
+    pass
+
+
 def update_class_weighter(weighter, logits: torch.Tensor, labels: torch.Tensor) -> None:
     """Feed one batch (detached logits, integer labels (N,1,...)) to a weighter."""
     if isinstance(weighter, DistributionWeights):
@@ -438,6 +444,9 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     (:func:`imbalanceseglib.semi_supervised.train_semi_supervised`)."""
     config.validate()
     if config.is_semi_supervised:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("semi-supervised training runs in one process; distributed training (torchrun) "
+                             "supports the supervised methods")
         from .semi_supervised import train_semi_supervised
         return train_semi_supervised(config, train_cases, unlabeled_cases or [], val_cases, out_dir,
                                      resume=resume, log=log, extra_card=extra_card)
@@ -445,6 +454,11 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         raise ValueError(f"unlabelled cases were given but method {config.method!r} is supervised; "
                          "choose a semi-supervised method (cps, cps_weighted, double_mix)")
     voxel_counts = check_training_data(config, train_cases)
+    ctx = dd.init_from_env()
+    if ctx.active:
+        dd.local_slice(config.batch_size, ctx)  # refuses a batch the ranks cannot share evenly
+        if not ctx.is_main:
+            log = _quiet
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.num_threads:
@@ -453,6 +467,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     torch.manual_seed(config.seed)
     network = build_network("UNet3D", {"in_channels": 1, "out_channels": n_cls, "features": list(config.features)})
     set_activation_checkpointing(network, config.activation_checkpointing)
+    dd.broadcast_parameters(network, ctx)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - it / config.iterations) ** 0.9)  # nnU-Net's polynomial decay
@@ -493,12 +508,16 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         log(f"resuming from {ckpt_path} at iteration {start_it}/{config.iterations}")
 
     def checkpoint(it: int, elapsed: float) -> None:
+        if not ctx.is_main:
+            dd.barrier(ctx)
+            return
         _save_checkpoint(ckpt_path, {
             "model": network.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": json.dumps(rng.bit_generator.state), "history": json.dumps(history),
             "iteration": it, "elapsed": elapsed, "config": json.dumps(config.to_dict(), sort_keys=True),
             "class_weights": json.dumps(weighter.state_dict() if weighter is not None else None)})
+        dd.barrier(ctx)
 
     t_start = time.perf_counter()
     running = []
@@ -512,15 +531,21 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             x, target, _ = asymmetric_mixup(x, y, x_b, y_b, rare_mask, alpha=float(config.mixup.get("alpha", 0.3)),
                                             margin=float(config.mixup.get("margin", 0.5)), rng=rng)
             y = target.argmax(1, keepdim=True)  # hard labels for the weights and the adversarial step
+        # decided on the global batch, so every rank takes the same kind of step
+        adversarial_step = adv_p > 0 and rng.random() < adv_p and bool(rare_mask[y.long()].any())
+        if ctx.active:  # this rank's slice of the global batch
+            part = dd.local_slice(config.batch_size, ctx)
+            x, y, target = x[part], y[part], target[part]
         weights = weighter.weights if weighter is not None else None
         logits = network(x)
         loss = loss_fn(logits, target, class_weights=weights)
-        if adv_p > 0 and rng.random() < adv_p and bool(rare_mask[y.long()].any()):
+        if adversarial_step:
             x_adv = asymmetric_adversarial_input(network, x, y, rare_mask,
                                                  epsilon=float(config.adversarial.get("epsilon", 10.0)))
             loss = loss + float(config.adversarial.get("weight", 1.0)) * loss_fn(network(x_adv), target,
                                                                                   class_weights=weights)
-        if not torch.isfinite(loss):
+        global_loss = dd.mean_scalar(loss, ctx)
+        if not torch.isfinite(global_loss):
             kept = (f"the checkpoint of iteration {last_checkpoint} in {ckpt_path} is kept"
                     if last_checkpoint is not None else "no checkpoint had been written yet")
             raise FloatingPointError(
@@ -530,12 +555,13 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 "Lower the learning rate or check these cases.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dd.average_gradients(network, ctx)
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
         optimizer.step()
         scheduler.step()
-        if weighter is not None:
-            update_class_weighter(weighter, logits.detach(), y)
-        running.append(float(loss.item()))
+        if weighter is not None:  # from the whole global batch on every rank
+            update_class_weighter(weighter, dd.gather_batch(logits.detach(), ctx), dd.gather_batch(y, ctx))
+        running.append(float(global_loss))
         done = it + 1
         elapsed = elapsed_before + time.perf_counter() - t_start
         if done % config.log_every == 0 or done == config.iterations:
@@ -549,7 +575,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 f"{rate:.2f} it/s  eta {eta / 60:.1f} min"
                 + (f"  weights {' '.join(f'{w:.2f}' for w in entry['class_weights'])}" if weighter is not None else ""))
             running = []
-        if val_cases and (done % config.val_every == 0 or done == config.iterations):
+        if val_cases and ctx.is_main and (done % config.val_every == 0 or done == config.iterations):
             network.eval()
             metrics = evaluate_cases(network, val_cases, config)
             network.train()
@@ -562,11 +588,19 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             last_checkpoint = done
 
     network.eval()
+    bundle_path = out_dir / f"{config.name}{BUNDLE_SUFFIX}"
+    if not ctx.is_main:
+        dd.barrier(ctx)  # rank 0 writes the bundle
+        return bundle_path
     validation = evaluate_cases(network, val_cases, config) if val_cases else {"per_class": {}, "cases": 0}
     total_time = elapsed_before + time.perf_counter() - t_start
     card = training_card(config, {"arch": "UNet3D", "params": {"in_channels": 1, "out_channels": n_cls,
                                                                 "features": list(config.features)}},
                          validation, rare_names, voxel_counts, len(train_cases), len(val_cases), total_time, history)
+    if ctx.active:
+        card["training"]["processes"] = ctx.world
     if extra_card:
         card.update(copy.deepcopy(extra_card))
-    return save_bundle(out_dir / f"{config.name}{BUNDLE_SUFFIX}", card, network)
+    path = save_bundle(bundle_path, card, network)
+    dd.barrier(ctx)
+    return path

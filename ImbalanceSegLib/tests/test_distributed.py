@@ -28,7 +28,7 @@ def _config(weighting):
 
 
 def _cases():
-    from conftest import make_case
+    from imbalanceseglib.training import make_case
     return [make_case(*sphere_case(s, shape=(24, 24, 24)), name=f"c{s}") for s in range(3)]
 
 

@@ -641,7 +641,6 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         """A training config for scene pairs: classes are the segments of the first segmentation
         (names and colours; background first), the target spacing is the median voxel spacing of the
         volumes, patches at most ``patchSize`` voxels a side (and no larger than the volumes)."""
-        from imbalanceseglib.training import TrainConfig
         if not pairs:
             raise ValueError("choose at least one (volume, segmentation) pair to train on")
         if not name or any(ch in name for ch in "/\\:") or name.strip() != name:
@@ -655,10 +654,19 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             if seg.GetName() in [c["name"] for c in classes]:
                 raise ValueError(f"two segments are named {seg.GetName()!r}; class names must be unique")
             classes.append({"value": i + 1, "name": seg.GetName(), "color": [round(v, 4) for v in seg.GetColor()]})
-        spacings = np.array([v.GetSpacing() for v, _ in pairs], dtype=float)
-        dims = np.array([v.GetImageData().GetDimensions() for v, _ in pairs if v.GetImageData() is not None])
+        spacings = [v.GetSpacing() for v, _ in pairs]
+        sizes = [v.GetImageData().GetDimensions() for v, _ in pairs if v.GetImageData() is not None]
+        return self._trainConfig(name, classes, spacings, sizes, method, iterations, modality, patchSize)
+
+    @staticmethod
+    def _trainConfig(name: str, classes, spacings, sizes, method: str, iterations: int, modality: str,
+                     patchSize: int):
+        """The config both training entry points build: target spacing = median spacing, patches at
+        most ``patchSize`` voxels a side, multiples of 16 that fit the smallest volume."""
+        from imbalanceseglib.training import TrainConfig
+        spacings = np.array(spacings, dtype=float)
         target = [float(x) for x in np.median(spacings, axis=0)]
-        size_mm = dims.min(axis=0) * spacings.min(axis=0) if len(dims) else np.array([patchSize] * 3)
+        size_mm = np.array(sizes).min(axis=0) * spacings.min(axis=0) if len(sizes) else np.array([patchSize] * 3)
         patch = [int(max(16, min(patchSize, 16 * (int(s / t) // 16 or 1)))) for s, t in zip(size_mm, target)]
         config = TrainConfig.from_dict({"name": name, "classes": classes, "target_spacing": target,
                                         "patch_size": patch, "features": [16, 32, 64, 128], "iterations": int(iterations),
@@ -675,7 +683,6 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         background 0 is added when absent), ``images/`` and ``labels/`` with the same file names.
         Target spacing: the median spacing of the images (read from their headers)."""
         import SimpleITK as sitk
-        from imbalanceseglib.training import TrainConfig
         folder = Path(folder)
         spec = folder / "classes.json"
         if not spec.is_file():
@@ -705,17 +712,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             reader.ReadImageInformation()
             spacings.append(reader.GetSpacing())
             sizes.append(reader.GetSize())
-        target = [float(x) for x in np.median(np.array(spacings), axis=0)]
-        size_mm = np.array(sizes).min(axis=0) * np.array(spacings).min(axis=0)
-        patch = [int(max(16, min(patchSize, 16 * (int(s / t) // 16 or 1)))) for s, t in zip(size_mm, target)]
-        config = TrainConfig.from_dict({"name": name, "classes": classes, "target_spacing": target,
-                                        "patch_size": patch, "features": [16, 32, 64, 128], "iterations": int(iterations),
-                                        "method": method, "modality": modality or "",
-                                        "val_every": max(1, int(iterations) // 10),
-                                        "checkpoint_every": max(1, min(100, int(iterations) // 10)),
-                                        "log_every": max(1, min(25, int(iterations) // 20))})
-        config.validate()
-        return config
+        return self._trainConfig(name, classes, spacings, sizes, method, iterations, modality, patchSize)
 
     def updateTrainingPlot(self, history: Sequence[Dict[str, Any]], classNames: Sequence[str],
                            chartNode=None, name: str = "ImbalanceSeg training"):

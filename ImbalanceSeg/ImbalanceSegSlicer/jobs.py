@@ -91,7 +91,105 @@ def _stop(proc: subprocess.Popen, timeout: float) -> None:
         pass
 
 
-class SegmentationJob:
+class _ProcessJob:
+    """What both background jobs share: a child process in its own group, stdout lines and the
+    stderr tail read by threads, cancel, wait and clean-up of the temporary folder."""
+
+    _what = "job"
+    _cancel_timeout = 5.0
+
+    def __init__(self, python: Optional[str], threads: Optional[int]):
+        self.python = python or python_executable()
+        self.threads = threads
+        self.state = CREATED
+        self.error: Optional[str] = None
+        self.log: List[str] = []
+        self._proc: Optional[subprocess.Popen] = None
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._stderr: List[str] = []
+        self._eof = False
+        self._tmp: Optional[Path] = None
+
+    def _start_process(self, cmd: List[str]) -> None:
+        self._eof = False
+        self._proc = _launch(cmd, self._tmp, self.threads)
+        threading.Thread(target=self._read_stdout, args=(self._proc,), daemon=True).start()
+        threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True).start()
+
+    def _read_stdout(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _read_stderr(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            self._stderr.append(line.rstrip())
+            del self._stderr[:-200]
+
+    def _new_lines(self) -> List[str]:
+        """Lines the child wrote since the last call (sets ``_eof`` at the end of its output)."""
+        lines = []
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                return lines
+            if line is None:
+                self._eof = True
+            else:
+                lines.append(line)
+
+    def _exited(self) -> bool:
+        return self._proc.poll() is not None and self._eof
+
+    def _failure(self, what: str) -> str:
+        tail = "\n".join((self._stderr or self.log)[-5:])
+        return f"{what} (exit code {self._proc.returncode})" + (f":\n{tail}" if tail else "")
+
+    def poll(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def cancel(self, timeout: Optional[float] = None) -> str:
+        """Stop the child; returns the final state."""
+        if self.state != RUNNING:
+            return self.state
+        _stop(self._proc, self._cancel_timeout if timeout is None else timeout)
+        self.state = CANCELLED
+        self.error = "cancelled by the user"
+        self._cleanup()
+        return self.state
+
+    def _wait(self, timeout: Optional[float], interval: float,
+              progress: Optional[Callable[[str, float], None]] = None) -> None:
+        t0 = time.monotonic()
+        while self.poll() == RUNNING:
+            if progress:
+                progress(self.stage, self.fraction)
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                self.cancel()
+                raise JobError(f"{self._what} took longer than {timeout:g} s and was cancelled")
+            time.sleep(interval)
+        if self.state != DONE:
+            raise JobError(self.error or self.state)
+
+    def _cleanup(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
+    def __del__(self):
+        try:
+            if self.state == RUNNING:
+                self.cancel(timeout=1.0)
+        except Exception:
+            pass
+
+
+class SegmentationJob(_ProcessJob):
     """One segmentation run in a background process.
 
     ``poll()`` returns the state (``running``, ``done``, ``failed``, ``cancelled``) and updates
@@ -99,6 +197,8 @@ class SegmentationJob:
     postprocess, write, results). After ``done``, ``result`` is the Logic's
     :class:`SegmentationResult`; after ``failed``, ``error`` says what went wrong.
     """
+
+    _what = "segmentation"
 
     def __init__(self, logic, inputVolumeNode, modelPath, referenceSegmentationNode=None, device: str = "cpu",
                  flagThreshold: float = 0.7, baseName: Optional[str] = None, modality: Optional[str] = None,
@@ -111,21 +211,12 @@ class SegmentationJob:
         self.flagThreshold = flagThreshold
         self.baseName = baseName
         self.modality = modality
-        self.python = python or python_executable()
-        self.threads = threads
-        self.state = CREATED
+        super().__init__(python, threads)
         self.stage, self.fraction = "", 0.0
-        self.error: Optional[str] = None
         self.result = None
-        self.log: List[str] = []
         self.stages: List[str] = []  # progress steps in the order the worker reported them
-        self._proc: Optional[subprocess.Popen] = None
-        self._events: "queue.Queue[Optional[dict]]" = queue.Queue()
-        self._tmp: Optional[Path] = None
         self._input_id = None
         self._done_event: Optional[dict] = None
-        self._stderr: List[str] = []
-        self._eof = False
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> "SegmentationJob":
@@ -149,43 +240,24 @@ class SegmentationJob:
                    "--model", str(self.modelPath), "--output", str(self._tmp / "out"), "--device", self.device]
             if self.modality:
                 cmd += ["--modality", self.modality]
-            self._proc = _launch(cmd, self._tmp, self.threads)
+            self._start_process(cmd)
         except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._cleanup()
             raise
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
         self.state = RUNNING
         self.stage = "starting"
         return self
-
-    def _read_stdout(self) -> None:
-        for line in self._proc.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                self._events.put(json.loads(line))
-            except ValueError:
-                self.log.append(line)
-        self._events.put(None)
-
-    def _read_stderr(self) -> None:
-        for line in self._proc.stderr:
-            self._stderr.append(line.rstrip())
-            del self._stderr[:-200]
 
     def poll(self) -> str:
         """Read the worker's progress; when it has finished, add the results to the scene."""
         if self.state != RUNNING:
             return self.state
-        while True:
+        for line in self._new_lines():
             try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if event is None:
-                self._eof = True
+                event = json.loads(line)
+            except ValueError:
+                if line.strip():
+                    self.log.append(line.strip())
                 continue
             kind = event.get("event")
             if kind == "progress":
@@ -196,7 +268,7 @@ class SegmentationJob:
                 self._done_event = event
             elif kind == "error":
                 self.error = f"{event.get('type', 'Error')}: {event.get('message', '')}"
-        if self._proc.poll() is None or not self._eof:
+        if not self._exited():
             return self.state
         return self._finish()
 
@@ -205,8 +277,7 @@ class SegmentationJob:
         try:
             if rc != 0 or self._done_event is None:
                 if self.error is None:
-                    tail = "\n".join(self._stderr[-5:])
-                    self.error = f"the segmentation process stopped (exit code {rc})" + (f":\n{tail}" if tail else "")
+                    self.error = self._failure("the segmentation process stopped")
                 self.state = FAILED
                 return self.state
             try:
@@ -250,46 +321,12 @@ class SegmentationJob:
                                             self.referenceSegmentationNode, baseName=self.baseName,
                                             flagThreshold=self.flagThreshold, timings=timings)
 
-    def cancel(self, timeout: float = 5.0) -> str:
-        """Stop the worker; the scene stays as it was. Returns the final state."""
-        if self.state != RUNNING:
-            return self.state
-        _stop(self._proc, timeout)
-        self.state = CANCELLED
-        self.error = "cancelled by the user"
-        self._cleanup()
-        return self.state
-
     def wait(self, timeout: Optional[float] = None, interval: float = 0.1,
              progress: Optional[Callable[[str, float], None]] = None):
-        """Poll until the job ends; returns the result, raises :class:`JobError` on failure or cancel."""
-        t0 = time.monotonic()
-        while self.poll() == RUNNING:
-            if progress:
-                progress(self.stage, self.fraction)
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                self.cancel()
-                raise JobError(f"segmentation took longer than {timeout:g} s and was cancelled")
-            time.sleep(interval)
-        if self.state != DONE:
-            raise JobError(self.error or self.state)
+        """Poll until the job ends; returns the result, raises :class:`JobError` on failure or cancel
+        (cancel leaves the scene as it was)."""
+        self._wait(timeout, interval, progress)
         return self.result
-
-    def _cleanup(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._proc.pid if self._proc is not None else None
-
-    def __del__(self):
-        try:
-            if self.state == RUNNING:
-                self.cancel(timeout=1.0)
-        except Exception:
-            pass
 
 
 _ITER_LINE = re.compile(r"^iter\s+(\d+)/(\d+)\s+loss\s+([-+0-9.eE]+|nan)")
@@ -317,7 +354,7 @@ def parse_training_line(line: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-class TrainingJob:
+class TrainingJob(_ProcessJob):
     """Training in a background process (``imbalanceseg train``) on scene nodes, or on a data
     folder (``images/``, ``labels/``, optional ``val_images/`` and ``val_labels/``, same file names).
 
@@ -330,6 +367,9 @@ class TrainingJob:
     the loss and validation Dice as they are logged (for the live plot); ``bundlePath`` is set
     when the bundle is written. The scene is never changed.
     """
+
+    _what = "training"
+    _cancel_timeout = 10.0
 
     def __init__(self, logic, config, pairs: Sequence[Tuple[Any, Any]], outputFolder,
                  unlabeledVolumeNodes: Sequence[Any] = (), validationPairs: Sequence[Tuple[Any, Any]] = (),
@@ -344,24 +384,19 @@ class TrainingJob:
         self.unlabeledVolumeNodes = list(unlabeledVolumeNodes)
         self.outputFolder = Path(outputFolder)
         self.resume = resume
-        self.python = python or python_executable()
-        self.threads = threads
-        self.state = CREATED
+        super().__init__(python, threads)
         self.iteration, self.total = 0, int(config.iterations)
         self.history: List[Dict[str, Any]] = []
         self.bundlePath: Optional[Path] = None
-        self.error: Optional[str] = None
-        self.log: List[str] = []
-        self._proc: Optional[subprocess.Popen] = None
-        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        self._stderr: List[str] = []
-        self._eof = False
-        self._tmp: Optional[Path] = None
         self._data: Dict[str, Any] = {}
 
     @property
     def fraction(self) -> float:
         return min(1.0, self.iteration / max(1, self.total))
+
+    @property
+    def stage(self) -> str:
+        return self.phase
 
     def _export(self, folder: Path, pairs, prefix: str) -> Tuple[str, str]:
         import SimpleITK as sitk
@@ -432,37 +467,17 @@ class TrainingJob:
             (self._tmp / "config.json").write_text(json.dumps({"train": self.config.to_dict(), "data": data}))
             cmd = [self.python, "-u", "-m", "imbalanceseglib.cli", "train", str(self._tmp / "config.json"),
                    "--out", str(self.outputFolder)] + ([] if self.resume else ["--no-resume"])
-            self._proc = _launch(cmd, self._tmp, self.threads)
+            self._start_process(cmd)
         except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+            self._cleanup()
             raise
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
         self.state = RUNNING
         return self
-
-    def _read_stdout(self) -> None:
-        for line in self._proc.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def _read_stderr(self) -> None:
-        for line in self._proc.stderr:
-            self._stderr.append(line.rstrip())
-            del self._stderr[:-200]
 
     def poll(self) -> str:
         if self.state != RUNNING:
             return self.state
-        while True:
-            try:
-                line = self._lines.get_nowait()
-            except queue.Empty:
-                break
-            if line is None:
-                self._eof = True
-                continue
+        for line in self._new_lines():
             self.log.append(line)
             entry = parse_training_line(line)
             if entry is None:
@@ -474,7 +489,7 @@ class TrainingJob:
             else:
                 self.iteration, self.total = entry["iteration"], entry["total"]
                 self.history.append({"iteration": entry["iteration"], "loss": entry["loss"]})
-        if self._proc.poll() is None or not self._eof:
+        if not self._exited():
             return self.state
         rc = self._proc.returncode
         if rc == 0 and self.phase == "train" and self.bundlePath is not None and self.bundlePath.is_file() \
@@ -487,49 +502,18 @@ class TrainingJob:
                    "--method", self.calibration, "--out", str(calibrated)]
             self.phase = "calibrate"
             self.bundlePath = None
-            self._eof = False
-            self._proc = _launch(cmd, self._tmp, self.threads)
-            threading.Thread(target=self._read_stdout, daemon=True).start()
-            threading.Thread(target=self._read_stderr, daemon=True).start()
+            self._start_process(cmd)
             return self.state
         if rc == 0 and self.bundlePath is not None and self.bundlePath.is_file():
             self.state = DONE
         else:
-            tail = "\n".join((self._stderr or self.log)[-5:])
-            self.error = f"training stopped (exit code {rc})" + (f":\n{tail}" if tail else "")
+            self.error = self._failure("training stopped")
             self.state = FAILED
         self._cleanup()
         return self.state
 
-    def cancel(self, timeout: float = 10.0) -> str:
-        """Stop training; checkpoints already written stay in the output folder (resume later)."""
-        if self.state != RUNNING:
-            return self.state
-        _stop(self._proc, timeout)
-        self.state = CANCELLED
-        self.error = "cancelled by the user"
-        self._cleanup()
-        return self.state
-
     def wait(self, timeout: Optional[float] = None, interval: float = 0.2) -> Path:
-        t0 = time.monotonic()
-        while self.poll() == RUNNING:
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                self.cancel()
-                raise JobError(f"training took longer than {timeout:g} s and was cancelled")
-            time.sleep(interval)
-        if self.state != DONE:
-            raise JobError(self.error or self.state)
+        """Poll until training (and calibration) ends; returns the bundle path. Cancelling keeps the
+        checkpoints already written in the output folder (resume later)."""
+        self._wait(timeout, interval)
         return self.bundlePath
-
-    def _cleanup(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __del__(self):
-        try:
-            if self.state == RUNNING:
-                self.cancel(timeout=1.0)
-        except Exception:
-            pass

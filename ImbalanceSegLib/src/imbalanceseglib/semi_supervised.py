@@ -326,13 +326,8 @@ def train_semi_supervised(config, labelled_cases: Sequence, unlabelled_cases: Se
                 f")  {rate:.2f} it/s  eta {(config.iterations - done) / max(rate, 1e-9) / 60:.1f} min")
             running = {k: [] for k in running}
         if val_cases and (done % config.val_every == 0 or done == config.iterations):
-            network.eval()
-            metrics = tr.evaluate_cases(network, val_cases, config)
-            network.train()
-            history.append({"iteration": done, "val": metrics["per_class"]})
-            log("  val dice (mean of the two networks): " + "  ".join(
-                f"{k}={v['dice']:.3f}" if v["dice"] is not None else f"{k}=absent"
-                for k, v in metrics["per_class"].items()))
+            tr.validation_step(network, val_cases, config, done, history, log,
+                               label="val dice (mean of the two networks)")
         if done % config.checkpoint_every == 0 or done == config.iterations:
             checkpoint(done, elapsed)
             last_checkpoint = done

@@ -361,6 +361,18 @@ def make_class_weighter(settings: Dict[str, Any], n_classes: int):
     raise ValueError(f"unknown class weighting {method!r}")
 
 
+def validation_step(network, val_cases: Sequence[Case], config: TrainConfig, done: int,
+                    history: List[Dict[str, Any]], log: Callable[[str], None], label: str = "val dice") -> None:
+    """Per-class validation Dice during training: appended to ``history`` and logged (the line
+    the Slicer training job parses)."""
+    network.eval()
+    metrics = evaluate_cases(network, val_cases, config)
+    network.train()
+    history.append({"iteration": done, "val": metrics["per_class"]})
+    log(f"  {label}: " + "  ".join(f"{k}={v['dice']:.3f}" if v["dice"] is not None else f"{k}=absent"
+                                   for k, v in metrics["per_class"].items()))
+
+
 def _quiet(message: str) -> None:
     pass
 
@@ -576,13 +588,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                 + (f"  weights {' '.join(f'{w:.2f}' for w in entry['class_weights'])}" if weighter is not None else ""))
             running = []
         if val_cases and ctx.is_main and (done % config.val_every == 0 or done == config.iterations):
-            network.eval()
-            metrics = evaluate_cases(network, val_cases, config)
-            network.train()
-            history.append({"iteration": done, "val": metrics["per_class"]})
-            log("  val dice: " + "  ".join(
-                f"{k}={v['dice']:.3f}" if v["dice"] is not None else f"{k}=absent"
-                for k, v in metrics["per_class"].items()))
+            validation_step(network, val_cases, config, done, history, log)
         if done % config.checkpoint_every == 0 or done == config.iterations:
             checkpoint(done, elapsed)
             last_checkpoint = done

@@ -307,7 +307,7 @@ def needs_resampling(image: sitk.Image, target_spacing: Optional[Sequence[float]
 NORMALIZATION_SCHEMES = ("none", "percentile_zscore", "fixed_zscore")
 
 
-def normalise_intensities(array: np.ndarray, params: Dict[str, Any]) -> np.ndarray:
+def normalise_intensities(array: np.ndarray, params: Dict[str, Any], copy: bool = True) -> np.ndarray:
     """Apply the intensity normalisation recorded in a model card.
 
     Schemes:
@@ -316,20 +316,28 @@ def normalise_intensities(array: np.ndarray, params: Dict[str, Any]) -> np.ndarr
     * ``fixed_zscore``: clip to [clip_min, clip_max], then (x - mean) / std with the
       fixed mean/std of the card (CT-style);
     * ``none``.
+
+    ``copy=False`` normalises a float32 ``array`` in place (big volumes: no second full copy).
     """
     scheme = params.get("scheme", "percentile_zscore")
-    array = np.asarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).sum())
-        raise ImageError(f"image has {bad} NaN or infinite voxel values; fix or mask them before segmenting")
+    arr = np.asarray(array).astype(np.float32, copy=copy)
+    flat = arr.reshape(-1)
+    for start in range(0, flat.size, 1 << 24):  # chunked: no full-size boolean mask
+        if not np.isfinite(flat[start:start + (1 << 24)]).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise ImageError(f"image has {bad} NaN or infinite voxel values; fix or mask them before segmenting")
     if scheme == "none":
-        return array.copy()
+        return arr
     if scheme == "percentile_zscore":
-        lo, hi = np.percentile(array, [params.get("lower_percentile", 0.5), params.get("upper_percentile", 99.5)])
-        clipped = np.clip(array, lo, hi)
-        std = float(clipped.std())
-        return ((clipped - float(clipped.mean())) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+        lo, hi = np.percentile(arr, [params.get("lower_percentile", 0.5), params.get("upper_percentile", 99.5)])
+        np.clip(arr, lo, hi, out=arr)
+        std = float(arr.std())
+        arr -= float(arr.mean())
+        arr /= std if std > 1e-8 else 1.0
+        return arr
     if scheme == "fixed_zscore":
-        clipped = np.clip(array, params["clip_min"], params["clip_max"])
-        return ((clipped - params["mean"]) / params["std"]).astype(np.float32)
+        np.clip(arr, params["clip_min"], params["clip_max"], out=arr)
+        arr -= params["mean"]
+        arr /= params["std"]
+        return arr
     raise ImageError(f"unknown intensity normalisation scheme {scheme!r}")

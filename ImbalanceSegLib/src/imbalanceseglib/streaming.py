@@ -206,38 +206,6 @@ def decode(a: np.ndarray, storage: str) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-def _normalise_lean(image: sitk.Image, pre: Dict[str, Any]) -> np.ndarray:
-    """:func:`imbalanceseglib.images.normalise_intensities` with fewer full-size copies."""
-    from .images import ImageError
-    arr = sitk.GetArrayFromImage(image)
-    arr = arr.astype(np.float32, copy=False)
-    flat = arr.reshape(-1)
-    for s in range(0, flat.size, 1 << 24):
-        if not np.isfinite(flat[s:s + (1 << 24)]).all():
-            raise ImageError("image has NaN or infinite voxel values; fix or mask them before segmenting")
-    scheme = pre.get("scheme", "percentile_zscore")
-    if scheme == "none":
-        return arr
-    if scheme == "percentile_zscore":
-        lo, hi = np.percentile(arr, [pre.get("lower_percentile", 0.5), pre.get("upper_percentile", 99.5)])
-        np.clip(arr, lo, hi, out=arr)
-        mean = float(arr.mean(dtype=np.float64))
-        var = 0.0
-        for s in range(0, flat.size, 1 << 24):
-            d = flat[s:s + (1 << 24)].astype(np.float64) - mean
-            var += float(np.dot(d, d))
-        std = math.sqrt(var / max(1, flat.size))
-        arr -= np.float32(mean)
-        arr /= np.float32(std if std > 1e-8 else 1.0)
-        return arr
-    if scheme == "fixed_zscore":
-        np.clip(arr, pre["clip_min"], pre["clip_max"], out=arr)
-        arr -= np.float32(pre["mean"])
-        arr /= np.float32(pre["std"])
-        return arr
-    raise ImageError(f"unknown intensity normalisation scheme {scheme!r}")
-
-
 def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: float = 0.5,
                       sw_batch_size: int = 4, progress: Optional[ProgressCallback] = None,
                       storage: str = "uint8", out_dir: Optional[Path] = None) -> CompactPrediction:
@@ -251,7 +219,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     The volume must already be on the model's grid and in its orientation for the bounded-memory
     path; otherwise it is resampled first (whole volume, float32).
     """
-    from .images import check_image, needs_resampling, resample_to_spacing, to_canonical
+    from .images import check_image, needs_resampling, normalise_intensities, resample_to_spacing, to_canonical
     from .inference import apply_calibration, calibration_logits, estimator_for, _to_input_grid
 
     progress = progress or _noop
@@ -268,7 +236,8 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     canonical = to_canonical(image)
     resampled = needs_resampling(canonical, pre.get("target_spacing"))
     work = resample_to_spacing(sitk.Cast(canonical, sitk.sitkFloat32), pre["target_spacing"]) if resampled else canonical
-    volume = _normalise_lean(work, pre.get("normalization", {}))
+    volume = normalise_intensities(sitk.GetArrayFromImage(work).astype(np.float32, copy=False),
+                                   pre.get("normalization", {}), copy=False)
     geometry = sitk.Image(1, 1, 1, sitk.sitkUInt8)
     geometry.SetOrigin(work.GetOrigin())
     geometry.SetSpacing(work.GetSpacing())

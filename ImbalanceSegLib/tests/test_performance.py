@@ -301,3 +301,59 @@ def test_fitted_parameters_survive_the_bundle_round_trip(tmp_path, method):
 def test_invalid_calibration_entries_are_refused(cal, message):
     with pytest.raises(BundleError, match=message):
         validate_card(_card(cal))
+
+
+def _two_pass(est, logits):
+    acc = est.accumulator(logits.shape[0])
+    acc.add(logits)
+    p = est.calibrated_probabilities(logits[None])[0]
+    return acc, p
+
+
+@pytest.mark.parametrize("method", ["none", "ts", "atc", "ts-atc"])
+def test_fused_maps_and_estimate_equal_the_two_pass_path(method):
+    import torch
+    from imbalanceseglib.performance import TEMPERATURE_GRID, PerformanceEstimator
+    c = 4
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(c, 6, 20, 30, generator=gen) * 3
+    logits[:, 0, 0, :4] = torch.tensor([200.0, -200.0, -200.0, -200.0])[:, None]  # others underflow: o = 0
+    est = PerformanceEstimator(method=method, class_specific=True, num_classes=c,
+                               temperature=[float(TEMPERATURE_GRID[k]) for k in (12, 14, 9, 16)]
+                               if method in ("ts", "ts-atc") else None,
+                               threshold=[0.6, 0.75, 0.9, 0.5] if method in ("atc", "ts-atc") else None)
+    ref_acc, ref_p = _two_pass(est, logits)
+    acc = est.accumulator(c)
+    # split in two pieces and small chunks: the sums must not depend on how the voxels are split
+    p1, lab1, u1 = acc.add_with_maps(logits[:, :3].contiguous(), chunk=777)
+    p2, lab2, u2 = acc.add_with_maps(logits[:, 3:].contiguous(), chunk=1 << 16)
+    p = torch.cat([p1, p2], dim=1)
+    torch.testing.assert_close(p, ref_p, atol=3e-7, rtol=0)
+    assert torch.equal(torch.cat([lab1, lab2]), torch.argmax(logits, dim=0))
+    ent = -(ref_p * torch.log(ref_p.clamp_min(1e-12))).sum(0) / np.log(c)
+    torch.testing.assert_close(torch.cat([u1, u2]), ent.clamp(0, 1), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(acc.tp.numpy(), ref_acc.tp.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(acc.n.numpy(), ref_acc.n.numpy())
+    np.testing.assert_allclose(acc.g.numpy(), ref_acc.g.numpy(), rtol=1e-6)
+    for a, e in zip(acc.result().as_rows(), ref_acc.result().as_rows()):
+        assert a["state"] == e["state"]
+        for key in ("dice", "sensitivity", "precision"):
+            assert (a[key] is None) == (e[key] is None)
+            if e[key] is not None:
+                assert a[key] == pytest.approx(e[key], rel=1e-6)
+
+
+def test_fused_path_declines_what_it_does_not_cover():
+    import torch
+    from imbalanceseglib.performance import PerformanceEstimator
+    z = torch.randn(3, 5, 5, 5)
+    doc = PerformanceEstimator(method="doc", num_classes=3, offset=[0.1, 0.0, 0.2])
+    assert doc.accumulator(3).add_with_maps(z) is None
+    ent = PerformanceEstimator(method="none", confidence="entropy", num_classes=3)
+    assert ent.accumulator(3).add_with_maps(z) is None
+    off_grid = PerformanceEstimator(method="ts-atc", num_classes=3, temperature=[1.1, 1.0, 1.0],
+                                    threshold=[0.5, 0.5, 0.5])
+    assert off_grid.accumulator(3).add_with_maps(z) is None
+    bad = torch.tensor([[float("nan")] * 8, [0.0] * 8, [0.0] * 8]).reshape(3, 2, 2, 2)
+    with pytest.raises(Exception, match="NaN"):
+        PerformanceEstimator(method="none", num_classes=3).accumulator(3).add_with_maps(bad)

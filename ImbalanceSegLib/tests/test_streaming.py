@@ -108,3 +108,71 @@ def test_cli_predict_stream_writes_maps_that_evaluate_reads_back(tmp_path):
                                    _read_probability(out_f / f"probability_{k:02d}.nrrd", "c"), atol=0.5 / 255 + 1e-5)
     assert cli_main(["predict", "--model", str(model), "--input", str(tmp_path / "in.nrrd"),
                      "--output", str(out_s), "--stream", "--tta", "identity,flip_x"]) == 2
+
+
+def _monai_logits(network, vol, roi):
+    with torch.inference_mode():
+        return sliding_window_inference(torch.from_numpy(vol)[None, None], roi, 2, network,
+                                        overlap=0.5, mode="gaussian")[0]
+
+
+def _streamed(network, vol, roi, **kw):
+    slabs = []
+    plan = {}
+    stream_logits(network, vol, roi, lambda z0, lg: slabs.append(lg.clone()), overlap=0.5, plan_out=plan, **kw)
+    return torch.cat(slabs, dim=1), plan
+
+
+def test_auto_plan_times_every_candidate_on_real_windows_and_keeps_monais_logits():
+    from imbalanceseglib import streaming
+    streaming._TUNED.clear()
+    b = _bundle()
+    vol = np.random.default_rng(5).normal(size=(40, 64, 64)).astype(np.float32)  # 4 x 7 x 7 = 196 windows
+    ours, plan = _streamed(b.network, vol, [16, 16, 16])
+    assert plan["source"] == "tuned"
+    tried = {(t["layout"], t["sw_batch_size"]) for t in plan["trials"]}
+    assert tried == {(lay, bs) for lay in ("contiguous", "channels_last") for bs in (1, 2, 4)}
+    best = min(plan["trials"], key=lambda t: t["seconds_per_window"])
+    assert (plan["layout"], plan["sw_batch_size"]) == (best["layout"], best["sw_batch_size"])
+    # every window was blended exactly once, whatever batch and layout it ran in
+    torch.testing.assert_close(ours, _monai_logits(b.network, vol, [16, 16, 16]), atol=2e-5, rtol=1e-5)
+    # the network's parameters are back in their own layout
+    assert all(p.is_contiguous() for p in b.network.parameters())
+    # a second run in the process reuses the measurement
+    _, again = _streamed(b.network, vol, [16, 16, 16])
+    assert again["source"] == "tuned (cached)" and again["layout"] == plan["layout"]
+
+
+def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults():
+    b = _bundle()
+    vol = np.random.default_rng(6).normal(size=(24, 30, 20)).astype(np.float32)
+    ref = _monai_logits(b.network, vol, [16, 16, 16])
+    cl, plan = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=3, layout="channels_last")
+    assert plan == {"sw_batch_size": 3, "layout": "channels_last", "source": "given", "trials": []}
+    torch.testing.assert_close(cl, ref, atol=2e-5, rtol=1e-5)
+    assert all(p.is_contiguous() for p in b.network.parameters())
+    fresh = _bundle()  # another network: nothing cached for it, and too few windows to measure
+    _, plan = _streamed(fresh.network, vol, [16, 16, 16])
+    assert plan["source"] == "default" and (plan["sw_batch_size"], plan["layout"]) == (2, "contiguous")
+
+
+def test_bad_plan_and_precision_are_refused():
+    b = _bundle()
+    vol = np.zeros((16, 16, 16), np.float32)
+    with pytest.raises(ValueError, match="layout must be"):
+        stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, layout="nhwc")
+    with pytest.raises(ValueError, match="sw_batch_size must be at least 1"):
+        stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, sw_batch_size=0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, precision="int8")
+
+
+def test_bfloat16_precision_stays_close_to_float32():
+    b = _bundle()
+    vol = np.random.default_rng(7).normal(size=(24, 24, 24)).astype(np.float32)
+    f32, _ = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=2, layout="contiguous")
+    bf, _ = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=2, layout="contiguous", precision="bfloat16")
+    assert bf.dtype == torch.float32
+    diff = (bf - f32).abs()
+    assert 0 < float(diff.max()) < 0.05 * float(f32.abs().max())  # it is bfloat16 arithmetic, and close
+    assert float((bf.argmax(0) == f32.argmax(0)).float().mean()) > 0.97

@@ -1,14 +1,22 @@
 """Big-volume inference: ImbalanceSegLib's streaming sliding window against MONAI's.
 
-For each volume size, in separate processes (so peak memory is each method's own):
-* ``monai``: intensity normalisation, MONAI ``sliding_window_inference`` (Gaussian blending),
-  softmax. Logits and probabilities only: no calibration, no estimate, no uncertainty.
-* ``ours``: :func:`imbalanceseglib.streaming.predict_streaming`, which also produces the
-  calibrated confidence maps (uint8), labels, the uncertainty map and the label-free estimate.
+For each volume size, each method in its own process (so peak memory is that method's own):
+* ``monai/bN``: intensity normalisation, MONAI ``sliding_window_inference`` (Gaussian blending)
+  with N windows per network call, the network as loaded (contiguous layout), then a softmax
+  done in place (kind to MONAI's memory). Logits and probabilities only: no calibration, no
+  estimate, no uncertainty.
+* ``monai+cl/bN`` (first size only): the same, with the network and its input in the
+  channels-last layout: a control that shows how much of our gain a MONAI user gets by changing
+  the layout alone.
+* ``ours``: :func:`imbalanceseglib.streaming.predict_streaming` with its defaults (windows per
+  call and layout measured on the run's first windows), which also produces the calibrated
+  confidence maps (uint8), labels, the uncertainty map and the label-free estimate.
 
-Same network (the bundled demo model), same window (its 64^3 patch) and overlap (0.5), same
-windows per network call (4). Also measures this machine's fp32 matmul peak and the network's
-achieved GFLOP/s (FLOPs of one window counted by torch.utils.flop_counter).
+Same network (the bundled demo model), window (its 64^3 patch) and overlap (0.5). MONAI runs at
+every batch size in ``--monai-batches`` on the first volume, and at the fastest of them on the
+larger ones. Also measures this machine's fp32 matmul peak and the network's achieved GFLOP/s
+(FLOPs of one window counted by torch.utils.flop_counter), and how many voxels get the same
+label from MONAI's softmax and from ours (calibration does not move the argmax).
 
 Volumes are synthetic CT-like int16 volumes at the model's 2 mm spacing (so no resampling).
 
@@ -34,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 REPORT = ROOT / "Testing" / "Benchmarks" / "reports" / "streaming_inference.md"
 MODEL = ROOT / "Resources" / "Models" / "demo_brain.imbseg"
-OVERLAP, SW_BATCH = 0.5, 4
+WORK = ROOT / "work-tmp" / "streaming_inference"
+OVERLAP = 0.5
 
 
 def make_volume(shape, seed=0):
@@ -59,7 +68,7 @@ def image_of(arr, spacing):
     return img
 
 
-def worker(method: str, shape) -> dict:
+def worker(method: str, shape, labels_out: str = "") -> dict:
     import numpy as np
     import torch
     from imbalanceseglib.bundle import load_bundle
@@ -68,40 +77,55 @@ def worker(method: str, shape) -> dict:
     spacing = bundle.preprocessing["target_spacing"]
     roi = bundle.preprocessing["patch_size"]
     arr = make_volume(shape)
+    extra, plan = {}, {}
     t0 = time.perf_counter()
-    if method == "ours":
+    if method.startswith("ours"):
         from imbalanceseglib.streaming import predict_streaming
-        pred = predict_streaming(image_of(arr, spacing), bundle, overlap=OVERLAP, sw_batch_size=SW_BATCH,
-                                 storage="uint8")
+        precision = "bfloat16" if method == "ours-bf16" else "float32"
+        pred = predict_streaming(image_of(arr, spacing), bundle, overlap=OVERLAP, storage="uint8",
+                                 precision=precision)
         wall = time.perf_counter() - t0
         net = pred.timings["network"]
         check = float(np.asarray(pred.stored[1], dtype=np.float64).mean() / 255.0)
         extra = {k: round(v, 2) for k, v in pred.timings.items()}
+        plan = pred.execution
+        labels = np.asarray(pred.labels)
     else:
         from imbalanceseglib.images import normalise_intensities
         from monai.inferers import sliding_window_inference
+        name, batch = method.split("/b")
+        sw_batch = int(batch)
+        cl = name == "monai+cl"
+        fmt = torch.channels_last_3d if cl else torch.contiguous_format
+        network = bundle.network.to(memory_format=fmt)
         vol = normalise_intensities(arr, bundle.preprocessing.get("normalization", {}))
         net_t = [0.0]
 
         def predictor(x):
             t = time.perf_counter()
-            out = bundle.network(x)
+            out = network(x.contiguous(memory_format=fmt))
             net_t[0] += time.perf_counter() - t
             return out
         with torch.inference_mode():
-            logits = sliding_window_inference(torch.from_numpy(vol)[None, None], roi, SW_BATCH, predictor,
+            logits = sliding_window_inference(torch.from_numpy(vol)[None, None], roi, sw_batch, predictor,
                                               overlap=OVERLAP, mode="gaussian")
             del vol
-            probs = torch.softmax(logits, dim=1)
-            del logits
+            # softmax in place (no second C x N float32 copy)
+            logits -= logits.max(dim=1, keepdim=True).values
+            logits.exp_()
+            logits /= logits.sum(dim=1, keepdim=True)
+            probs = logits
         wall = time.perf_counter() - t0
         net = net_t[0]
         check = float(probs[0, 1].double().mean())
-        extra = {}
+        labels = torch.argmax(probs[0], dim=0).to(torch.uint8).numpy()
+        plan = {"sw_batch_size": sw_batch, "layout": "channels_last" if cl else "contiguous", "source": "given"}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if labels_out:
+        np.save(labels_out, labels.astype(np.uint8, copy=False))
     windows = count_windows([max(s, r) for s, r in zip(shape, roi)], roi, OVERLAP)
     return {"method": method, "shape": list(shape), "wall_s": wall, "network_s": net, "peak_bytes": peak,
-            "windows": windows, "mean_p1": check, "timings": extra, "voxels": int(np.prod(shape))}
+            "windows": windows, "mean_p1": check, "timings": extra, "plan": plan, "voxels": int(np.prod(shape))}
 
 
 def flops_per_window() -> float:
@@ -134,14 +158,25 @@ def available_bytes() -> int:
     return 0
 
 
-def run_child(method: str, shape) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--shape", "x".join(map(str, shape))]
+def run_child(method: str, shape, labels_out: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--shape", "x".join(map(str, shape)),
+           "--labels-out", labels_out]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"method": method, "shape": list(shape), "error": (proc.stderr or proc.stdout)[-400:],
                 "wall_s": time.perf_counter() - t}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def label_agreement(a_path: Path, b_path: Path) -> float:
+    import numpy as np
+    a = np.load(a_path, mmap_mode="r")
+    b = np.load(b_path, mmap_mode="r")
+    same = 0
+    for k in range(a.shape[0]):  # plane by plane: bounded memory
+        same += int(np.count_nonzero(a[k] == b[k]))
+    return same / a.size
 
 
 def gb(b):
@@ -152,92 +187,143 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="128x256x256,400x512x512,960x512x512",
                         help="comma-separated z x y x x sizes")
+    parser.add_argument("--monai-batches", default="1,2,4",
+                        help="MONAI windows per call tried on the first size; the fastest runs on the others")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--labels-out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--skip-monai-above", type=float, default=0.8,
                         help="skip MONAI when its estimated need exceeds this fraction of available memory")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, [int(v) for v in args.shape.split("x")])))
+        print(json.dumps(worker(args.worker, [int(v) for v in args.shape.split("x")], args.labels_out)))
         return 0
-    import torch
     from imbalanceseglib.bundle import load_bundle
     bundle = load_bundle(MODEL)
     n_classes = bundle.num_classes
     peak = matmul_peak()
     fpw = flops_per_window()
     print(f"matmul peak {peak:.1f} GFLOP/s; {fpw / 1e9:.2f} GFLOP per window", flush=True)
+    WORK.mkdir(parents=True, exist_ok=True)
     rows = []
-    for size in args.sizes.split(","):
+    batches = [int(v) for v in args.monai_batches.split(",")]
+    best_batch = batches[0]
+    for si, size in enumerate(args.sizes.split(",")):
         shape = [int(v) for v in size.split("x")]
         n = 1
         for v in shape:
             n *= v
-        # MONAI: float32 input + aggregator + count map + output + softmax copy (C channels each)
-        monai_need = 4 * n * (2 + 3 * n_classes)
-        for method in ("monai", "ours"):
-            if method == "monai" and monai_need > args.skip_monai_above * available_bytes():
-                rows.append({"method": "monai", "shape": shape, "skipped": f"needs about {gb(monai_need)} GB, "
+        # MONAI: int16 volume, float32 normalised input, C-channel aggregator, count map, and the
+        # max and sum planes of the in-place softmax
+        monai_need = 2 * n + 4 * n * (n_classes + 4)
+        if si == 0:
+            methods = [f"monai/b{b}" for b in batches] + [f"monai+cl/b{max(1, min(batches, key=lambda b: abs(b - 2)))}",
+                                                          "ours", "ours-bf16"]
+        else:
+            methods = [f"monai/b{best_batch}", "ours"]
+        label_files = {}
+        for method in methods:
+            if method.startswith("monai") and monai_need > args.skip_monai_above * available_bytes():
+                rows.append({"method": method, "shape": shape, "skipped": f"needs about {gb(monai_need)} GB, "
                              f"{gb(available_bytes())} GB available"})
-                print(f"{size} monai skipped", flush=True)
+                print(f"{size} {method} skipped", flush=True)
                 continue
-            r = run_child(method, shape)
+            path = WORK / f"{size}_{method.replace('/', '_').replace('+', '_')}.npy"
+            r = run_child(method, shape, str(path))
+            if "error" not in r:
+                label_files[method] = path
             rows.append(r)
-            print(f"{size} {method}: " + (f"{r['wall_s']:.1f} s, peak {gb(r['peak_bytes'])} GB"
+            print(f"{size} {method}: " + (f"{r['wall_s']:.1f} s, peak {gb(r['peak_bytes'])} GB, plan {r['plan']}"
                                           if "error" not in r else f"failed: {r['error']}"), flush=True)
+        if si == 0:
+            done = [r for r in rows if r["method"].startswith("monai/b") and "wall_s" in r and "error" not in r]
+            if done:
+                best_batch = int(min(done, key=lambda r: r["wall_s"])["method"].split("/b")[1])
+        ref = next((m for m in label_files if m.startswith("monai/b")), None)
+        for ours in ("ours", "ours-bf16"):
+            if ref and ours in label_files:
+                agree = label_agreement(label_files[ref], label_files[ours])
+                for r in rows:
+                    if r["method"] == ours and r["shape"] == shape:
+                        r["label_agreement"] = {"with": ref, "fraction": agree}
+        for path in label_files.values():
+            path.unlink(missing_ok=True)
     write_report(rows, peak, fpw, n_classes, " ".join(sys.argv[1:]))
     print(f"report written to {REPORT}")
     return 0
 
 
+def _plan_text(plan) -> str:
+    if not plan:
+        return ""
+    return f"{plan.get('sw_batch_size')} × {plan.get('layout')} ({plan.get('source')})"
+
+
 def write_report(rows, peak, fpw, n_classes, argv) -> None:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_common import machine
     lines = ["# Big-volume inference: streaming sliding window vs MONAI", "",
              f"Command: `python Testing/Benchmarks/streaming_inference.py {argv}`".rstrip() + "  ",
-             f"Machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical cores, "
-             f"torch {torch.__version__} ({torch.get_num_threads()} threads)  ",
+             f"Machine: {machine(f'torch {torch.__version__} ({torch.get_num_threads()} threads)')}  ",
              f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"Network: the bundled demo model (UNet3D [12, 24, 48, 96], {n_classes} classes), window 64³, "
-             f"overlap {OVERLAP}, {SW_BATCH} windows per network call, Gaussian blending, fp32 on CPU. Volumes: "
-             "synthetic CT-like int16 at 2 mm (the model's spacing, so no resampling). Each method runs in its "
-             "own process; peak memory is that process's maximum resident set (includes the volume itself).",
-             "", f"This machine's fp32 peak: {peak:.1f} GFLOP/s (best of 5 4096² matmuls). One window: "
+             f"overlap {OVERLAP}, Gaussian blending, fp32 on CPU, under torch.inference_mode. Volumes: "
+             "synthetic CT-like int16 at 2 mm (the model's spacing, so no resampling). Each method runs once, "
+             "in its own process; peak memory is that process's maximum resident set (includes the int16 "
+             "volume and Python/torch themselves). One run each: on this shared 2-core machine repeated runs "
+             "of the same command have differed by up to about 15 %.", "",
+             f"This machine's fp32 peak: {peak:.1f} GFLOP/s (best of 5 4096² matmuls). One window: "
              f"{fpw / 1e9:.2f} GFLOP (torch.utils.flop_counter).", "",
-             "MONAI produces logits and softmax only; ours also produces the calibrated confidence maps (uint8), "
-             "labels, the uncertainty map and the label-free performance estimate.", "",
-             "| volume (z×y×x) | voxels | method | wall s | peak memory GB | network s | network GFLOP/s | "
-             "% of matmul peak | windows |", "|---|---|---|---|---|---|---|---|---|"]
+             "Methods: `monai/bN` is MONAI's `sliding_window_inference` with N windows per call and the network "
+             "as loaded, then an in-place softmax: logits and probabilities only. `monai+cl/bN` is the same with "
+             "the network and its windows in the channels-last layout (a control: what a MONAI user gets from "
+             "the layout alone). `ours` is `predict_streaming` with its defaults: windows per call and layout "
+             "are measured on the run's own first windows (the plan column; the trial batches are real "
+             "windows and their time is in the totals), and it also produces the calibrated confidence maps "
+             "(uint8), labels, the uncertainty map and the label-free estimate. `ours-bf16` (first size only) is the "
+             "same with `precision=\"bfloat16\"`: the network under bfloat16 autocast, an opt-in that is not "
+             "the same arithmetic as MONAI's fp32, so it is not counted against the goal; its label agreement "
+             "with MONAI's fp32 shows what it costs.", "",
+             "| volume (z×y×x) | voxels | method | plan (windows per call × layout) | wall s | peak memory GB | "
+             "network s | network GFLOP/s | % of matmul peak | windows |", "|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in rows:
         shape = "×".join(map(str, r["shape"]))
         by.setdefault(shape, {})[r["method"]] = r
         if "skipped" in r:
-            lines.append(f"| {shape} | | {r['method']} | not run: {r['skipped']} | | | | | |")
+            lines.append(f"| {shape} | | {r['method']} | | not run: {r['skipped']} | | | | | |")
             continue
         if "error" in r:
-            lines.append(f"| {shape} | | {r['method']} | failed after {r['wall_s']:.0f} s | | | | | |")
+            lines.append(f"| {shape} | | {r['method']} | | failed after {r['wall_s']:.0f} s | | | | | |")
             continue
         gf = r["windows"] * fpw / r["network_s"] / 1e9 if r["network_s"] else 0
-        lines.append(f"| {shape} | {r['voxels'] / 1e6:.1f} M | {r['method']} | {r['wall_s']:.1f} | "
-                     f"{gb(r['peak_bytes'])} | {r['network_s']:.1f} | {gf:.1f} | {100 * gf / peak:.0f} % | "
-                     f"{r['windows']} |")
-    lines += ["", "Speed-up (MONAI wall / ours wall) and memory ratio, where both ran:", ""]
+        lines.append(f"| {shape} | {r['voxels'] / 1e6:.1f} M | {r['method']} | {_plan_text(r.get('plan'))} | "
+                     f"{r['wall_s']:.1f} | {gb(r['peak_bytes'])} | {r['network_s']:.1f} | {gf:.1f} | "
+                     f"{100 * gf / peak:.0f} % | {r['windows']} |")
+    lines += ["", "Ours against the fastest plain MONAI run of the same volume (wall time and peak memory):", ""]
     for shape, d in by.items():
-        if "ours" in d and "monai" in d and "wall_s" in d["monai"] and "peak_bytes" in d["monai"] \
-                and "peak_bytes" in d["ours"]:
-            lines.append(f"* {shape}: {d['monai']['wall_s'] / d['ours']['wall_s']:.2f}× faster, "
-                         f"{d['monai']['peak_bytes'] / d['ours']['peak_bytes']:.1f}× less memory; mean p(class 1) "
-                         f"{d['monai']['mean_p1']:.4f} (MONAI, uncalibrated) vs {d['ours']['mean_p1']:.4f} (ours)")
-    lines += ["", "Our timings per step (s):", ""]
+        monai = [r for m, r in d.items() if m.startswith("monai/b") and "peak_bytes" in r]
+        for name in ("ours", "ours-bf16"):
+            ours = d.get(name)
+            if not monai or not ours or "peak_bytes" not in ours:
+                continue
+            m = min(monai, key=lambda r: r["wall_s"])
+            agree = ours.get("label_agreement")
+            lines.append(f"* {shape}, {name}: {m['wall_s'] / ours['wall_s']:.2f}× faster than {m['method']}, "
+                         f"{m['peak_bytes'] / ours['peak_bytes']:.1f}× less memory; mean p(class 1) "
+                         f"{m['mean_p1']:.4f} (MONAI, uncalibrated) vs {ours['mean_p1']:.4f} (ours, calibrated)"
+                         + (f"; same label as {agree['with']} at {100 * agree['fraction']:.4f} % of voxels"
+                            if agree else ""))
+    lines += ["", "Our timings per step (s; calibrate_store is part of blend) and the measured trials "
+              "(seconds per window):", ""]
     for r in rows:
-        if r.get("method") == "ours" and "timings" in r:
-            lines.append(f"* {'×'.join(map(str, r['shape']))}: " + ", ".join(f"{k} {v}" for k, v in r["timings"].items()))
+        if r.get("method", "").startswith("ours") and "timings" in r:
+            trials = ", ".join(f"{t['sw_batch_size']}×{t['layout']} {t['seconds_per_window']:.3f}"
+                               for t in r.get("plan", {}).get("trials", []))
+            lines.append(f"* {'×'.join(map(str, r['shape']))} {r['method']}: "
+                         + ", ".join(f"{k} {v}" for k, v in r["timings"].items())
+                         + (f"; trials: {trials}" if trials else ""))
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     tmp = REPORT.with_suffix(".md.part")
     tmp.write_text("\n".join(lines) + "\n")

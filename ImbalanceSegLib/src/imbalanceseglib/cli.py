@@ -75,7 +75,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise ValueError("--tta and --stream cannot be combined yet")
         from .streaming import predict_streaming
         pred = predict_streaming(image, bundle, device=args.device, progress=progress, storage=args.storage,
-                                 out_dir=out, sw_batch_size=args.sw_batch_size)
+                                 out_dir=out, sw_batch_size=args.sw_batch_size, layout=args.layout,
+                                 precision=args.precision)
         print()
         write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
         for i, name in enumerate(pred.class_names):
@@ -333,7 +334,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(--storage) and written tile by tile to probabilities.npy in the output folder")
     p.add_argument("--storage", default="uint8", choices=["uint8", "float16", "float32"],
                    help="with --stream: uint8 (probability x 255), float16 or float32")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per network call (with --stream)")
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="windows per network call (with --stream; default: the fastest measured here)")
+    p.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels_last"],
+                   help="memory layout of the network (with --stream; default: the fastest measured here)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="with --stream: bfloat16 runs the network under autocast (faster where the hardware "
+                        "has bfloat16 arithmetic; logits change by about 1 %%)")
     p.set_defaults(func=_cmd_predict)
     p = sub.add_parser("card", help="show a model card")
     p.add_argument("model")

@@ -11,12 +11,20 @@ memory or in ``.npy`` files on disk, tile by tile.
 
 Blending and window placement are MONAI's (``dense_patch_slices`` positions, Gaussian importance
 map from ``compute_importance_map`` with sigma = 0.125 x window), so the logits equal MONAI's up
-to float rounding; windows are batched (``sw_batch_size``), the network runs under
-``torch.inference_mode`` (optionally in the channels-last 3D layout).
+to float rounding; windows are batched (``sw_batch_size``) and the network runs under
+``torch.inference_mode``.
+
+How the network is run is measured, not assumed (:func:`tune_execution`): the memory layout
+(contiguous NCDHW or channels-last NDHWC) and the number of windows per call that run fastest on
+this hardware are picked by timing each pair on a window-sized batch, once per network, window,
+device and thread count in a process. On the 2-core AVX-512 benchmark machine channels-last with
+2 windows per call was fastest (small batches keep a window's activations in cache); on an AVX2
+machine contiguous was. Both give the same logits up to float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -46,6 +54,97 @@ def window_starts(size: int, roi: int, overlap: float) -> List[int]:
     return [i * step - max(i * step + roi - size, 0) for i in range(n)]
 
 
+LAYOUTS = ("contiguous", "channels_last")
+PRECISIONS = ("float32", "bfloat16")
+DEFAULT_SW_BATCH = 2
+DEFAULT_LAYOUT = "contiguous"
+_TUNED: Dict[Tuple[Any, ...], Tuple[int, str, List[Dict[str, Any]]]] = {}
+
+
+def _memory_format(layout: str):
+    return torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+
+
+def _network_layout(network: torch.nn.Module) -> str:
+    for p in network.parameters():
+        if p.ndim == 5:
+            return "channels_last" if (p.is_contiguous(memory_format=torch.channels_last_3d)
+                                       and not p.is_contiguous()) else "contiguous"
+    return "contiguous"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class _Tuner:
+    """Chooses windows per call and memory layout by timing the run's own first batches.
+
+    Every candidate (layout, windows per call) runs one batch that is not timed (the backend
+    builds its kernels for a new shape) and two that are (the faster counts, since a shared
+    machine's timings are noisy); all of these batches are real windows
+    of the volume, so the trials cost only the difference in speed. Then the fastest candidate
+    per window runs the rest. Given values are fixed; the measured choice is cached for the
+    process by network, window, device, thread count and candidates."""
+
+    def __init__(self, network: torch.nn.Module, roi: Sequence[int], dev: torch.device, n_windows: int,
+                 sw_batch_size: Optional[int], layout: str, precision: str = "float32"):
+        if layout != "auto" and layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'auto' or one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if sw_batch_size is not None and (isinstance(sw_batch_size, bool) or int(sw_batch_size) < 1):
+            raise ValueError("sw_batch_size must be at least 1")
+        sizes = [int(sw_batch_size)] if sw_batch_size is not None else (
+            [1, 2, 4, 8] if dev.type == "cuda" else [1, 2, 4])
+        layouts = list(LAYOUTS) if layout == "auto" else [layout]
+        self.candidates = [(lay, bs) for lay in layouts for bs in sizes]
+        self.trials: List[Dict[str, Any]] = []
+        self.queue: List[Tuple[str, int, bool]] = []
+        self.source = "given"
+        self.key = (id(network), type(network).__name__, precision, tuple(tuple(p.shape) for p in network.parameters()),
+                    tuple(int(r) for r in roi), str(dev), torch.get_num_threads(), tuple(self.candidates))
+        if len(self.candidates) == 1:
+            self.best = self.candidates[0]
+        elif self.key in _TUNED:
+            bs, lay, self.trials = _TUNED[self.key]
+            self.best, self.source = (lay, bs), "tuned (cached)"
+        elif n_windows < 2 * sum(3 * bs for _, bs in self.candidates):
+            # too few windows for the trials to pay off
+            self.best = (DEFAULT_LAYOUT if layout == "auto" else layout,
+                         int(sw_batch_size or DEFAULT_SW_BATCH))
+            self.source = "default"
+        else:
+            self.queue = [(lay, bs, timed) for lay, bs in self.candidates for timed in (False, True, True)]
+            self.best = None
+            self.source = "tuned"
+
+    def next(self) -> Tuple[str, int]:
+        if self.queue:
+            return self.queue[0][:2]
+        return self.best
+
+    def report(self, layout: str, size: int, n: int, seconds: float) -> None:
+        if not self.queue or self.queue[0][:2] != (layout, size):
+            return
+        if self.queue[0][2]:
+            if n != size:  # a short batch at the end of a row: its timing is not comparable
+                return
+            same = [r for r in self.trials if (r["layout"], r["sw_batch_size"]) == (layout, size)]
+            if same:
+                same[0]["seconds_per_window"] = min(same[0]["seconds_per_window"], seconds / n)
+            else:
+                self.trials.append({"sw_batch_size": size, "layout": layout, "seconds_per_window": seconds / n})
+        self.queue.pop(0)
+        if not self.queue:
+            best = min(self.trials, key=lambda r: r["seconds_per_window"])
+            self.best = (best["layout"], best["sw_batch_size"])
+            _TUNED[self.key] = (self.best[1], self.best[0], list(self.trials))
+
+    def plan(self) -> Dict[str, Any]:
+        lay, bs = self.best if self.best else self.next()
+        return {"sw_batch_size": bs, "layout": lay, "source": self.source, "trials": list(self.trials)}
+
+
 def _importance_map(roi: Sequence[int]) -> torch.Tensor:
     from monai.data.utils import compute_importance_map
     return compute_importance_map(tuple(int(r) for r in roi), mode="gaussian", sigma_scale=0.125,
@@ -53,27 +152,32 @@ def _importance_map(roi: Sequence[int]) -> torch.Tensor:
 
 
 def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequence[int], sink: SlabSink,
-                  overlap: float = 0.5, sw_batch_size: int = 4, device: str = "cpu",
-                  progress: Optional[ProgressCallback] = None, channels_last: bool = False) -> Dict[str, float]:
+                  overlap: float = 0.5, sw_batch_size: Optional[int] = None, device: str = "cpu",
+                  progress: Optional[ProgressCallback] = None, layout: str = "auto",
+                  plan_out: Optional[Dict[str, Any]] = None, precision: str = "float32") -> Dict[str, float]:
     """Run ``network`` over ``volume`` (z, y, x; normalised float32) window by window and call
     ``sink(z0, logits)`` with finished slabs of blended logits ``(C, dz, y, x)`` (float32, CPU), in
-    order of z, covering the volume exactly once. Returns timings (network, blending).
+    order of z, covering the volume exactly once. Returns timings (network, blending, tuning).
 
-    ``channels_last``: run the network in the channels-last 3D layout (off by default: on the
-    2-core AVX2 benchmark machine it was not faster, see Testing/Benchmarks/reports/streaming_inference.md)."""
+    ``sw_batch_size`` (windows per network call) and ``layout`` (``"contiguous"``,
+    ``"channels_last"``): given values are used as they are; ``None``/``"auto"`` are measured on
+    the run's own first windows (see :class:`_Tuner`) when the volume has enough of them, else
+    the defaults (2, contiguous) are used. ``plan_out`` receives the plan used and the trials.
+    The network's parameters are back in their own layout afterwards.
+
+    ``precision``: ``"float32"`` (default, logits equal MONAI's up to rounding) or ``"bfloat16"``
+    (the network under ``torch.autocast``; blending, calibration and the estimate stay float32).
+    bfloat16 is an opt-in for speed on hardware with bfloat16 arithmetic (AVX512-BF16/AMX CPUs,
+    recent GPUs); it changes logits by about 1 % and labels where classes are close, so check
+    the agreement on your data (Testing/Benchmarks/reports/streaming_inference.md has ours)."""
     progress = progress or _noop
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3D (z, y, x), got shape {volume.shape}")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if sw_batch_size < 1:
-        raise ValueError("sw_batch_size must be at least 1")
     roi = [int(r) for r in roi_size]
     dev = torch.device(device)
     network = network.to(dev).eval()
-    use_cl = channels_last and dev.type == "cpu"
-    if use_cl:
-        network = network.to(memory_format=torch.channels_last_3d)
     # Symmetric zero padding where the volume is smaller than the window (as MONAI does).
     pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(volume.shape, roi)]
     vol = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
@@ -81,6 +185,13 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
         vol = torch.nn.functional.pad(vol, [p for ab in reversed(pads) for p in ab])
     Z, Y, X = vol.shape
     starts = [window_starts(n, r, overlap) for n, r in zip((Z, Y, X), roi)]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bfloat16"
+                else contextlib.nullcontext())
+    tuner = _Tuner(network, roi, dev, len(starts[0]) * len(starts[1]) * len(starts[2]), sw_batch_size, layout,
+                   precision)
+    original_layout = current_layout = _network_layout(network)
     imp = _importance_map(roi)
     step_z = max(1, int(roi[0] * (1 - overlap))) if roi[0] < Z else roi[0]
     span = min(Z, roi[0] + step_z)
@@ -93,19 +204,26 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     yx = [(ys, xs) for ys in starts[1] for xs in starts[2]]
     (z_lo, _), (y_lo, _), (x_lo, _) = pads
     orig = volume.shape
-    with torch.inference_mode():
+    with torch.inference_mode(), _restore_layout(network, original_layout):
         for zi, zs in enumerate(starts[0]):
-            for b in range(0, len(yx), sw_batch_size):
-                batch = yx[b:b + sw_batch_size]
+            b = 0
+            while b < len(yx):
+                lay, size = tuner.next()
+                if lay != current_layout:
+                    network.to(memory_format=_memory_format(lay))
+                    current_layout = lay
+                batch = yx[b:b + size]
+                b += len(batch)
                 t0 = time.perf_counter()
                 inp = torch.stack([vol[zs:zs + roi[0], ys:ys + roi[1], xs:xs + roi[2]] for ys, xs in batch])[:, None]
-                if use_cl:
-                    inp = inp.contiguous(memory_format=torch.channels_last_3d)
-                out = network(inp.to(dev)).float()
-                if out.device.type != "cpu":
-                    out = out.cpu()
+                with autocast:
+                    out = network(inp.to(dev).contiguous(memory_format=_memory_format(lay)))
+                out = out.float()
+                out = out.cpu().contiguous() if out.device.type != "cpu" else out.contiguous()
+                _sync(dev)
                 t1 = time.perf_counter()
                 t_net += t1 - t0
+                tuner.report(lay, size, len(batch), t1 - t0)
                 if acc is None:
                     acc = torch.zeros((out.shape[1], span, Y, X), dtype=torch.float32)
                 z0 = zs - bz0
@@ -131,7 +249,22 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                 wsum[keep:] = 0
                 bz0 = next_z
             t_blend += time.perf_counter() - t1
+    if plan_out is not None:
+        plan_out.update(tuner.plan())
     return {"network": t_net, "blend": t_blend}
+
+
+class _restore_layout:
+    """Context manager: put the network's parameters back in ``layout`` on exit."""
+
+    def __init__(self, network: torch.nn.Module, layout: str):
+        self.network, self.layout = network, layout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.network.to(memory_format=_memory_format(self.layout))
 
 
 @dataclass
@@ -153,6 +286,7 @@ class CompactPrediction:
     performance: Any = None
     estimator: Any = None
     files: Dict[str, Path] = field(default_factory=dict)
+    execution: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def probabilities(self) -> "_Decoded":
@@ -207,14 +341,17 @@ def decode(a: np.ndarray, storage: str) -> np.ndarray:
 
 
 def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: float = 0.5,
-                      sw_batch_size: int = 4, progress: Optional[ProgressCallback] = None,
-                      storage: str = "uint8", out_dir: Optional[Path] = None) -> CompactPrediction:
+                      sw_batch_size: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+                      storage: str = "uint8", out_dir: Optional[Path] = None,
+                      layout: str = "auto", precision: str = "float32") -> CompactPrediction:
     """Segment one volume with bounded memory (see the module docstring).
 
     ``storage``: how probabilities and the uncertainty map are kept (``uint8``: 1/255 steps,
     ``float16``, ``float32``). ``out_dir``: write them as ``.npy`` memory maps there (tile by
     tile, as slabs finish) instead of keeping them in memory: ``probabilities.npy`` (C, z, y, x),
-    ``labels.npy``, ``uncertainty.npy``.
+    ``labels.npy``, ``uncertainty.npy``. ``sw_batch_size`` and ``layout``: see :func:`stream_logits`
+    (``None``/``"auto"``: measured on this hardware); the plan used is in ``execution``.
+    ``precision``: see :func:`stream_logits`.
 
     The volume must already be on the model's grid and in its orientation for the bounded-memory
     path; otherwise it is resampled first (whole volume, float32).
@@ -272,19 +409,28 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
 
     def sink(z0: int, logits: torch.Tensor) -> None:
         t = time.perf_counter()
-        acc.add(calibration_logits(logits[None], calibration)[0])
-        p = apply_calibration(logits[None], calibration)[0]
+        # One pass for the estimate, the maps, the labels and the uncertainty where the
+        # calibration allows it (EstimateAccumulator.add_with_maps), two passes otherwise.
+        fused = acc.add_with_maps(calibration_logits(logits[None], calibration)[0])
+        if fused is not None:
+            p, lab, ent = fused
+        else:
+            acc.add(calibration_logits(logits[None], calibration)[0])
+            p = apply_calibration(logits[None], calibration)[0]
+            lab = torch.argmax(p, dim=0)
+            ent = (-(p * torch.log(p.clamp_min(1e-12))).sum(0) / log_c).clamp(0, 1)
         dz = p.shape[1]
         probs_out[:, z0:z0 + dz] = encode(p, storage)
-        labels_out[z0:z0 + dz] = torch.argmax(p, dim=0).numpy()
-        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0) / log_c
-        unc_out[z0:z0 + dz] = encode(ent.clamp(0, 1), storage)
+        labels_out[z0:z0 + dz] = lab.numpy()
+        unc_out[z0:z0 + dz] = encode(ent, storage)
         t_post[0] += time.perf_counter() - t
 
     roi = pre.get("patch_size") or [min(s, 96) for s in shape]
     t1 = time.perf_counter()
+    execution: Dict[str, Any] = {}
     parts = stream_logits(bundle.network, volume, roi, sink, overlap=overlap, sw_batch_size=sw_batch_size,
-                          device=device, progress=progress)
+                          device=device, progress=progress, layout=layout, plan_out=execution,
+                          precision=precision)
     del volume
     timings["network"] = parts["network"]
     timings["blend"] = parts["blend"]
@@ -324,5 +470,5 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
             arr.flush()
     return CompactPrediction(stored=probs_out, storage=storage, labels=labels_out, uncertainty_stored=unc_out,
                              reference=reference, class_names=bundle.class_names, timings=timings,
-                             performance=performance, estimator=estimator, files=files)
+                             performance=performance, estimator=estimator, files=files, execution=execution)
 

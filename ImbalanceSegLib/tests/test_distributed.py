@@ -83,3 +83,32 @@ def test_uneven_batch_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="batch_size 3 must be divisible by the number of processes \\(2\\)"):
         dd.local_slice(3, dd.DistContext(rank=0, world=2))
     assert dd.local_slice(4, dd.DistContext(rank=1, world=2)) == slice(2, 4)
+
+
+def test_two_processes_resume_a_checkpoint_and_finish_like_an_uninterrupted_run(tmp_path):
+    """Every rank draws the same global batch from the checkpointed generators, so a run stopped
+    after its checkpoint at iteration 4 and resumed by two processes from the shared folder ends
+    where one uninterrupted process ends."""
+    torch.set_num_threads(1)
+    full_bundle = load_bundle(train(_config("cdifw"), _cases(), [], tmp_path / "full"))
+    full = full_bundle.card
+    out = tmp_path / "resumed"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_6(msg):
+        if msg.startswith("iter      6/"):
+            raise Stop()
+    with pytest.raises(Stop):
+        train(_config("cdifw"), _cases(), [], out, log=stop_at_6)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    result = str(tmp_path / "result")
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(out), "cdifw", result),
+                       nprocs=2, join=True, start_method="spawn")
+    resumed = load_bundle(json.loads(Path(f"{result}.0").read_text())["path"])
+    assert resumed.card["training"]["processes"] == 2
+    assert _losses(resumed.card) == pytest.approx(_losses(full), rel=1e-4, abs=1e-5)
+    a = full_bundle.network.state_dict()
+    for k, v in resumed.network.state_dict().items():
+        torch.testing.assert_close(v, a[k], rtol=1e-3, atol=1e-4)

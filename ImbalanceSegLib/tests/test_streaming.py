@@ -130,10 +130,16 @@ def test_auto_plan_times_every_candidate_on_real_windows_and_keeps_monais_logits
     vol = np.random.default_rng(5).normal(size=(40, 64, 64)).astype(np.float32)  # 4 x 7 x 7 = 196 windows
     ours, plan = _streamed(b.network, vol, [16, 16, 16])
     assert plan["source"] == "tuned"
-    tried = {(t["layout"], t["sw_batch_size"]) for t in plan["trials"]}
-    assert tried == {(lay, bs) for lay in ("contiguous", "channels_last") for bs in (1, 2, 4)}
+    threads = torch.get_num_threads()
+    tried = {(t["layout"], t["sw_batch_size"], t["workers"]) for t in plan["trials"]}
+    expected = {(lay, bs, 1) for lay in ("contiguous", "channels_last") for bs in (1, 2)}
+    if threads > 1:  # calls run at once in threads, each with its share of torch's threads
+        expected |= {(lay, 1, threads) for lay in ("contiguous", "channels_last")}
+    assert tried == expected
     best = min(plan["trials"], key=lambda t: t["seconds_per_window"])
-    assert (plan["layout"], plan["sw_batch_size"]) == (best["layout"], best["sw_batch_size"])
+    assert (plan["layout"], plan["sw_batch_size"], plan["workers"]) == \
+        (best["layout"], best["sw_batch_size"], best["workers"])
+    assert torch.get_num_threads() == threads  # the thread count is restored
     # every window was blended exactly once, whatever batch and layout it ran in
     torch.testing.assert_close(ours, _monai_logits(b.network, vol, [16, 16, 16]), atol=2e-5, rtol=1e-5)
     # the network's parameters are back in their own layout
@@ -147,13 +153,18 @@ def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults():
     b = _bundle()
     vol = np.random.default_rng(6).normal(size=(24, 30, 20)).astype(np.float32)
     ref = _monai_logits(b.network, vol, [16, 16, 16])
-    cl, plan = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=3, layout="channels_last")
-    assert plan == {"sw_batch_size": 3, "layout": "channels_last", "source": "given", "trials": []}
+    cl, plan = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=3, layout="channels_last", workers=1)
+    assert plan == {"sw_batch_size": 3, "layout": "channels_last", "workers": 1, "source": "given", "trials": []}
     torch.testing.assert_close(cl, ref, atol=2e-5, rtol=1e-5)
+    if torch.get_num_threads() > 1:  # two calls at once, in threads: the same windows, the same sums
+        threaded, plan = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=1, layout="contiguous", workers=2)
+        assert plan["workers"] == 2
+        torch.testing.assert_close(threaded, ref, atol=2e-5, rtol=1e-5)
     assert all(p.is_contiguous() for p in b.network.parameters())
     fresh = _bundle()  # another network: nothing cached for it, and too few windows to measure
     _, plan = _streamed(fresh.network, vol, [16, 16, 16])
-    assert plan["source"] == "default" and (plan["sw_batch_size"], plan["layout"]) == (2, "contiguous")
+    assert plan["source"] == "default" and (plan["sw_batch_size"], plan["layout"], plan["workers"]) == \
+        (2, "contiguous", 1)
 
 
 def test_bad_plan_and_precision_are_refused():
@@ -163,6 +174,8 @@ def test_bad_plan_and_precision_are_refused():
         stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, layout="nhwc")
     with pytest.raises(ValueError, match="sw_batch_size must be at least 1"):
         stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, sw_batch_size=0)
+    with pytest.raises(ValueError, match="workers must be between 1 and"):
+        stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, workers=99)
     with pytest.raises(ValueError, match="precision must be one of"):
         stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, precision="int8")
 
@@ -176,3 +189,19 @@ def test_bfloat16_precision_stays_close_to_float32():
     diff = (bf - f32).abs()
     assert 0 < float(diff.max()) < 0.05 * float(f32.abs().max())  # it is bfloat16 arithmetic, and close
     assert float((bf.argmax(0) == f32.argmax(0)).float().mean()) > 0.97
+
+
+def test_cli_predict_stream_takes_a_fixed_plan(tmp_path):
+    from imbalanceseglib.bundle import save_bundle
+    from imbalanceseglib.cli import main as cli_main
+    img, b = _image(shape=(40, 30, 35)), _bundle()
+    model = save_bundle(tmp_path / "m.imbseg", b.card, b.network)
+    sitk.WriteImage(img, str(tmp_path / "in.nrrd"))
+    args = ["predict", "--model", str(model), "--input", str(tmp_path / "in.nrrd"), "--stream", "--storage", "float32"]
+    assert cli_main(args + ["--output", str(tmp_path / "auto")]) == 0
+    assert cli_main(args + ["--output", str(tmp_path / "fixed"), "--layout", "channels_last", "--workers", "1",
+                            "--sw-batch-size", "3"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "fixed" / "probabilities.npy"),
+                               np.load(tmp_path / "auto" / "probabilities.npy"), atol=1e-5)
+    # a plan that cannot run is refused with the CLI's error exit, naming the problem
+    assert cli_main(args + ["--output", str(tmp_path / "bad"), "--workers", "64"]) == 2

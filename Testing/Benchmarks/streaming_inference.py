@@ -256,7 +256,9 @@ def main() -> int:
 def _plan_text(plan) -> str:
     if not plan:
         return ""
-    return f"{plan.get('sw_batch_size')} × {plan.get('layout')} ({plan.get('source')})"
+    workers = plan.get("workers", 1)
+    return (f"{plan.get('sw_batch_size')} × {plan.get('layout')}" + (f" × {workers} at once" if workers > 1 else "")
+            + f" ({plan.get('source')})")
 
 
 def write_report(rows, peak, fpw, n_classes, argv) -> None:
@@ -278,14 +280,14 @@ def write_report(rows, peak, fpw, n_classes, argv) -> None:
              "Methods: `monai/bN` is MONAI's `sliding_window_inference` with N windows per call and the network "
              "as loaded, then an in-place softmax: logits and probabilities only. `monai+cl/bN` is the same with "
              "the network and its windows in the channels-last layout (a control: what a MONAI user gets from "
-             "the layout alone). `ours` is `predict_streaming` with its defaults: windows per call and layout "
-             "are measured on the run's own first windows (the plan column; the trial batches are real "
+             "the layout alone). `ours` is `predict_streaming` with its defaults: windows per call, layout and "
+             "calls at once (threads sharing torch's threads) are measured on the run's own first windows (the plan column; the trial batches are real "
              "windows and their time is in the totals), and it also produces the calibrated confidence maps "
              "(uint8), labels, the uncertainty map and the label-free estimate. `ours-bf16` (first size only) is the "
              "same with `precision=\"bfloat16\"`: the network under bfloat16 autocast, an opt-in that is not "
              "the same arithmetic as MONAI's fp32, so it is not counted against the goal; its label agreement "
              "with MONAI's fp32 shows what it costs.", "",
-             "| volume (z×y×x) | voxels | method | plan (windows per call × layout) | wall s | peak memory GB | "
+             "| volume (z×y×x) | voxels | method | plan (windows per call × layout × calls at once) | wall s | peak memory GB | "
              "network s | network GFLOP/s | % of matmul peak | windows |", "|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in rows:
@@ -319,7 +321,7 @@ def write_report(rows, peak, fpw, n_classes, argv) -> None:
               "(seconds per window):", ""]
     for r in rows:
         if r.get("method", "").startswith("ours") and "timings" in r:
-            trials = ", ".join(f"{t['sw_batch_size']}×{t['layout']} {t['seconds_per_window']:.3f}"
+            trials = ", ".join(f"{t['sw_batch_size']}×{t['layout']}×{t.get('workers', 1)} {t['seconds_per_window']:.3f}"
                                for t in r.get("plan", {}).get("trials", []))
             lines.append(f"* {'×'.join(map(str, r['shape']))} {r['method']}: "
                          + ", ".join(f"{k} {v}" for k, v in r["timings"].items())

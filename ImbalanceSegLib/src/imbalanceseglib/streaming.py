@@ -14,12 +14,15 @@ map from ``compute_importance_map`` with sigma = 0.125 x window), so the logits 
 to float rounding; windows are batched (``sw_batch_size``) and the network runs under
 ``torch.inference_mode``.
 
-How the network is run is measured, not assumed (:func:`tune_execution`): the memory layout
-(contiguous NCDHW or channels-last NDHWC) and the number of windows per call that run fastest on
-this hardware are picked by timing each pair on a window-sized batch, once per network, window,
-device and thread count in a process. On the 2-core AVX-512 benchmark machine channels-last with
-2 windows per call was fastest (small batches keep a window's activations in cache); on an AVX2
-machine contiguous was. Both give the same logits up to float rounding.
+How the network is run is measured, not assumed (:class:`_Tuner`): the memory layout
+(contiguous NCDHW or channels-last NDHWC), the number of windows per call and the number of calls
+run at once in threads are picked by timing each candidate on the run's own first windows, and
+the choice is cached per network, window, device, precision and thread count in a process. On
+the 2-core AVX-512 benchmark machine channels-last with one or two windows per call won; on the
+AVX2 machine of an earlier benchmark contiguous did. All give the same logits up to float
+rounding. The estimate, the calibrated maps, the labels and the uncertainty of each finished slab
+come from one fused pass where the calibration allows it
+(:meth:`~imbalanceseglib.performance.EstimateAccumulator.add_with_maps`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -78,71 +82,94 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-class _Tuner:
-    """Chooses windows per call and memory layout by timing the run's own first batches.
+Candidate = Tuple[str, int, int]  # layout, windows per call, concurrent calls
 
-    Every candidate (layout, windows per call) runs one batch that is not timed (the backend
-    builds its kernels for a new shape) and two that are (the faster counts, since a shared
-    machine's timings are noisy); all of these batches are real windows
-    of the volume, so the trials cost only the difference in speed. Then the fastest candidate
-    per window runs the rest. Given values are fixed; the measured choice is cached for the
-    process by network, window, device, thread count and candidates."""
+
+class _Tuner:
+    """Chooses how the network runs by timing the run's own first windows.
+
+    A candidate is a memory layout, a number of windows per network call and a number of calls
+    run at once (``workers``: on a CPU with T threads, W calls in W threads with T/W threads
+    each: small 3D convolutions use one core better than they split over two). Every candidate
+    runs one group that is not timed (the backend builds its kernels for a new shape) and two
+    that are (the faster counts, since a shared machine's timings are noisy); all of these are
+    real windows of the volume, so the trials cost only the difference in speed. Then the fastest
+    candidate per window runs the rest. Given values are fixed; the measured choice is cached for
+    the process by network, window, device, precision, thread count and candidates."""
 
     def __init__(self, network: torch.nn.Module, roi: Sequence[int], dev: torch.device, n_windows: int,
-                 sw_batch_size: Optional[int], layout: str, precision: str = "float32"):
+                 sw_batch_size: Optional[int], layout: str, precision: str = "float32",
+                 workers: Optional[int] = None):
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {', '.join(LAYOUTS)}, got {layout!r}")
         if sw_batch_size is not None and (isinstance(sw_batch_size, bool) or int(sw_batch_size) < 1):
             raise ValueError("sw_batch_size must be at least 1")
-        sizes = [int(sw_batch_size)] if sw_batch_size is not None else (
-            [1, 2, 4, 8] if dev.type == "cuda" else [1, 2, 4])
+        threads = torch.get_num_threads()
+        if workers is not None and (isinstance(workers, bool) or not 1 <= int(workers) <= max(1, threads)):
+            raise ValueError(f"workers must be between 1 and the number of threads ({threads}), got {workers!r}")
+        if workers is not None:
+            worker_counts = [int(workers)]
+        else:
+            worker_counts = [1, threads] if dev.type == "cpu" and threads > 1 else [1]
         layouts = list(LAYOUTS) if layout == "auto" else [layout]
-        self.candidates = [(lay, bs) for lay in layouts for bs in sizes]
+        self.candidates: List[Candidate] = []
+        for lay in layouts:
+            for w in worker_counts:
+                if sw_batch_size is not None:
+                    sizes = [int(sw_batch_size)]
+                elif dev.type == "cuda":
+                    sizes = [1, 2, 4, 8]
+                else:
+                    # On CPUs more windows per call were never faster in our measurements (a
+                    # window's activations stop fitting in cache), so the trials stay short.
+                    sizes = [1, 2] if w == 1 else [1]
+                self.candidates += [(lay, bs, w) for bs in sizes]
         self.trials: List[Dict[str, Any]] = []
-        self.queue: List[Tuple[str, int, bool]] = []
+        self.queue: List[Tuple[Candidate, bool]] = []
         self.source = "given"
         self.key = (id(network), type(network).__name__, precision, tuple(tuple(p.shape) for p in network.parameters()),
-                    tuple(int(r) for r in roi), str(dev), torch.get_num_threads(), tuple(self.candidates))
+                    tuple(int(r) for r in roi), str(dev), threads, tuple(self.candidates))
+        self.best: Optional[Candidate] = None
         if len(self.candidates) == 1:
             self.best = self.candidates[0]
         elif self.key in _TUNED:
-            bs, lay, self.trials = _TUNED[self.key]
-            self.best, self.source = (lay, bs), "tuned (cached)"
-        elif n_windows < 2 * sum(3 * bs for _, bs in self.candidates):
-            # too few windows for the trials to pay off
-            self.best = (DEFAULT_LAYOUT if layout == "auto" else layout,
-                         int(sw_batch_size or DEFAULT_SW_BATCH))
+            self.best, self.trials = _TUNED[self.key]
+            self.source = "tuned (cached)"
+        elif n_windows < 1.5 * sum(3 * bs * w for _, bs, w in self.candidates):
+            # too few windows left after the trials for them to pay off
+            self.best = (DEFAULT_LAYOUT if layout == "auto" else layout, int(sw_batch_size or DEFAULT_SW_BATCH),
+                         int(workers or 1))
             self.source = "default"
         else:
-            self.queue = [(lay, bs, timed) for lay, bs in self.candidates for timed in (False, True, True)]
-            self.best = None
+            self.queue = [(cand, timed) for cand in self.candidates for timed in (False, True, True)]
             self.source = "tuned"
 
-    def next(self) -> Tuple[str, int]:
-        if self.queue:
-            return self.queue[0][:2]
-        return self.best
+    def next(self) -> Candidate:
+        return self.queue[0][0] if self.queue else self.best
 
-    def report(self, layout: str, size: int, n: int, seconds: float) -> None:
-        if not self.queue or self.queue[0][:2] != (layout, size):
+    def report(self, cand: Candidate, n: int, seconds: float) -> None:
+        if not self.queue or self.queue[0][0] != cand:
             return
-        if self.queue[0][2]:
-            if n != size:  # a short batch at the end of a row: its timing is not comparable
+        lay, bs, w = cand
+        if self.queue[0][1]:
+            if n != bs * w:  # a short group at the end of a row: its timing is not comparable
                 return
-            same = [r for r in self.trials if (r["layout"], r["sw_batch_size"]) == (layout, size)]
+            same = [r for r in self.trials if (r["layout"], r["sw_batch_size"], r["workers"]) == cand]
             if same:
                 same[0]["seconds_per_window"] = min(same[0]["seconds_per_window"], seconds / n)
             else:
-                self.trials.append({"sw_batch_size": size, "layout": layout, "seconds_per_window": seconds / n})
+                self.trials.append({"sw_batch_size": bs, "layout": lay, "workers": w,
+                                    "seconds_per_window": seconds / n})
         self.queue.pop(0)
         if not self.queue:
-            best = min(self.trials, key=lambda r: r["seconds_per_window"])
-            self.best = (best["layout"], best["sw_batch_size"])
-            _TUNED[self.key] = (self.best[1], self.best[0], list(self.trials))
+            fastest = min(self.trials, key=lambda r: r["seconds_per_window"])
+            self.best = (fastest["layout"], fastest["sw_batch_size"], fastest["workers"])
+            _TUNED[self.key] = (self.best, list(self.trials))
 
     def plan(self) -> Dict[str, Any]:
-        lay, bs = self.best if self.best else self.next()
-        return {"sw_batch_size": bs, "layout": lay, "source": self.source, "trials": list(self.trials)}
+        lay, bs, w = self.next()
+        return {"sw_batch_size": bs, "layout": lay, "workers": w, "source": self.source,
+                "trials": list(self.trials)}
 
 
 def _importance_map(roi: Sequence[int]) -> torch.Tensor:
@@ -154,15 +181,17 @@ def _importance_map(roi: Sequence[int]) -> torch.Tensor:
 def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequence[int], sink: SlabSink,
                   overlap: float = 0.5, sw_batch_size: Optional[int] = None, device: str = "cpu",
                   progress: Optional[ProgressCallback] = None, layout: str = "auto",
-                  plan_out: Optional[Dict[str, Any]] = None, precision: str = "float32") -> Dict[str, float]:
+                  plan_out: Optional[Dict[str, Any]] = None, precision: str = "float32",
+                  workers: Optional[int] = None) -> Dict[str, float]:
     """Run ``network`` over ``volume`` (z, y, x; normalised float32) window by window and call
     ``sink(z0, logits)`` with finished slabs of blended logits ``(C, dz, y, x)`` (float32, CPU), in
     order of z, covering the volume exactly once. Returns timings (network, blending, tuning).
 
-    ``sw_batch_size`` (windows per network call) and ``layout`` (``"contiguous"``,
-    ``"channels_last"``): given values are used as they are; ``None``/``"auto"`` are measured on
-    the run's own first windows (see :class:`_Tuner`) when the volume has enough of them, else
-    the defaults (2, contiguous) are used. ``plan_out`` receives the plan used and the trials.
+    ``sw_batch_size`` (windows per network call), ``layout`` (``"contiguous"``,
+    ``"channels_last"``) and ``workers`` (network calls run at once, each in its own thread with
+    its share of torch's threads): given values are used as they are; ``None``/``"auto"`` are
+    measured on the run's own first windows (see :class:`_Tuner`) when the volume has enough of
+    them, else the defaults (2, contiguous, 1) are used. ``plan_out`` receives the plan used and the trials.
     The network's parameters are back in their own layout afterwards.
 
     ``precision``: ``"float32"`` (default, logits equal MONAI's up to rounding) or ``"bfloat16"``
@@ -187,10 +216,21 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     starts = [window_starts(n, r, overlap) for n, r in zip((Z, Y, X), roi)]
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bfloat16"
-                else contextlib.nullcontext())
     tuner = _Tuner(network, roi, dev, len(starts[0]) * len(starts[1]) * len(starts[2]), sw_batch_size, layout,
-                   precision)
+                   precision, workers)
+    threads = torch.get_num_threads()
+
+    def run(inp: torch.Tensor, fmt, n_threads: int) -> torch.Tensor:
+        # inference mode, autocast and the OpenMP thread count are per thread: set them here
+        if torch.get_num_threads() != n_threads:
+            torch.set_num_threads(n_threads)
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bfloat16"
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            out = network(inp.to(dev).contiguous(memory_format=fmt))
+        out = out.float()
+        return out.cpu().contiguous() if out.device.type != "cpu" else out.contiguous()
+    pool: Optional[ThreadPoolExecutor] = None
     original_layout = current_layout = _network_layout(network)
     imp = _importance_map(roi)
     step_z = max(1, int(roi[0] * (1 - overlap))) if roi[0] < Z else roi[0]
@@ -204,26 +244,34 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     yx = [(ys, xs) for ys in starts[1] for xs in starts[2]]
     (z_lo, _), (y_lo, _), (x_lo, _) = pads
     orig = volume.shape
-    with torch.inference_mode(), _restore_layout(network, original_layout):
+    with torch.inference_mode(), _restore_layout(network, original_layout, threads):
         for zi, zs in enumerate(starts[0]):
             b = 0
             while b < len(yx):
-                lay, size = tuner.next()
+                cand = tuner.next()
+                lay, size, n_workers = cand
                 if lay != current_layout:
                     network.to(memory_format=_memory_format(lay))
                     current_layout = lay
-                batch = yx[b:b + size]
+                batch = yx[b:b + size * n_workers]
                 b += len(batch)
                 t0 = time.perf_counter()
-                inp = torch.stack([vol[zs:zs + roi[0], ys:ys + roi[1], xs:xs + roi[2]] for ys, xs in batch])[:, None]
-                with autocast:
-                    out = network(inp.to(dev).contiguous(memory_format=_memory_format(lay)))
-                out = out.float()
-                out = out.cpu().contiguous() if out.device.type != "cpu" else out.contiguous()
+                inputs = [torch.stack([vol[zs:zs + roi[0], ys:ys + roi[1], xs:xs + roi[2]]
+                                       for ys, xs in batch[i:i + size]])[:, None]
+                          for i in range(0, len(batch), size)]
+                fmt = _memory_format(lay)
+                if n_workers == 1:
+                    outs = [run(inputs[0], fmt, threads)]
+                else:
+                    if pool is None:
+                        pool = ThreadPoolExecutor(max(threads, 2), thread_name_prefix="imbalanceseg-window")
+                    per = max(1, threads // n_workers)
+                    outs = list(pool.map(lambda x: run(x, fmt, per), inputs))
+                out = outs[0] if len(outs) == 1 else torch.cat(outs)
                 _sync(dev)
                 t1 = time.perf_counter()
                 t_net += t1 - t0
-                tuner.report(lay, size, len(batch), t1 - t0)
+                tuner.report(cand, len(batch), t1 - t0)
                 if acc is None:
                     acc = torch.zeros((out.shape[1], span, Y, X), dtype=torch.float32)
                 z0 = zs - bz0
@@ -249,22 +297,26 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                 wsum[keep:] = 0
                 bz0 = next_z
             t_blend += time.perf_counter() - t1
+    if pool is not None:
+        pool.shutdown(wait=True)
     if plan_out is not None:
         plan_out.update(tuner.plan())
     return {"network": t_net, "blend": t_blend}
 
 
 class _restore_layout:
-    """Context manager: put the network's parameters back in ``layout`` on exit."""
+    """Context manager: put the network's parameters back in ``layout`` and torch's thread
+    count back to ``threads`` on exit."""
 
-    def __init__(self, network: torch.nn.Module, layout: str):
-        self.network, self.layout = network, layout
+    def __init__(self, network: torch.nn.Module, layout: str, threads: int):
+        self.network, self.layout, self.threads = network, layout, threads
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.network.to(memory_format=_memory_format(self.layout))
+        torch.set_num_threads(self.threads)
 
 
 @dataclass
@@ -343,7 +395,8 @@ def decode(a: np.ndarray, storage: str) -> np.ndarray:
 def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: float = 0.5,
                       sw_batch_size: Optional[int] = None, progress: Optional[ProgressCallback] = None,
                       storage: str = "uint8", out_dir: Optional[Path] = None,
-                      layout: str = "auto", precision: str = "float32") -> CompactPrediction:
+                      layout: str = "auto", precision: str = "float32",
+                      workers: Optional[int] = None) -> CompactPrediction:
     """Segment one volume with bounded memory (see the module docstring).
 
     ``storage``: how probabilities and the uncertainty map are kept (``uint8``: 1/255 steps,
@@ -351,7 +404,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     tile, as slabs finish) instead of keeping them in memory: ``probabilities.npy`` (C, z, y, x),
     ``labels.npy``, ``uncertainty.npy``. ``sw_batch_size`` and ``layout``: see :func:`stream_logits`
     (``None``/``"auto"``: measured on this hardware); the plan used is in ``execution``.
-    ``precision``: see :func:`stream_logits`.
+    ``precision`` and ``workers``: see :func:`stream_logits`.
 
     The volume must already be on the model's grid and in its orientation for the bounded-memory
     path; otherwise it is resampled first (whole volume, float32).
@@ -430,7 +483,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     execution: Dict[str, Any] = {}
     parts = stream_logits(bundle.network, volume, roi, sink, overlap=overlap, sw_batch_size=sw_batch_size,
                           device=device, progress=progress, layout=layout, plan_out=execution,
-                          precision=precision)
+                          precision=precision, workers=workers)
     del volume
     timings["network"] = parts["network"]
     timings["blend"] = parts["blend"]

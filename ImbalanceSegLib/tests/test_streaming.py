@@ -205,3 +205,25 @@ def test_cli_predict_stream_takes_a_fixed_plan(tmp_path):
                                np.load(tmp_path / "auto" / "probabilities.npy"), atol=1e-5)
     # a plan that cannot run is refused with the CLI's error exit, naming the problem
     assert cli_main(args + ["--output", str(tmp_path / "bad"), "--workers", "64"]) == 2
+
+
+def test_slabs_reach_the_sink_in_small_pieces_and_still_tile_the_volume(monkeypatch):
+    from imbalanceseglib import streaming
+    monkeypatch.setattr(streaming, "SINK_VOXELS", 2 * 30 * 35 + 1)  # two planes of 30 x 35 per piece
+    b = _bundle()
+    vol = np.random.default_rng(8).normal(size=(40, 30, 35)).astype(np.float32)
+    pieces = []
+    stream_logits(b.network, vol, [16, 16, 16], lambda z0, lg: pieces.append((z0, lg.clone())), overlap=0.5,
+                  sw_batch_size=2, layout="contiguous", workers=1)
+    assert all(lg.shape[1] <= 2 for _, lg in pieces)
+    assert [z0 for z0, _ in pieces] == list(range(0, 40, 2))
+    ours = torch.cat([lg for _, lg in pieces], dim=1)
+    torch.testing.assert_close(ours, _monai_logits(b.network, vol, [16, 16, 16]), atol=2e-5, rtol=1e-5)
+
+
+def test_the_input_image_is_left_as_it_was():
+    img, b = _image(shape=(40, 30, 35)), _bundle()
+    b.card["preprocessing"]["normalization"] = {"scheme": "percentile_zscore"}  # normalised in place
+    before = sitk.GetArrayFromImage(img).copy()
+    predict_streaming(img, b, storage="float32")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), before)

@@ -86,7 +86,7 @@ def worker(method: str, shape, labels_out: str = "") -> dict:
                                  precision=precision)
         wall = time.perf_counter() - t0
         net = pred.timings["network"]
-        check = float(np.asarray(pred.stored[1], dtype=np.float64).mean() / 255.0)
+        check = float(pred.stored[1].sum(dtype=np.float64) / pred.stored[1].size / 255.0)  # no float64 copy
         extra = {k: round(v, 2) for k, v in pred.timings.items()}
         plan = pred.execution
         labels = np.asarray(pred.labels)
@@ -117,8 +117,10 @@ def worker(method: str, shape, labels_out: str = "") -> dict:
             probs = logits
         wall = time.perf_counter() - t0
         net = net_t[0]
-        check = float(probs[0, 1].double().mean())
-        labels = torch.argmax(probs[0], dim=0).to(torch.uint8).numpy()
+        check = float(probs[0, 1].sum(dtype=torch.float64) / probs[0, 1].numel())
+        labels = np.empty(probs.shape[2:], dtype=np.uint8)
+        for k in range(labels.shape[0]):  # plane by plane: no int64 copy of the volume
+            labels[k] = torch.argmax(probs[0, :, k], dim=0).numpy()
         plan = {"sw_batch_size": sw_batch, "layout": "channels_last" if cl else "contiguous", "source": "given"}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if labels_out:
@@ -189,6 +191,9 @@ def main() -> int:
                         help="comma-separated z x y x x sizes")
     parser.add_argument("--monai-batches", default="1,2,4",
                         help="MONAI windows per call tried on the first size; the fastest runs on the others")
+    parser.add_argument("--methods", default="",
+                        help="run only these methods (comma-separated names or prefixes, e.g. 'ours')")
+    parser.add_argument("--report", default=str(REPORT), help="where to write the report (default: %(default)s)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--labels-out", default="", help=argparse.SUPPRESS)
@@ -222,7 +227,10 @@ def main() -> int:
         else:
             methods = [f"monai/b{best_batch}", "ours"]
         label_files = {}
+        wanted = [m for m in args.methods.split(",") if m]
         for method in methods:
+            if wanted and not any(method.startswith(m) for m in wanted):
+                continue
             if method.startswith("monai") and monai_need > args.skip_monai_above * available_bytes():
                 rows.append({"method": method, "shape": shape, "skipped": f"needs about {gb(monai_need)} GB, "
                              f"{gb(available_bytes())} GB available"})
@@ -248,8 +256,8 @@ def main() -> int:
                         r["label_agreement"] = {"with": ref, "fraction": agree}
         for path in label_files.values():
             path.unlink(missing_ok=True)
-    write_report(rows, peak, fpw, n_classes, " ".join(sys.argv[1:]))
-    print(f"report written to {REPORT}")
+    write_report(rows, peak, fpw, n_classes, " ".join(sys.argv[1:]), Path(args.report))
+    print(f"report written to {args.report}")
     return 0
 
 
@@ -261,7 +269,7 @@ def _plan_text(plan) -> str:
             + f" ({plan.get('source')})")
 
 
-def write_report(rows, peak, fpw, n_classes, argv) -> None:
+def write_report(rows, peak, fpw, n_classes, argv, report: Path = REPORT) -> None:
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchmark_common import machine
@@ -326,10 +334,10 @@ def write_report(rows, peak, fpw, n_classes, argv) -> None:
             lines.append(f"* {'×'.join(map(str, r['shape']))} {r['method']}: "
                          + ", ".join(f"{k} {v}" for k, v in r["timings"].items())
                          + (f"; trials: {trials}" if trials else ""))
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = REPORT.with_suffix(".md.part")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report.with_suffix(".md.part")
     tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, REPORT)
+    os.replace(tmp, report)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def window_starts(size: int, roi: int, overlap: float) -> List[int]:
 LAYOUTS = ("contiguous", "channels_last")
 PRECISIONS = ("float32", "bfloat16")
 DEFAULT_SW_BATCH = 2
+SINK_VOXELS = 1 << 22        # voxels per piece handed to the sink (about 100 MB of 6-class logits)
 DEFAULT_LAYOUT = "contiguous"
 _TUNED: Dict[Tuple[Any, ...], Tuple[int, str, List[Dict[str, Any]]]] = {}
 
@@ -285,15 +286,22 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
             next_z = starts[0][zi + 1] if zi + 1 < len(starts[0]) else Z
             n = next_z - bz0  # planes no later window touches
             if n > 0:
-                logits = acc[:, :n] / wsum[:n]
-                # crop the padding before handing the slab on
+                # crop the padding and hand the finished planes on in pieces of at most
+                # SINK_VOXELS voxels, so the sink's temporaries stay small whatever the slice size
                 a, e = max(bz0, z_lo), min(bz0 + n, z_lo + orig[0])
-                if e > a:
-                    sink(a - z_lo, logits[:, a - bz0:e - bz0, y_lo:y_lo + orig[1], x_lo:x_lo + orig[2]])
+                step = max(1, SINK_VOXELS // (orig[1] * orig[2]))
+                for p0 in range(a, e, step):
+                    p1 = min(e, p0 + step)
+                    piece = acc[:, p0 - bz0:p1 - bz0] / wsum[p0 - bz0:p1 - bz0]
+                    sink(p0 - z_lo, piece[:, :, y_lo:y_lo + orig[1], x_lo:x_lo + orig[2]])
+                    del piece
+                # move the planes still in use to the front, plane by plane (front to back, so
+                # nothing is overwritten before it is read) instead of through a copy of the band
                 keep = span - n
-                acc[:, :keep] = acc[:, n:].clone()
+                for i in range(keep):
+                    acc[:, i].copy_(acc[:, n + i])
+                    wsum[i].copy_(wsum[n + i])
                 acc[:, keep:] = 0
-                wsum[:keep] = wsum[n:].clone()
                 wsum[keep:] = 0
                 bz0 = next_z
             t_blend += time.perf_counter() - t1
@@ -317,6 +325,12 @@ class _restore_layout:
     def __exit__(self, *exc) -> None:
         self.network.to(memory_format=_memory_format(self.layout))
         torch.set_num_threads(self.threads)
+
+
+def _is_canonical(image: sitk.Image) -> bool:
+    """Whether the axes already run L, P, S (identity direction in ITK's LPS world), so
+    :func:`~imbalanceseglib.images.to_canonical` would return the same voxels."""
+    return tuple(float(v) for v in image.GetDirection()) == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -380,7 +394,8 @@ class _Decoded:
 
 def encode(p: torch.Tensor, storage: str) -> np.ndarray:
     if storage == "uint8":
-        return torch.round(p.clamp(0, 1) * 255.0).to(torch.uint8).numpy()
+        q = p.clamp(0, 1)          # one temporary, scaled and rounded in place
+        return q.mul_(255.0).round_().to(torch.uint8).numpy()
     if storage == "float16":
         return p.to(torch.float16).numpy()
     return p.to(torch.float32).numpy()
@@ -423,10 +438,12 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     t0 = time.perf_counter()
     progress("preprocess", 0.0)
     pre = bundle.preprocessing
-    canonical = to_canonical(image)
+    # no reoriented copy when the axes already run L, P, S (a big volume is usually read so)
+    canonical = image if _is_canonical(image) else to_canonical(image)
     resampled = needs_resampling(canonical, pre.get("target_spacing"))
     work = resample_to_spacing(sitk.Cast(canonical, sitk.sitkFloat32), pre["target_spacing"]) if resampled else canonical
-    volume = normalise_intensities(sitk.GetArrayFromImage(work).astype(np.float32, copy=False),
+    # one float32 copy straight from the image's buffer (no intermediate copy in its own type)
+    volume = normalise_intensities(np.array(sitk.GetArrayViewFromImage(work), dtype=np.float32),
                                    pre.get("normalization", {}), copy=False)
     geometry = sitk.Image(1, 1, 1, sitk.sitkUInt8)
     geometry.SetOrigin(work.GetOrigin())

@@ -481,11 +481,12 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
         t = time.perf_counter()
         # One pass for the estimate, the maps, the labels and the uncertainty where the
         # calibration allows it (EstimateAccumulator.add_with_maps), two passes otherwise.
-        fused = acc.add_with_maps(calibration_logits(logits[None], calibration)[0])
+        scaled = calibration_logits(logits[None], calibration)[0]
+        fused = acc.add_with_maps(scaled)
         if fused is not None:
             p, lab, ent = fused
         else:
-            acc.add(calibration_logits(logits[None], calibration)[0])
+            acc.add(scaled)
             p = apply_calibration(logits[None], calibration)[0]
             lab = torch.argmax(p, dim=0)
             ent = (-(p * torch.log(p.clamp_min(1e-12))).sum(0) / log_c).clamp(0, 1)

@@ -131,14 +131,18 @@ def test_auto_plan_times_every_candidate_on_real_windows_and_keeps_monais_logits
     ours, plan = _streamed(b.network, vol, [16, 16, 16])
     assert plan["source"] == "tuned"
     threads = torch.get_num_threads()
-    tried = {(t["layout"], t["sw_batch_size"], t["workers"]) for t in plan["trials"]}
-    expected = {(lay, bs, 1) for lay in ("contiguous", "channels_last") for bs in (1, 2)}
+    tried = {(t["engine"], t["layout"], t["sw_batch_size"], t["workers"]) for t in plan["trials"]}
+    expected = {("module", lay, bs, 1) for lay in ("contiguous", "channels_last") for bs in (1, 2)}
+    expected |= {("onednn", "channels_last", bs, 1) for bs in (1, 2)}
     if threads > 1:  # calls run at once in threads, each with its share of torch's threads
-        expected |= {(lay, 1, threads) for lay in ("contiguous", "channels_last")}
+        expected |= {("module", lay, 1, threads) for lay in ("contiguous", "channels_last")}
+        expected |= {("onednn", "channels_last", 1, threads)}
     assert tried == expected
     best = min(plan["trials"], key=lambda t: t["seconds_per_window"])
-    assert (plan["layout"], plan["sw_batch_size"], plan["workers"]) == \
-        (best["layout"], best["sw_batch_size"], best["workers"])
+    assert (plan["engine"], plan["layout"], plan["sw_batch_size"], plan["workers"]) == \
+        (best["engine"], best["layout"], best["sw_batch_size"], best["workers"])
+    # the engine's first window was also run by the module, and they agreed
+    assert plan["engine_check"]["passed"] and plan["engine_check"]["max_relative_difference"] < 1e-5
     assert torch.get_num_threads() == threads  # the thread count is restored
     # every window was blended exactly once, whatever batch and layout it ran in
     torch.testing.assert_close(ours, _monai_logits(b.network, vol, [16, 16, 16]), atol=2e-5, rtol=1e-5)
@@ -154,7 +158,8 @@ def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults():
     vol = np.random.default_rng(6).normal(size=(24, 30, 20)).astype(np.float32)
     ref = _monai_logits(b.network, vol, [16, 16, 16])
     cl, plan = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=3, layout="channels_last", workers=1)
-    assert plan == {"sw_batch_size": 3, "layout": "channels_last", "workers": 1, "source": "given", "trials": []}
+    assert plan == {"engine": "module", "sw_batch_size": 3, "layout": "channels_last", "workers": 1, "source": "given",
+                    "trials": []}
     torch.testing.assert_close(cl, ref, atol=2e-5, rtol=1e-5)
     if torch.get_num_threads() > 1:  # two calls at once, in threads: the same windows, the same sums
         threaded, plan = _streamed(b.network, vol, [16, 16, 16], sw_batch_size=1, layout="contiguous", workers=2)
@@ -162,9 +167,14 @@ def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults():
         torch.testing.assert_close(threaded, ref, atol=2e-5, rtol=1e-5)
     assert all(p.is_contiguous() for p in b.network.parameters())
     fresh = _bundle()  # another network: nothing cached for it, and too few windows to measure
-    _, plan = _streamed(fresh.network, vol, [16, 16, 16])
-    assert plan["source"] == "default" and (plan["sw_batch_size"], plan["layout"], plan["workers"]) == \
-        (2, "contiguous", 1)
+    default, plan = _streamed(fresh.network, vol, [16, 16, 16])
+    assert plan["source"] == "default"
+    assert (plan["engine"], plan["sw_batch_size"], plan["layout"], plan["workers"]) == ("onednn", 1, "channels_last", 1)
+    torch.testing.assert_close(default, ref, atol=2e-5, rtol=1e-5)
+    # where the engine does not apply (bfloat16 here) the default is the module's
+    _, plan = _streamed(fresh.network, vol, [16, 16, 16], precision="bfloat16")
+    assert (plan["engine"], plan["sw_batch_size"], plan["layout"], plan["workers"]) == ("module", 2, "contiguous", 1)
+    assert "engine_check" not in plan
 
 
 def test_bad_plan_and_precision_are_refused():
@@ -178,6 +188,14 @@ def test_bad_plan_and_precision_are_refused():
         stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, workers=99)
     with pytest.raises(ValueError, match="precision must be one of"):
         stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, precision="int8")
+    with pytest.raises(ValueError, match="engine must be"):
+        stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, engine="fast")
+    with pytest.raises(ValueError, match="float32 on a CPU"):
+        stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, engine="onednn", precision="bfloat16")
+    with pytest.raises(ValueError, match="runs the bundled U-Nets"):
+        stream_logits(torch.nn.Conv3d(1, 3, 3, padding=1), vol, [16, 16, 16], lambda z, l: None, engine="onednn")
+    with pytest.raises(ValueError, match="is for engine='module'"):
+        stream_logits(b.network, vol, [16, 16, 16], lambda z, l: None, engine="onednn", layout="contiguous")
 
 
 def test_bfloat16_precision_stays_close_to_float32():
@@ -227,3 +245,30 @@ def test_the_input_image_is_left_as_it_was():
     before = sitk.GetArrayFromImage(img).copy()
     predict_streaming(img, b, storage="float32")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), before)
+
+
+def test_an_engine_that_disagrees_with_the_module_is_not_used(monkeypatch):
+    """The engine's first window is checked against the network's own forward: a wrong engine
+    (here one that adds 1 to every logit) is dropped with engine='auto' and refused when asked for."""
+    from imbalanceseglib import cpu_engine as ce, streaming
+    real = ce.cpu_engine
+
+    def wrong(network):
+        eng = real(network)
+        return None if eng is None else (lambda x: eng(x) + 1.0)
+
+    monkeypatch.setattr(ce, "cpu_engine", wrong)
+    streaming._TUNED.clear()
+    b = _bundle()
+    vol = np.random.default_rng(9).normal(size=(40, 64, 64)).astype(np.float32)
+    ours, plan = _streamed(b.network, vol, [16, 16, 16])
+    assert plan["engine_check"]["passed"] is False and plan["engine_check"]["max_relative_difference"] > 1e-2
+    assert plan["engine"] == "module" and all(t["engine"] == "module" for t in plan["trials"])
+    torch.testing.assert_close(ours, _monai_logits(b.network, vol, [16, 16, 16]), atol=2e-5, rtol=1e-5)
+    small = vol[:24, :30, :20].copy()  # the default plan (engine first) falls back the same way
+    ours, plan = _streamed(_bundle().network, small, [16, 16, 16])
+    assert plan["source"] == "default" and plan["engine"] == "module" and not plan["engine_check"]["passed"]
+    torch.testing.assert_close(ours, _monai_logits(b.network, small, [16, 16, 16]), atol=2e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="engine's logits differ from the network's own"):
+        _streamed(b.network, small, [16, 16, 16], engine="onednn")
+    streaming._TUNED.clear()

@@ -8,9 +8,17 @@ For each volume size, each method in its own process (so peak memory is that met
 * ``monai+cl/bN`` (first size only): the same, with the network and its input in the
   channels-last layout: a control that shows how much of our gain a MONAI user gets by changing
   the layout alone.
-* ``ours``: :func:`imbalanceseglib.streaming.predict_streaming` with its defaults (windows per
-  call and layout measured on the run's first windows), which also produces the calibrated
-  confidence maps (uint8), labels, the uncertainty map and the label-free estimate.
+* ``ours``: :func:`imbalanceseglib.streaming.predict_streaming` with its defaults (engine,
+  windows per call, layout and calls at once measured on the run's first windows), which also
+  produces the calibrated confidence maps (uint8), labels, the uncertainty map and the
+  label-free estimate.
+* ``ours-module`` (first size only): the same with ``engine="module"`` (the network's own
+  forward): what the streaming, blending and tuning give without the CPU engine.
+* ``ours-bf16`` (first size only): ``precision="bfloat16"`` (the module under autocast; opt-in,
+  not MONAI's arithmetic, so not counted against the goal).
+
+Before the runs it profiles one window (torch.profiler, per operator) through the module in
+both layouts and through the CPU engine, to show where the network's time goes.
 
 Same network (the bundled demo model), window (its 64^3 patch) and overlap (0.5). MONAI runs at
 every batch size in ``--monai-batches`` on the first volume, and at the fastest of them on the
@@ -83,7 +91,7 @@ def worker(method: str, shape, labels_out: str = "") -> dict:
         from imbalanceseglib.streaming import predict_streaming
         precision = "bfloat16" if method == "ours-bf16" else "float32"
         pred = predict_streaming(image_of(arr, spacing), bundle, overlap=OVERLAP, storage="uint8",
-                                 precision=precision)
+                                 precision=precision, engine="module" if method == "ours-module" else "auto")
         wall = time.perf_counter() - t0
         net = pred.timings["network"]
         check = float(pred.stored[1].sum(dtype=np.float64) / pred.stored[1].size / 255.0)  # no float64 copy
@@ -121,7 +129,8 @@ def worker(method: str, shape, labels_out: str = "") -> dict:
         labels = np.empty(probs.shape[2:], dtype=np.uint8)
         for k in range(labels.shape[0]):  # plane by plane: no int64 copy of the volume
             labels[k] = torch.argmax(probs[0, :, k], dim=0).numpy()
-        plan = {"sw_batch_size": sw_batch, "layout": "channels_last" if cl else "contiguous", "source": "given"}
+        plan = {"engine": "module", "sw_batch_size": sw_batch, "layout": "channels_last" if cl else "contiguous",
+                "source": "given"}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if labels_out:
         np.save(labels_out, labels.astype(np.uint8, copy=False))
@@ -151,6 +160,58 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+def onednn_peak(c: int = 1024, s: int = 16, repeats: int = 5) -> float:
+    """GFLOP/s of a large 1x1x1 convolution through oneDNN (a GEMM of 4096 x 1024 x 1024): the
+    kernels the CPU engine uses, as a second reference next to torch.mm (MKL)."""
+    import torch
+    x = torch.randn(1, c, s, s, s).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(c, c, 1, 1, 1)
+    conv = lambda: torch.ops.aten.mkldnn_convolution(x, w, None, [0, 0, 0], [1, 1, 1], [1, 1, 1], 1)
+    conv()
+    best = 1e9
+    for _ in range(repeats):
+        t = time.perf_counter()
+        conv()
+        best = min(best, time.perf_counter() - t)
+    return 2 * c * c * s ** 3 / best / 1e9
+
+
+def profile_window(rows: int = 8):
+    """Per-operator self time (ms) of one window: module contiguous, module channels-last, engine."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from imbalanceseglib.bundle import load_bundle
+    from imbalanceseglib.cpu_engine import cpu_engine
+    bundle = load_bundle(MODEL)
+    net = bundle.network.eval()
+    roi = bundle.preprocessing["patch_size"]
+    x = torch.randn(1, 1, *roi)
+    out = {}
+    runs = [("module, contiguous", torch.contiguous_format, None),
+            ("module, channels-last", torch.channels_last_3d, None),
+            ("CPU engine", torch.contiguous_format, cpu_engine(net))]
+    for name, fmt, eng in runs:
+        net.to(memory_format=fmt)
+        f = eng if eng is not None else (lambda v: net(v.contiguous(memory_format=fmt)))
+        with torch.inference_mode():
+            for _ in range(3):
+                f(x)
+            t = time.perf_counter()
+            for _ in range(5):
+                f(x)
+            per = (time.perf_counter() - t) / 5
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    f(x)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        out[name] = {"seconds": per,
+                     "ops": [(e.key, e.self_cpu_time_total / 3 / 1e3, 100 * e.self_cpu_time_total / total)
+                             for e in ops[:rows]]}
+    net.to(memory_format=torch.contiguous_format)
+    return out
 
 
 def available_bytes() -> int:
@@ -207,8 +268,13 @@ def main() -> int:
     bundle = load_bundle(MODEL)
     n_classes = bundle.num_classes
     peak = matmul_peak()
+    dnn_peak = onednn_peak()
     fpw = flops_per_window()
-    print(f"matmul peak {peak:.1f} GFLOP/s; {fpw / 1e9:.2f} GFLOP per window", flush=True)
+    print(f"matmul peak {peak:.1f} GFLOP/s, oneDNN 1x1x1 conv {dnn_peak:.1f} GFLOP/s; "
+          f"{fpw / 1e9:.2f} GFLOP per window", flush=True)
+    profiles = profile_window()
+    for name, p in profiles.items():
+        print(f"one window, {name}: {p['seconds']:.3f} s", flush=True)
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
     batches = [int(v) for v in args.monai_batches.split(",")]
@@ -223,7 +289,7 @@ def main() -> int:
         monai_need = 2 * n + 4 * n * (n_classes + 4)
         if si == 0:
             methods = [f"monai/b{b}" for b in batches] + [f"monai+cl/b{max(1, min(batches, key=lambda b: abs(b - 2)))}",
-                                                          "ours", "ours-bf16"]
+                                                          "ours", "ours-module", "ours-bf16"]
         else:
             methods = [f"monai/b{best_batch}", "ours"]
         label_files = {}
@@ -248,7 +314,7 @@ def main() -> int:
             if done:
                 best_batch = int(min(done, key=lambda r: r["wall_s"])["method"].split("/b")[1])
         ref = next((m for m in label_files if m.startswith("monai/b")), None)
-        for ours in ("ours", "ours-bf16"):
+        for ours in ("ours", "ours-module", "ours-bf16"):
             if ref and ours in label_files:
                 agree = label_agreement(label_files[ref], label_files[ours])
                 for r in rows:
@@ -256,7 +322,7 @@ def main() -> int:
                         r["label_agreement"] = {"with": ref, "fraction": agree}
         for path in label_files.values():
             path.unlink(missing_ok=True)
-    write_report(rows, peak, fpw, n_classes, " ".join(sys.argv[1:]), Path(args.report))
+    write_report(rows, peak, fpw, n_classes, " ".join(sys.argv[1:]), Path(args.report), dnn_peak, profiles)
     print(f"report written to {args.report}")
     return 0
 
@@ -265,11 +331,14 @@ def _plan_text(plan) -> str:
     if not plan:
         return ""
     workers = plan.get("workers", 1)
-    return (f"{plan.get('sw_batch_size')} × {plan.get('layout')}" + (f" × {workers} at once" if workers > 1 else "")
+    engine = plan.get("engine", "module")
+    what = "engine" if engine == "onednn" else f"module {plan.get('layout')}"
+    return (f"{what} × {plan.get('sw_batch_size')}" + (f" × {workers} at once" if workers > 1 else "")
             + f" ({plan.get('source')})")
 
 
-def write_report(rows, peak, fpw, n_classes, argv, report: Path = REPORT) -> None:
+def write_report(rows, peak, fpw, n_classes, argv, report: Path = REPORT, dnn_peak: float = 0.0,
+                 profiles=None) -> None:
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchmark_common import machine
@@ -283,19 +352,25 @@ def write_report(rows, peak, fpw, n_classes, argv, report: Path = REPORT) -> Non
              "in its own process; peak memory is that process's maximum resident set (includes the int16 "
              "volume and Python/torch themselves). One run each: on this shared 2-core machine repeated runs "
              "of the same command have differed by up to about 15 %.", "",
-             f"This machine's fp32 peak: {peak:.1f} GFLOP/s (best of 5 4096² matmuls). One window: "
+             f"This machine's fp32 peak: {peak:.1f} GFLOP/s (best of 5 4096² matmuls, torch.mm). For "
+             f"reference, a large 1×1×1 convolution through oneDNN (a 4096×1024×1024 GEMM) reached "
+             f"{dnn_peak:.1f} GFLOP/s: on this AMD CPU oneDNN's kernels outrun torch.mm's, so a network "
+             "whose convolutions all run in oneDNN can pass 100 % of the matmul figure. One window: "
              f"{fpw / 1e9:.2f} GFLOP (torch.utils.flop_counter).", "",
              "Methods: `monai/bN` is MONAI's `sliding_window_inference` with N windows per call and the network "
              "as loaded, then an in-place softmax: logits and probabilities only. `monai+cl/bN` is the same with "
              "the network and its windows in the channels-last layout (a control: what a MONAI user gets from "
-             "the layout alone). `ours` is `predict_streaming` with its defaults: windows per call, layout and "
-             "calls at once (threads sharing torch's threads) are measured on the run's own first windows (the plan column; the trial batches are real "
-             "windows and their time is in the totals), and it also produces the calibrated confidence maps "
-             "(uint8), labels, the uncertainty map and the label-free estimate. `ours-bf16` (first size only) is the "
-             "same with `precision=\"bfloat16\"`: the network under bfloat16 autocast, an opt-in that is not "
-             "the same arithmetic as MONAI's fp32, so it is not counted against the goal; its label agreement "
-             "with MONAI's fp32 shows what it costs.", "",
-             "| volume (z×y×x) | voxels | method | plan (windows per call × layout × calls at once) | wall s | peak memory GB | "
+             "the layout alone). `ours` is `predict_streaming` with its defaults: the engine (the network's own "
+             "forward, or the CPU engine of `imbalanceseglib.cpu_engine`: the same network from the same "
+             "parameters with every convolution in oneDNN and copy-free instance norms), windows per call, "
+             "layout and calls at once are measured on the run's own first windows (the plan column; the trial "
+             "batches are real windows and their time is in the totals), and it also produces the calibrated "
+             "confidence maps (uint8), labels, the uncertainty map and the label-free estimate. `ours-module` "
+             "(first size only) is the same with `engine=\"module\"`: the streaming and tuning without the CPU "
+             "engine. `ours-bf16` (first size only) is `precision=\"bfloat16\"`: the module under bfloat16 "
+             "autocast, an opt-in that is not the same arithmetic as MONAI's fp32, so it is not counted against "
+             "the goal; its label agreement with MONAI's fp32 shows what it costs.", "",
+             "| volume (z×y×x) | voxels | method | plan (engine or module layout × windows per call × calls at once) | wall s | peak memory GB | "
              "network s | network GFLOP/s | % of matmul peak | windows |", "|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in rows:
@@ -311,10 +386,17 @@ def write_report(rows, peak, fpw, n_classes, argv, report: Path = REPORT) -> Non
         lines.append(f"| {shape} | {r['voxels'] / 1e6:.1f} M | {r['method']} | {_plan_text(r.get('plan'))} | "
                      f"{r['wall_s']:.1f} | {gb(r['peak_bytes'])} | {r['network_s']:.1f} | {gf:.1f} | "
                      f"{100 * gf / peak:.0f} % | {r['windows']} |")
+    if profiles:
+        lines += ["", "Where one window's time goes (torch.profiler self time per operator, ms per window, the "
+                  "largest few; the window time is measured without the profiler):", ""]
+        for name, p in profiles.items():
+            ops = "; ".join(f"{k} {ms:.1f} ({pct:.0f} %)" for k, ms, pct in p["ops"])
+            lines.append(f"* {name}: {1e3 * p['seconds']:.0f} ms per window "
+                         f"({fpw / p['seconds'] / 1e9:.0f} GFLOP/s). {ops}")
     lines += ["", "Ours against the fastest plain MONAI run of the same volume (wall time and peak memory):", ""]
     for shape, d in by.items():
         monai = [r for m, r in d.items() if m.startswith("monai/b") and "peak_bytes" in r]
-        for name in ("ours", "ours-bf16"):
+        for name in ("ours", "ours-module", "ours-bf16"):
             ours = d.get(name)
             if not monai or not ours or "peak_bytes" not in ours:
                 continue
@@ -329,8 +411,13 @@ def write_report(rows, peak, fpw, n_classes, argv, report: Path = REPORT) -> Non
               "(seconds per window):", ""]
     for r in rows:
         if r.get("method", "").startswith("ours") and "timings" in r:
-            trials = ", ".join(f"{t['sw_batch_size']}×{t['layout']}×{t.get('workers', 1)} {t['seconds_per_window']:.3f}"
+            trials = ", ".join(_plan_text({**t, "source": ""}).replace(" ()", "") + f" {t['seconds_per_window']:.3f}"
                                for t in r.get("plan", {}).get("trials", []))
+            check = r.get("plan", {}).get("engine_check")
+            if check:
+                trials += (f"; engine check on the first window: max |engine − module| = "
+                           f"{check['max_relative_difference']:.1e} of the largest logit "
+                           f"({'passed' if check['passed'] else 'failed, module used'})")
             lines.append(f"* {'×'.join(map(str, r['shape']))} {r['method']}: "
                          + ", ".join(f"{k} {v}" for k, v in r["timings"].items())
                          + (f"; trials: {trials}" if trials else ""))

@@ -76,7 +76,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from .streaming import predict_streaming
         pred = predict_streaming(image, bundle, device=args.device, progress=progress, storage=args.storage,
                                  out_dir=out, sw_batch_size=args.sw_batch_size, layout=args.layout,
-                                 precision=args.precision, workers=args.workers)
+                                 precision=args.precision, workers=args.workers, engine=args.engine)
         print()
         write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
         for i, name in enumerate(pred.class_names):
@@ -338,6 +338,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="windows per network call (with --stream; default: the fastest measured here)")
     p.add_argument("--layout", default="auto", choices=["auto", "contiguous", "channels_last"],
                    help="memory layout of the network (with --stream; default: the fastest measured here)")
+    p.add_argument("--engine", default="auto", choices=["auto", "module", "onednn"],
+                   help="with --stream: 'onednn' runs the bundled U-Nets on the CPU with every convolution in "
+                        "oneDNN (same logits, faster), 'module' the network's own forward (default: the "
+                        "fastest measured here)")
     p.add_argument("--workers", type=int, default=None,
                    help="with --stream: network calls run at once in threads (default: the fastest measured here)")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],

@@ -14,13 +14,14 @@ map from ``compute_importance_map`` with sigma = 0.125 x window), so the logits 
 to float rounding; windows are batched (``sw_batch_size``) and the network runs under
 ``torch.inference_mode``.
 
-How the network is run is measured, not assumed (:class:`_Tuner`): the memory layout
-(contiguous NCDHW or channels-last NDHWC), the number of windows per call and the number of calls
-run at once in threads are picked by timing each candidate on the run's own first windows, and
-the choice is cached per network, window, device, precision and thread count in a process. On
-the 2-core AVX-512 benchmark machine channels-last with one or two windows per call won; on the
-AVX2 machine of an earlier benchmark contiguous did. All give the same logits up to float
-rounding. The estimate, the calibrated maps, the labels and the uncertainty of each finished slab
+How the network is run is measured, not assumed (:class:`_Tuner`): the engine (the network's
+own forward, or for the bundled U-Nets in float32 on a CPU the engine of
+:mod:`imbalanceseglib.cpu_engine`, which sends every convolution to oneDNN and normalises without
+layout copies), the memory layout (contiguous NCDHW or channels-last NDHWC), the number of
+windows per call and the number of calls run at once in threads are picked by timing each
+candidate on the run's own first windows, and the choice is cached per network, window, device,
+precision and thread count in a process. All give the same logits up to float rounding (the
+engine is also checked against the module on its first window). The estimate, the calibrated maps, the labels and the uncertainty of each finished slab
 come from one fused pass where the calibration allows it
 (:meth:`~imbalanceseglib.performance.EstimateAccumulator.add_with_maps`).
 """
@@ -59,11 +60,14 @@ def window_starts(size: int, roi: int, overlap: float) -> List[int]:
 
 
 LAYOUTS = ("contiguous", "channels_last")
+ENGINES = ("module", "onednn")
 PRECISIONS = ("float32", "bfloat16")
 DEFAULT_SW_BATCH = 2
 SINK_VOXELS = 1 << 22        # voxels per piece handed to the sink (about 100 MB of 6-class logits)
 DEFAULT_LAYOUT = "contiguous"
-_TUNED: Dict[Tuple[Any, ...], Tuple[int, str, List[Dict[str, Any]]]] = {}
+ENGINE_TOLERANCE = 1e-3      # largest |engine - module| / largest |logit| accepted on the first window
+PRUNE_RATIO = 1.25           # a candidate this much slower than the best so far gets no second timing
+_TUNED: Dict[Tuple[Any, ...], Tuple["Candidate", List[Dict[str, Any]]]] = {}
 
 
 def _memory_format(layout: str):
@@ -83,26 +87,32 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-Candidate = Tuple[str, int, int]  # layout, windows per call, concurrent calls
+Candidate = Tuple[str, str, int, int]  # engine, layout, windows per call, concurrent calls
 
 
 class _Tuner:
     """Chooses how the network runs by timing the run's own first windows.
 
-    A candidate is a memory layout, a number of windows per network call and a number of calls
-    run at once (``workers``: on a CPU with T threads, W calls in W threads with T/W threads
-    each: small 3D convolutions use one core better than they split over two). Every candidate
-    runs one group that is not timed (the backend builds its kernels for a new shape) and two
-    that are (the faster counts, since a shared machine's timings are noisy); all of these are
-    real windows of the volume, so the trials cost only the difference in speed. Then the fastest
-    candidate per window runs the rest. Given values are fixed; the measured choice is cached for
-    the process by network, window, device, precision, thread count and candidates."""
+    A candidate is an engine (``"module"``: the network's own forward; ``"onednn"``: the CPU
+    engine of :mod:`imbalanceseglib.cpu_engine`, same parameters, every convolution in oneDNN,
+    channels-last), a memory layout (for the module), a number of windows per network call and a
+    number of calls run at once (``workers``: on a CPU with T threads, W calls in W threads with
+    T/W threads each: small 3D convolutions use one core better than they split over two). Every
+    candidate runs one group that is not timed (the backend builds its kernels for a new shape)
+    and two that are (the faster counts, since a shared machine's timings are noisy); a candidate
+    whose first timing is more than ``PRUNE_RATIO`` times the best so far gets no second one. All
+    of these are real windows of the volume, so the trials cost only the difference in speed.
+    Then the fastest candidate per window runs the rest. Given values are fixed; the measured
+    choice is cached for the process by network, window, device, precision, thread count and
+    candidates."""
 
     def __init__(self, network: torch.nn.Module, roi: Sequence[int], dev: torch.device, n_windows: int,
                  sw_batch_size: Optional[int], layout: str, precision: str = "float32",
-                 workers: Optional[int] = None):
+                 workers: Optional[int] = None, engine: str = "auto", engine_available: bool = False):
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if engine != "auto" and engine not in ENGINES:
+            raise ValueError(f"engine must be 'auto' or one of {', '.join(ENGINES)}, got {engine!r}")
         if sw_batch_size is not None and (isinstance(sw_batch_size, bool) or int(sw_batch_size) < 1):
             raise ValueError("sw_batch_size must be at least 1")
         threads = torch.get_num_threads()
@@ -112,19 +122,26 @@ class _Tuner:
             worker_counts = [int(workers)]
         else:
             worker_counts = [1, threads] if dev.type == "cpu" and threads > 1 else [1]
-        layouts = list(LAYOUTS) if layout == "auto" else [layout]
+
+        def sizes(w: int) -> List[int]:
+            if sw_batch_size is not None:
+                return [int(sw_batch_size)]
+            if dev.type == "cuda":
+                return [1, 2, 4, 8]
+            # On CPUs more windows per call were never faster in our measurements (a window's
+            # activations stop fitting in cache), so the trials stay short.
+            return [1, 2] if w == 1 else [1]
+
+        if engine == "onednn" and layout == "contiguous":
+            raise ValueError("layout='contiguous' is for engine='module'; the oneDNN engine runs channels-last")
+        # a given layout is the module's: with engine='auto' it means the module
+        use_engine = engine == "onednn" or (engine == "auto" and engine_available and layout == "auto")
         self.candidates: List[Candidate] = []
-        for lay in layouts:
-            for w in worker_counts:
-                if sw_batch_size is not None:
-                    sizes = [int(sw_batch_size)]
-                elif dev.type == "cuda":
-                    sizes = [1, 2, 4, 8]
-                else:
-                    # On CPUs more windows per call were never faster in our measurements (a
-                    # window's activations stop fitting in cache), so the trials stay short.
-                    sizes = [1, 2] if w == 1 else [1]
-                self.candidates += [(lay, bs, w) for bs in sizes]
+        if use_engine:  # first: it is usually the fastest, and sets the bar for pruning
+            self.candidates += [("onednn", "channels_last", bs, w) for w in worker_counts for bs in sizes(w)]
+        if engine in ("auto", "module"):
+            for lay in (list(LAYOUTS) if layout == "auto" else [layout]):
+                self.candidates += [("module", lay, bs, w) for w in worker_counts for bs in sizes(w)]
         self.trials: List[Dict[str, Any]] = []
         self.queue: List[Tuple[Candidate, bool]] = []
         self.source = "given"
@@ -136,10 +153,13 @@ class _Tuner:
         elif self.key in _TUNED:
             self.best, self.trials = _TUNED[self.key]
             self.source = "tuned (cached)"
-        elif n_windows < 1.5 * sum(3 * bs * w for _, bs, w in self.candidates):
+        elif n_windows < 1.5 * sum(3 * bs * w for _, _, bs, w in self.candidates):
             # too few windows left after the trials for them to pay off
-            self.best = (DEFAULT_LAYOUT if layout == "auto" else layout, int(sw_batch_size or DEFAULT_SW_BATCH),
-                         int(workers or 1))
+            if use_engine:
+                self.best = ("onednn", "channels_last", int(sw_batch_size or 1), int(workers or 1))
+            else:
+                self.best = ("module", DEFAULT_LAYOUT if layout == "auto" else layout,
+                             int(sw_batch_size or DEFAULT_SW_BATCH), int(workers or 1))
             self.source = "default"
         else:
             self.queue = [(cand, timed) for cand in self.candidates for timed in (False, True, True)]
@@ -148,28 +168,48 @@ class _Tuner:
     def next(self) -> Candidate:
         return self.queue[0][0] if self.queue else self.best
 
+    def drop_engine(self) -> None:
+        """The engine failed its check: run the module, and do not try the engine again."""
+        self.candidates = [c for c in self.candidates if c[0] != "onednn"]
+        self.queue = [q for q in self.queue if q[0][0] != "onednn"]
+        self.trials = [t for t in self.trials if t["engine"] != "onednn"]
+        if self.best is not None and self.best[0] == "onednn":
+            self.best = ("module", DEFAULT_LAYOUT, DEFAULT_SW_BATCH, 1)
+        if not self.queue and self.source == "tuned":
+            if self.trials:
+                self._finish()
+            elif self.best is None:
+                self.best = ("module", DEFAULT_LAYOUT, DEFAULT_SW_BATCH, 1)
+
+    def _finish(self) -> None:
+        fastest = min(self.trials, key=lambda r: r["seconds_per_window"])
+        self.best = (fastest["engine"], fastest["layout"], fastest["sw_batch_size"], fastest["workers"])
+        _TUNED[self.key] = (self.best, list(self.trials))
+
     def report(self, cand: Candidate, n: int, seconds: float) -> None:
         if not self.queue or self.queue[0][0] != cand:
             return
-        lay, bs, w = cand
+        eng, lay, bs, w = cand
         if self.queue[0][1]:
             if n != bs * w:  # a short group at the end of a row: its timing is not comparable
                 return
-            same = [r for r in self.trials if (r["layout"], r["sw_batch_size"], r["workers"]) == cand]
+            same = [r for r in self.trials if (r["engine"], r["layout"], r["sw_batch_size"], r["workers"]) == cand]
             if same:
                 same[0]["seconds_per_window"] = min(same[0]["seconds_per_window"], seconds / n)
             else:
-                self.trials.append({"sw_batch_size": bs, "layout": lay, "workers": w,
+                others = [r["seconds_per_window"] for r in self.trials]
+                self.trials.append({"engine": eng, "sw_batch_size": bs, "layout": lay, "workers": w,
                                     "seconds_per_window": seconds / n})
+                if others and seconds / n > PRUNE_RATIO * min(others) and len(self.queue) > 1 \
+                        and self.queue[1] == (cand, True):
+                    self.queue.pop(1)  # clearly slower: no second timing
         self.queue.pop(0)
         if not self.queue:
-            fastest = min(self.trials, key=lambda r: r["seconds_per_window"])
-            self.best = (fastest["layout"], fastest["sw_batch_size"], fastest["workers"])
-            _TUNED[self.key] = (self.best, list(self.trials))
+            self._finish()
 
     def plan(self) -> Dict[str, Any]:
-        lay, bs, w = self.next()
-        return {"sw_batch_size": bs, "layout": lay, "workers": w, "source": self.source,
+        eng, lay, bs, w = self.next()
+        return {"engine": eng, "sw_batch_size": bs, "layout": lay, "workers": w, "source": self.source,
                 "trials": list(self.trials)}
 
 
@@ -183,17 +223,23 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                   overlap: float = 0.5, sw_batch_size: Optional[int] = None, device: str = "cpu",
                   progress: Optional[ProgressCallback] = None, layout: str = "auto",
                   plan_out: Optional[Dict[str, Any]] = None, precision: str = "float32",
-                  workers: Optional[int] = None) -> Dict[str, float]:
+                  workers: Optional[int] = None, engine: str = "auto") -> Dict[str, float]:
     """Run ``network`` over ``volume`` (z, y, x; normalised float32) window by window and call
     ``sink(z0, logits)`` with finished slabs of blended logits ``(C, dz, y, x)`` (float32, CPU), in
     order of z, covering the volume exactly once. Returns timings (network, blending, tuning).
 
+    ``engine`` (``"module"``: the network's own forward; ``"onednn"``: the CPU engine of
+    :mod:`imbalanceseglib.cpu_engine` for the bundled U-Nets, float32 on a CPU only),
     ``sw_batch_size`` (windows per network call), ``layout`` (``"contiguous"``,
-    ``"channels_last"``) and ``workers`` (network calls run at once, each in its own thread with
-    its share of torch's threads): given values are used as they are; ``None``/``"auto"`` are
-    measured on the run's own first windows (see :class:`_Tuner`) when the volume has enough of
-    them, else the defaults (2, contiguous, 1) are used. ``plan_out`` receives the plan used and the trials.
-    The network's parameters are back in their own layout afterwards.
+    ``"channels_last"``; a given layout means the module) and ``workers`` (network calls run at once, each in its
+    own thread with its share of torch's threads): given values are used as they are;
+    ``None``/``"auto"`` are measured on the run's own first windows (see :class:`_Tuner`) when
+    the volume has enough of them, else the defaults are used (the engine with one window per
+    call where it applies, otherwise the module with 2, contiguous; one call at once). The first
+    window the engine runs is also run by the module: if their logits differ by more than
+    ``ENGINE_TOLERANCE`` of the largest logit the module is used instead (with ``engine="auto"``)
+    or a ``RuntimeError`` says so (``engine="onednn"``). ``plan_out`` receives the plan used, the
+    trials and that check. The network's parameters are back in their own layout afterwards.
 
     ``precision``: ``"float32"`` (default, logits equal MONAI's up to rounding) or ``"bfloat16"``
     (the network under ``torch.autocast``; blending, calibration and the estimate stay float32).
@@ -217,14 +263,23 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     starts = [window_starts(n, r, overlap) for n, r in zip((Z, Y, X), roi)]
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    from .cpu_engine import agreement, cpu_engine
+    fast = cpu_engine(network) if dev.type == "cpu" and precision == "float32" else None
+    if engine == "onednn" and fast is None:
+        raise ValueError("engine='onednn' runs the bundled U-Nets (UNet3D, UNet3DEnsemble) in float32 on a CPU "
+                         f"with oneDNN; this run has {type(network).__name__} on {dev} in {precision}"
+                         + ("" if torch.backends.mkldnn.is_available() else " and this torch build has no oneDNN"))
     tuner = _Tuner(network, roi, dev, len(starts[0]) * len(starts[1]) * len(starts[2]), sw_batch_size, layout,
-                   precision, workers)
+                   precision, workers, engine=engine, engine_available=fast is not None)
     threads = torch.get_num_threads()
+    check: Dict[str, Any] = {}
 
-    def run(inp: torch.Tensor, fmt, n_threads: int) -> torch.Tensor:
+    def run(inp: torch.Tensor, eng: str, fmt, n_threads: int) -> torch.Tensor:
         # inference mode, autocast and the OpenMP thread count are per thread: set them here
         if torch.get_num_threads() != n_threads:
             torch.set_num_threads(n_threads)
+        if eng == "onednn":
+            return fast(inp).contiguous()
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bfloat16"
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
@@ -250,8 +305,8 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
             b = 0
             while b < len(yx):
                 cand = tuner.next()
-                lay, size, n_workers = cand
-                if lay != current_layout:
+                eng, lay, size, n_workers = cand
+                if eng == "module" and lay != current_layout:
                     network.to(memory_format=_memory_format(lay))
                     current_layout = lay
                 batch = yx[b:b + size * n_workers]
@@ -261,13 +316,33 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                                        for ys, xs in batch[i:i + size]])[:, None]
                           for i in range(0, len(batch), size)]
                 fmt = _memory_format(lay)
-                if n_workers == 1:
-                    outs = [run(inputs[0], fmt, threads)]
+                if eng == "onednn" and not check:
+                    # the engine's first window is also run by the module (untimed): same logits?
+                    tc = time.perf_counter()
+                    check["max_relative_difference"] = agreement(fast, network, inputs[0][:1])
+                    check["passed"] = check["max_relative_difference"] <= ENGINE_TOLERANCE
+                    check["seconds"] = time.perf_counter() - tc
+                    t0 += check["seconds"]
+                    if not check["passed"]:
+                        if engine == "onednn":
+                            raise RuntimeError(
+                                "the oneDNN engine's logits differ from the network's own by "
+                                f"{check['max_relative_difference']:.2e} of the largest logit on the first window "
+                                f"(tolerance {ENGINE_TOLERANCE:g}); run with engine='module'")
+                        tuner.drop_engine()
+                        eng, lay, size, n_workers = cand = tuner.next()
+                        fmt = _memory_format(lay)
+                        if lay != current_layout:
+                            network.to(memory_format=fmt)
+                            current_layout = lay
+                        inputs = [torch.cat(inputs)[i:i + size] for i in range(0, len(batch), size)]
+                if n_workers == 1 or len(inputs) == 1:
+                    outs = [run(x, eng, fmt, threads) for x in inputs]
                 else:
                     if pool is None:
                         pool = ThreadPoolExecutor(max(threads, 2), thread_name_prefix="imbalanceseg-window")
                     per = max(1, threads // n_workers)
-                    outs = list(pool.map(lambda x: run(x, fmt, per), inputs))
+                    outs = list(pool.map(lambda x: run(x, eng, fmt, per), inputs))
                 out = outs[0] if len(outs) == 1 else torch.cat(outs)
                 _sync(dev)
                 t1 = time.perf_counter()
@@ -309,6 +384,8 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
         pool.shutdown(wait=True)
     if plan_out is not None:
         plan_out.update(tuner.plan())
+        if check:
+            plan_out["engine_check"] = dict(check)
     return {"network": t_net, "blend": t_blend}
 
 
@@ -411,7 +488,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
                       sw_batch_size: Optional[int] = None, progress: Optional[ProgressCallback] = None,
                       storage: str = "uint8", out_dir: Optional[Path] = None,
                       layout: str = "auto", precision: str = "float32",
-                      workers: Optional[int] = None) -> CompactPrediction:
+                      workers: Optional[int] = None, engine: str = "auto") -> CompactPrediction:
     """Segment one volume with bounded memory (see the module docstring).
 
     ``storage``: how probabilities and the uncertainty map are kept (``uint8``: 1/255 steps,
@@ -419,7 +496,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     tile, as slabs finish) instead of keeping them in memory: ``probabilities.npy`` (C, z, y, x),
     ``labels.npy``, ``uncertainty.npy``. ``sw_batch_size`` and ``layout``: see :func:`stream_logits`
     (``None``/``"auto"``: measured on this hardware); the plan used is in ``execution``.
-    ``precision`` and ``workers``: see :func:`stream_logits`.
+    ``precision``, ``workers`` and ``engine``: see :func:`stream_logits`.
 
     The volume must already be on the model's grid and in its orientation for the bounded-memory
     path; otherwise it is resampled first (whole volume, float32).
@@ -501,7 +578,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     execution: Dict[str, Any] = {}
     parts = stream_logits(bundle.network, volume, roi, sink, overlap=overlap, sw_batch_size=sw_batch_size,
                           device=device, progress=progress, layout=layout, plan_out=execution,
-                          precision=precision, workers=workers)
+                          precision=precision, workers=workers, engine=engine)
     del volume
     timings["network"] = parts["network"]
     timings["blend"] = parts["blend"]

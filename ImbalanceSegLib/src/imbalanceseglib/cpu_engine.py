@@ -1,0 +1,197 @@
+"""A faster CPU forward pass for the bundled U-Nets at inference (same arithmetic, fewer detours).
+
+Run through ``nn.Module.forward`` on a CPU, :class:`~imbalanceseglib.networks.UNet3D` spends
+about half of its time outside the convolutions' arithmetic (measured with ``torch.profiler`` on
+the demo network, one 64^3 window: Testing/Benchmarks/reports/streaming_inference.md):
+
+* PyTorch sends a convolution to oneDNN only when the input is big enough by a heuristic on
+  ``N x C x D x H`` (one window of the coarser levels, or of a one-channel input, is not); the
+  rest go to ``slow_conv3d`` (unfold + GEMM), several times slower per FLOP;
+* ``instance_norm`` reshapes its input to ``(1, N x C, ...)`` and calls ``batch_norm``: on a
+  channels-last tensor that is a copy in and a copy out, and the statistics kernel is slow for
+  a dozen channels;
+* transposed convolutions of small inputs fall back to ``slow_conv_transpose3d``.
+
+:func:`cpu_engine` returns a function that computes the same network from the same parameters
+without those detours: every convolution goes to oneDNN (``aten::mkldnn_convolution``) in the
+channels-last layout, the transposed convolutions go to oneDNN's transposed kernel, and each
+instance norm is two matrix-vector products for its statistics (mean first, then the centred
+second moment, as ``batch_norm`` does) and one in-place scale-and-shift followed by an in-place
+leaky ReLU, with no layout copies. Scratch buffers are kept per thread, so several threads may
+call one engine at once (the streaming tuner's ``workers``).
+
+The result equals ``network(x)`` up to float rounding (tested against it for each supported
+network and batch size; :func:`stream_logits` also compares the two on the run's first window
+and keeps the module if they differ). Parameters are read at every call, so an engine follows
+a network that is still being trained. Only what the bundles can name is supported (exact
+``UNet3D`` and ``UNet3DEnsemble`` types, float32 on the CPU, oneDNN present); anything else
+gets ``None`` and runs as a module.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .networks import UNet3D, UNet3DEnsemble, _ConvBlock
+
+_CL = torch.channels_last_3d
+Engine = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _supported_block(block: nn.Module) -> bool:
+    if type(block) is not _ConvBlock or len(block) != 6:
+        return False
+    convs, norms, acts = (block[0], block[3]), (block[1], block[4]), (block[2], block[5])
+    return (all(type(c) is nn.Conv3d and c.kernel_size == (3, 3, 3) and c.groups == 1
+                and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c in convs)
+            and all(type(n) is nn.InstanceNorm3d for n in norms)
+            and all(type(a) is nn.LeakyReLU for a in acts))
+
+
+def _supported_unet(net: nn.Module) -> bool:
+    if type(net) is not UNet3D:
+        return False
+    if not all(_supported_block(b) for b in list(net.encoders) + list(net.decoders)):
+        return False
+    if not all(type(u) is nn.ConvTranspose3d and u.kernel_size == (2, 2, 2) and u.stride == (2, 2, 2)
+               and u.groups == 1 and u.padding == (0, 0, 0) and u.output_padding == (0, 0, 0)
+               for u in net.upsamplers):
+        return False
+    if type(net.head) is not nn.Conv3d or net.head.kernel_size != (1, 1, 1):
+        return False
+    return all(p.dtype == torch.float32 and p.device.type == "cpu" for p in net.parameters())
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch buffers (a thread's own buffers are reused from call to call)."""
+
+    def __init__(self) -> None:
+        self.buffers: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+
+    def get(self, name: str, shape: Tuple[int, ...], fill: Optional[float] = None) -> torch.Tensor:
+        key = (name, shape)
+        buf = self.buffers.get(key)
+        if buf is None:
+            if len(self.buffers) > 64:  # shapes change rarely; do not grow without bound
+                self.buffers.clear()
+            buf = torch.full(shape, fill) if fill is not None else torch.empty(shape)
+            self.buffers[key] = buf
+        return buf
+
+
+def _widen(m: int, c: int) -> int:
+    """Rows of c channels folded into one row of k*c values, so the per-channel sums run over
+    a wider inner dimension (vector units stay busy with a dozen channels)."""
+    k = 1
+    while k < 32 and m % (2 * k) == 0 and 2 * k * c <= 512:
+        k *= 2
+    return k
+
+
+class _UNetEngine:
+    def __init__(self, net: UNet3D):
+        self.net = net
+        self.scratch = _Scratch()
+
+    # -- pieces ------------------------------------------------------------------------------
+    @staticmethod
+    def _conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+        y = torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
+                                              list(conv.dilation), conv.groups)
+        return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+
+    @staticmethod
+    def _up(x: torch.Tensor, up: nn.ConvTranspose3d) -> torch.Tensor:
+        try:
+            y = torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, up.weight, up.bias, [0, 0, 0], [0, 0, 0], [2, 2, 2], [1, 1, 1], 1, "none", [], "")
+        except (RuntimeError, AttributeError):  # a torch build without the fused op
+            y = F.conv_transpose3d(x, up.weight, up.bias, stride=2)
+        return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+
+    def _norm_act(self, x: torch.Tensor, norm: nn.InstanceNorm3d, slope: float) -> torch.Tensor:
+        """Instance norm and leaky ReLU in place on a channels-last conv output."""
+        n, c = x.shape[0], x.shape[1]
+        m = x[0].numel() // c
+        k = _widen(m, c)
+        rows = m // k
+        running = norm.track_running_stats and norm.running_mean is not None
+        if not running:
+            ones = self.scratch.get("ones", (1, rows), 1.0)
+            centred = self.scratch.get("centred", (rows, k * c))
+        for i in range(n):
+            v = x[i].permute(1, 2, 3, 0).view(rows, k * c)   # (D, H, W, C) memory, folded
+            if running:
+                mean, var = norm.running_mean, norm.running_var
+            else:
+                mean = torch.mm(ones, v).view(k, c).sum(0) / m
+                torch.sub(v, mean.repeat(k), out=centred)
+                centred.square_()
+                var = torch.mm(ones, centred).view(k, c).sum(0) / m
+            scale = torch.rsqrt(var + norm.eps)
+            if norm.affine:
+                scale = scale * norm.weight
+            shift = -mean * scale
+            if norm.affine:
+                shift = shift + norm.bias
+            torch.addcmul(shift.repeat(k), v, scale.repeat(k), out=v)
+        return F.leaky_relu_(x, slope)
+
+    def _block(self, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        x = self._norm_act(self._conv(x, block[0]), block[1], block[2].negative_slope)
+        return self._norm_act(self._conv(x, block[3]), block[4], block[5].negative_slope)
+
+    # -- forward -----------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 5:
+            raise ValueError(f"the CPU engine takes a float32 CPU tensor (N, C, D, H, W), got {x.dtype} "
+                             f"{x.device} shape {tuple(x.shape)}")
+        net = self.net
+        with torch.inference_mode():
+            x = x.contiguous(memory_format=_CL)
+            skips: List[torch.Tensor] = []
+            for enc in net.encoders:
+                x = self._block(x, enc)
+                skips.append(x)
+            x = skips.pop()
+            for up, dec in zip(net.upsamplers, net.decoders):
+                x = self._block(torch.cat([self._up(x, up), skips.pop()], dim=1), dec)
+            return self._conv(x, net.head)
+
+
+class _EnsembleEngine:
+    def __init__(self, members: List[_UNetEngine]):
+        self.members = members
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.members[0](x)
+        for m in self.members[1:]:
+            out = out + m(x)
+        return out / len(self.members)
+
+
+def cpu_engine(network: nn.Module) -> Optional[Engine]:
+    """A function computing ``network(x)`` faster on a CPU (see the module docstring), or
+    ``None`` when the network, its parameters or this torch build are not supported."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if type(network) is UNet3D:
+        return _UNetEngine(network) if _supported_unet(network) else None
+    if type(network) is UNet3DEnsemble:
+        if all(_supported_unet(m) for m in network.members):
+            return _EnsembleEngine([_UNetEngine(m) for m in network.members])
+    return None
+
+
+def agreement(engine: Engine, network: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute difference between ``engine(x)`` and ``network(x)``, relative to the
+    largest absolute logit (a check that the engine computes this network on this build)."""
+    with torch.inference_mode():
+        ref = network(x)
+        out = engine(x)
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))

@@ -1,8 +1,8 @@
 """A faster CPU forward pass for the bundled U-Nets at inference (same arithmetic, fewer detours).
 
 Run through ``nn.Module.forward`` on a CPU, :class:`~imbalanceseglib.networks.UNet3D` spends
-about half of its time outside the convolutions' arithmetic (measured with ``torch.profiler`` on
-the demo network, one 64^3 window: Testing/Benchmarks/reports/streaming_inference.md):
+much of its time in slow paths and copies (``torch.profiler`` per operator on one 64^3 window of
+the demo network, in Testing/Benchmarks/reports/streaming_inference.md):
 
 * PyTorch sends a convolution to oneDNN only when the input is big enough by a heuristic on
   ``N x C x D x H`` (one window of the coarser levels, or of a one-channel input, is not); the
@@ -21,9 +21,9 @@ leaky ReLU, with no layout copies. Scratch buffers are kept per thread, so sever
 call one engine at once (the streaming tuner's ``workers``).
 
 The result equals ``network(x)`` up to float rounding (tested against it for each supported
-network and batch size; :func:`stream_logits` also compares the two on the run's first window
-and keeps the module if they differ). Parameters are read at every call, so an engine follows
-a network that is still being trained. Only what the bundles can name is supported (exact
+network and batch size; :func:`stream_logits` also compares the two on one random window
+before using it and keeps the module if they differ). Parameters are read at every call, so an
+engine follows a network that is still being trained. Only what the bundles can name is supported (exact
 ``UNet3D`` and ``UNet3DEnsemble`` types, float32 on the CPU, oneDNN present); anything else
 gets ``None`` and runs as a module.
 """
@@ -195,3 +195,13 @@ def agreement(engine: Engine, network: nn.Module, x: torch.Tensor) -> float:
         ref = network(x)
         out = engine(x)
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+
+
+def probe_agreement(engine: Engine, network: nn.Module, window_shape) -> float:
+    """:func:`agreement` on one fixed random window of ``window_shape`` (C, D, H, W).
+
+    A random input, not a window of the image: an image's first window is usually background,
+    nearly constant, where instance norms divide by a tiny spread and any two correct
+    implementations (the module in two layouts, too) differ by far more than their rounding."""
+    gen = torch.Generator().manual_seed(0)
+    return agreement(engine, network, torch.randn(1, *[int(v) for v in window_shape], generator=gen))

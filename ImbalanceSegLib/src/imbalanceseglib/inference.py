@@ -128,9 +128,9 @@ def sliding_window_logits(network: torch.nn.Module, volume: np.ndarray, roi_size
 
     ``engine``: ``"auto"`` runs the bundled U-Nets on a CPU through
     :func:`imbalanceseglib.cpu_engine.cpu_engine` (same logits up to float rounding, about twice
-    as fast; its first window is checked against the module, which is used if they differ),
+    as fast; checked against the module on one random window first, and not used if they differ),
     ``"module"`` always runs ``network`` itself."""
-    from .cpu_engine import agreement, cpu_engine
+    from .cpu_engine import cpu_engine, probe_agreement
     from .streaming import ENGINE_TOLERANCE
     if engine not in ("auto", "module"):
         raise ValueError(f"engine must be 'auto' or 'module', got {engine!r}")
@@ -145,7 +145,7 @@ def sliding_window_logits(network: torch.nn.Module, volume: np.ndarray, roi_size
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         if fast[0] is not None and not fast[1]:
             fast[1] = True  # checked once: the engine computes this network here
-            if agreement(fast[0], network, batch[:1]) > ENGINE_TOLERANCE:
+            if probe_agreement(fast[0], network, batch.shape[1:]) > ENGINE_TOLERANCE:
                 fast[0] = None
         out = fast[0](batch) if fast[0] is not None else network(batch)
         done[0] += 1

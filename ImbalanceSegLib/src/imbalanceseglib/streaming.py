@@ -21,8 +21,9 @@ layout copies), the memory layout (contiguous NCDHW or channels-last NDHWC), the
 windows per call and the number of calls run at once in threads are picked by timing each
 candidate on the run's own first windows, and the choice is cached per network, window, device,
 precision and thread count in a process. All give the same logits up to float rounding (the
-engine is also checked against the module on its first window). The estimate, the calibrated maps, the labels and the uncertainty of each finished slab
-come from one fused pass where the calibration allows it
+engine is also checked against the module on one random window first). The estimate, the
+calibrated maps, the labels and the uncertainty of each finished slab come from one fused pass
+where the calibration allows it
 (:meth:`~imbalanceseglib.performance.EstimateAccumulator.add_with_maps`).
 """
 
@@ -65,7 +66,7 @@ PRECISIONS = ("float32", "bfloat16")
 DEFAULT_SW_BATCH = 2
 SINK_VOXELS = 1 << 22        # voxels per piece handed to the sink (about 100 MB of 6-class logits)
 DEFAULT_LAYOUT = "contiguous"
-ENGINE_TOLERANCE = 1e-3      # largest |engine - module| / largest |logit| accepted on the first window
+ENGINE_TOLERANCE = 1e-3      # largest |engine - module| / largest |logit| accepted (one random window)
 PRUNE_RATIO = 1.25           # a candidate this much slower than the best so far gets no second timing
 _TUNED: Dict[Tuple[Any, ...], Tuple["Candidate", List[Dict[str, Any]]]] = {}
 
@@ -235,8 +236,9 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     own thread with its share of torch's threads): given values are used as they are;
     ``None``/``"auto"`` are measured on the run's own first windows (see :class:`_Tuner`) when
     the volume has enough of them, else the defaults are used (the engine with one window per
-    call where it applies, otherwise the module with 2, contiguous; one call at once). The first
-    window the engine runs is also run by the module: if their logits differ by more than
+    call where it applies, otherwise the module with 2, contiguous; one call at once). Before the
+    engine's first window, engine and module both run one fixed random window
+    (:func:`~imbalanceseglib.cpu_engine.probe_agreement`): if their logits differ by more than
     ``ENGINE_TOLERANCE`` of the largest logit the module is used instead (with ``engine="auto"``)
     or a ``RuntimeError`` says so (``engine="onednn"``). ``plan_out`` receives the plan used, the
     trials and that check. The network's parameters are back in their own layout afterwards.
@@ -263,7 +265,7 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     starts = [window_starts(n, r, overlap) for n, r in zip((Z, Y, X), roi)]
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    from .cpu_engine import agreement, cpu_engine
+    from .cpu_engine import cpu_engine, probe_agreement
     fast = cpu_engine(network) if dev.type == "cpu" and precision == "float32" else None
     if engine == "onednn" and fast is None:
         raise ValueError("engine='onednn' runs the bundled U-Nets (UNet3D, UNet3DEnsemble) in float32 on a CPU "
@@ -317,9 +319,10 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                           for i in range(0, len(batch), size)]
                 fmt = _memory_format(lay)
                 if eng == "onednn" and not check:
-                    # the engine's first window is also run by the module (untimed): same logits?
+                    # before the engine's first window, engine and module run one random window
+                    # (untimed): the same logits?
                     tc = time.perf_counter()
-                    check["max_relative_difference"] = agreement(fast, network, inputs[0][:1])
+                    check["max_relative_difference"] = probe_agreement(fast, network, inputs[0].shape[1:])
                     check["passed"] = check["max_relative_difference"] <= ENGINE_TOLERANCE
                     check["seconds"] = time.perf_counter() - tc
                     t0 += check["seconds"]
@@ -327,7 +330,7 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                         if engine == "onednn":
                             raise RuntimeError(
                                 "the oneDNN engine's logits differ from the network's own by "
-                                f"{check['max_relative_difference']:.2e} of the largest logit on the first window "
+                                f"{check['max_relative_difference']:.2e} of the largest logit on a random window "
                                 f"(tolerance {ENGINE_TOLERANCE:g}); run with engine='module'")
                         tuner.drop_engine()
                         eng, lay, size, n_workers = cand = tuner.next()

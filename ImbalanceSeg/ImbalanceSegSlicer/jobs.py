@@ -11,6 +11,7 @@ a Qt timer; scripts and tests call :meth:`SegmentationJob.wait`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
@@ -214,6 +215,7 @@ class SegmentationJob(_ProcessJob):
         super().__init__(python, threads)
         self.stage, self.fraction = "", 0.0
         self.result = None
+        self.execution: Dict[str, Any] = {}  # how the worker ran the network (streaming's plan)
         self.stages: List[str] = []  # progress steps in the order the worker reported them
         self._input_id = None
         self._done_event: Optional[dict] = None
@@ -310,6 +312,11 @@ class SegmentationJob(_ProcessJob):
         if probs.shape[1:] != tuple(reversed(reference.GetSize())):
             raise ValueError("the input volume changed size while it was being segmented; nothing was added")
         perf = summary["performance"]
+        self.execution = summary.get("execution") or {}
+        if self.execution:
+            logging.info("ImbalanceSeg: the network ran as %s (%s)", {k: v for k, v in self.execution.items()
+                                                                      if k not in ("trials", "engine_check")},
+                         self.execution.get("source"))
         prediction = Prediction(probabilities=probs, labels=np.argmax(probs, axis=0).astype(np.uint8),
                                 uncertainty=uncertainty, reference=reference, class_names=summary["class_names"],
                                 timings=summary["timings"],

@@ -74,7 +74,9 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
                                "class_specific": prediction.performance.class_specific},
                "estimator": {"method": est.method, "class_specific": est.class_specific,
                              "confidence": est.confidence},
-               "timings": timings}
+               "timings": timings,
+               # how the network ran (engine, windows per call, layout, threads; measured or default)
+               "execution": prediction.execution}
     tmp = out / "result.json.part"
     tmp.write_text(json.dumps(summary))
     os.replace(tmp, out / "result.json")

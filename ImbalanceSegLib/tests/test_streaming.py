@@ -209,7 +209,7 @@ def test_bfloat16_precision_stays_close_to_float32():
     assert float((bf.argmax(0) == f32.argmax(0)).float().mean()) > 0.97
 
 
-def test_cli_predict_stream_takes_a_fixed_plan(tmp_path):
+def test_cli_predict_stream_takes_a_fixed_plan(tmp_path, capsys):
     from imbalanceseglib.bundle import save_bundle
     from imbalanceseglib.cli import main as cli_main
     img, b = _image(shape=(40, 30, 35)), _bundle()
@@ -221,6 +221,11 @@ def test_cli_predict_stream_takes_a_fixed_plan(tmp_path):
                             "--sw-batch-size", "3"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "fixed" / "probabilities.npy"),
                                np.load(tmp_path / "auto" / "probabilities.npy"), atol=1e-5)
+    capsys.readouterr()
+    assert cli_main(args + ["--output", str(tmp_path / "engine"), "--engine", "onednn"]) == 0
+    assert "[predict] network ran as the oneDNN engine, " in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "engine" / "probabilities.npy"),
+                               np.load(tmp_path / "fixed" / "probabilities.npy"), atol=1e-5)
     # a plan that cannot run is refused with the CLI's error exit, naming the problem
     assert cli_main(args + ["--output", str(tmp_path / "bad"), "--workers", "64"]) == 2
 

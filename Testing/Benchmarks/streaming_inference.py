@@ -415,7 +415,7 @@ def write_report(rows, peak, fpw, n_classes, argv, report: Path = REPORT, dnn_pe
                                for t in r.get("plan", {}).get("trials", []))
             check = r.get("plan", {}).get("engine_check")
             if check:
-                trials += (f"; engine check on the first window: max |engine − module| = "
+                trials += (f"; engine check (one random window): max |engine − module| = "
                            f"{check['max_relative_difference']:.1e} of the largest logit "
                            f"({'passed' if check['passed'] else 'failed, module used'})")
             lines.append(f"* {'×'.join(map(str, r['shape']))} {r['method']}: "

@@ -50,6 +50,9 @@ def test_background_job_gives_the_same_result_as_in_process(scene, synthetic, mo
     assert job.stages == ["load model", "preprocess", "network", "estimate", "postprocess", "write", "results"]
     assert stages and set(stages) <= set(job.stages) | {"starting"}
     assert job._tmp is None  # temporary files removed
+    # the worker says how the network ran: the engine or the module, and where the plan came from
+    assert job.execution["engine"] in ("onednn", "module") and job.execution["source"] in ("default", "tuned",
+                                                                                          "tuned (cached)", "given")
     # The background result can be reviewed like any other.
     assert logic.resultClassNames(result.segmentationNode) == ["Sphere A", "Sphere B"]
 

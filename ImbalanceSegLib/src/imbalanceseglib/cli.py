@@ -88,6 +88,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             else:
                 write_image(pred.probability_image(i), out / f"probability_{i:02d}.nrrd")
         write_image(pred.uncertainty_image(), out / "uncertainty.nrrd")
+        ex = pred.execution
+        if ex:
+            how = "the oneDNN engine" if ex.get("engine") == "onednn" else f"the module ({ex.get('layout')})"
+            print(f"[predict] network ran as {how}, {ex.get('sw_batch_size')} window(s) per call, "
+                  f"{ex.get('workers')} call(s) at once ({ex.get('source')})")
     else:
         pred = predict(image, bundle, device=args.device, progress=progress, tta=tta)
         print()

@@ -151,17 +151,9 @@ class _UNetEngine:
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 5:
             raise ValueError(f"the CPU engine takes a float32 CPU tensor (N, C, D, H, W), got {x.dtype} "
                              f"{x.device} shape {tuple(x.shape)}")
-        net = self.net
         with torch.inference_mode():
-            x = x.contiguous(memory_format=_CL)
-            skips: List[torch.Tensor] = []
-            for enc in net.encoders:
-                x = self._block(x, enc)
-                skips.append(x)
-            x = skips.pop()
-            for up, dec in zip(net.upsamplers, net.decoders):
-                x = self._block(torch.cat([self._up(x, up), skips.pop()], dim=1), dec)
-            return self._conv(x, net.head)
+            return self.net.walk(x.contiguous(memory_format=_CL), lambda blk, t: self._block(t, blk),
+                                 lambda up, t: self._up(t, up), lambda head, t: self._conv(t, head))
 
 
 class _EnsembleEngine:

@@ -71,15 +71,22 @@ class UNet3D(nn.Module):
         return block(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.walk(x, self._run, lambda up, t: up(t), lambda head, t: head(t))
+
+    def walk(self, x: torch.Tensor, block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+             upsample: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+             head: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The U-Net's wiring, with each kind of step run by the given function (``forward``
+        runs the modules themselves; :mod:`imbalanceseglib.cpu_engine` its own kernels), so
+        every way of running the network follows one definition of it."""
         skips: List[torch.Tensor] = []
         for enc in self.encoders:
-            x = self._run(enc, x)
+            x = block(enc, x)
             skips.append(x)
         x = skips.pop()
         for up, dec in zip(self.upsamplers, self.decoders):
-            x = up(x)
-            x = self._run(dec, torch.cat([x, skips.pop()], dim=1))
-        return self.head(x)
+            x = block(dec, torch.cat([upsample(up, x), skips.pop()], dim=1))
+        return head(self.head, x)
 
 
 class UNet3DEnsemble(nn.Module):

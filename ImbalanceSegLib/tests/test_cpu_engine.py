@@ -61,6 +61,8 @@ def test_norms_without_affine_or_with_running_statistics_follow_the_module():
         rs.weight.uniform_(0.5, 1.5)
         net.decoders[0][4] = rs.eval()
     _check(cpu_engine(net), net, torch.randn(2, 1, 16, 16, 16))
+    rs.train()  # in training mode the module normalises with the input's own statistics, so must we
+    _check(cpu_engine(net), net, torch.randn(2, 1, 16, 16, 16))
 
 
 def test_ensemble_equals_the_module_and_follows_weight_changes():

@@ -120,7 +120,9 @@ class _UNetEngine:
         m = x[0].numel() // c
         k = _widen(m, c)
         rows = m // k
-        running = norm.track_running_stats and norm.running_mean is not None
+        # as InstanceNorm3d.forward: the input's own statistics in training mode or without
+        # running ones
+        running = not norm.training and norm.track_running_stats and norm.running_mean is not None
         if not running:
             ones = self.scratch.get("ones", (1, rows), 1.0)
             centred = self.scratch.get("centred", (rows, k * c))

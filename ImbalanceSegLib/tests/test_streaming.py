@@ -153,7 +153,7 @@ def test_auto_plan_times_every_candidate_on_real_windows_and_keeps_monais_logits
     assert again["source"] == "tuned (cached)" and again["layout"] == plan["layout"]
 
 
-def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults():
+def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults(monkeypatch):
     b = _bundle()
     vol = np.random.default_rng(6).normal(size=(24, 30, 20)).astype(np.float32)
     ref = _monai_logits(b.network, vol, [16, 16, 16])
@@ -171,6 +171,12 @@ def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults():
     assert plan["source"] == "default"
     assert (plan["engine"], plan["sw_batch_size"], plan["layout"], plan["workers"]) == ("onednn", 1, "channels_last", 1)
     torch.testing.assert_close(default, ref, atol=2e-5, rtol=1e-5)
+    # on a CPU we have not measured the engine on (not x86-64), the default without trials is the module
+    import platform
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    _, plan = _streamed(_bundle().network, vol, [16, 16, 16])
+    assert (plan["source"], plan["engine"], plan["sw_batch_size"]) == ("default", "module", 2)
+    monkeypatch.undo()
     # where the engine does not apply (bfloat16 here) the default is the module's
     _, plan = _streamed(fresh.network, vol, [16, 16, 16], precision="bfloat16")
     assert (plan["engine"], plan["sw_batch_size"], plan["layout"], plan["workers"]) == ("module", 2, "contiguous", 1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -156,7 +157,9 @@ class _Tuner:
             self.source = "tuned (cached)"
         elif n_windows < 1.5 * sum(3 * bs * w for _, _, bs, w in self.candidates):
             # too few windows left after the trials for them to pay off
-            if use_engine:
+            # the engine without trials only where we measured it faster (x86-64 CPUs) or when
+            # asked for; elsewhere (e.g. Arm, not measured by us) it has to win the trials first
+            if use_engine and (engine == "onednn" or platform.machine().lower() in ("x86_64", "amd64")):
                 self.best = ("onednn", "channels_last", int(sw_batch_size or 1), int(workers or 1))
             else:
                 self.best = ("module", DEFAULT_LAYOUT if layout == "auto" else layout,
@@ -236,7 +239,8 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     own thread with its share of torch's threads): given values are used as they are;
     ``None``/``"auto"`` are measured on the run's own first windows (see :class:`_Tuner`) when
     the volume has enough of them, else the defaults are used (the engine with one window per
-    call where it applies, otherwise the module with 2, contiguous; one call at once). Before the
+    call where it applies on an x86-64 CPU, otherwise the module with 2, contiguous; one call at
+    once). Before the
     engine's first window, engine and module both run one fixed random window
     (:func:`~imbalanceseglib.cpu_engine.probe_agreement`): if their logits differ by more than
     ``ENGINE_TOLERANCE`` of the largest logit the module is used instead (with ``engine="auto"``)

@@ -137,3 +137,10 @@ def test_sliding_window_uses_the_engine_with_the_same_logits(monkeypatch):
     torch.testing.assert_close(sliding_window_logits(net, vol, [16, 16, 16]), module, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="engine must be"):
         sliding_window_logits(net, vol, [16, 16, 16], engine="onednn")
+    # not on CPUs we have not measured it on (this path has no trials to find out)
+    monkeypatch.setattr(ce, "cpu_engine", counting)
+    import platform
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    calls.clear()
+    torch.testing.assert_close(sliding_window_logits(net, vol, [16, 16, 16]), module, atol=2e-5, rtol=1e-5)
+    assert calls == []

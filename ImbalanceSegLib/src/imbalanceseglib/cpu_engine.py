@@ -30,6 +30,7 @@ gets ``None`` and runs as a module.
 
 from __future__ import annotations
 
+import platform
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -41,6 +42,13 @@ from .networks import UNet3D, UNet3DEnsemble, _ConvBlock
 
 _CL = torch.channels_last_3d
 Engine = Callable[[torch.Tensor], torch.Tensor]
+TOLERANCE = 1e-3  # largest |engine - module| / largest |logit| accepted on the probe window
+
+
+def measured_faster_here() -> bool:
+    """Whether this is a CPU family we measured the engine faster on (x86-64), so that it may
+    run without trials; elsewhere (e.g. Arm, not measured by us) it has to win them first."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _supported_block(block: nn.Module) -> bool:

@@ -130,27 +130,23 @@ def sliding_window_logits(network: torch.nn.Module, volume: np.ndarray, roi_size
     :func:`imbalanceseglib.cpu_engine.cpu_engine` (same logits up to float rounding, about twice
     as fast; checked against the module on one random window first, and not used if they differ),
     ``"module"`` always runs ``network`` itself."""
-    from .cpu_engine import cpu_engine, probe_agreement
-    from .streaming import ENGINE_TOLERANCE
+    from .cpu_engine import TOLERANCE, cpu_engine, measured_faster_here, probe_agreement
     if engine not in ("auto", "module"):
         raise ValueError(f"engine must be 'auto' or 'module', got {engine!r}")
     dev = torch.device(device)
     network = network.to(dev).eval()
-    import platform
-    # only where we measured the engine faster (x86-64); there are no trials on this path
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    fast = [cpu_engine(network) if engine == "auto" and dev.type == "cpu" and x86 else None, False]
+    # only where we measured the engine faster: there are no trials on this path
+    fast = cpu_engine(network) if engine == "auto" and dev.type == "cpu" and measured_faster_here() else None
+    if fast is not None and probe_agreement(fast, network, (1, *roi_size)) > TOLERANCE:
+        fast = None  # it does not compute this network here
+    run = fast if fast is not None else network
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(dev)
     padded_shape = [max(s, r) for s, r in zip(volume.shape, roi_size)]
     total_batches = max(1, math.ceil(count_windows(padded_shape, roi_size, overlap) / sw_batch_size))
     done = [0]
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
-        if fast[0] is not None and not fast[1]:
-            fast[1] = True  # checked once: the engine computes this network here
-            if probe_agreement(fast[0], network, batch.shape[1:]) > ENGINE_TOLERANCE:
-                fast[0] = None
-        out = fast[0](batch) if fast[0] is not None else network(batch)
+        out = run(batch)
         done[0] += 1
         progress("network", min(1.0, done[0] / total_batches))
         return out

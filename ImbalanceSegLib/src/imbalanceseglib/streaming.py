@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,7 +66,6 @@ PRECISIONS = ("float32", "bfloat16")
 DEFAULT_SW_BATCH = 2
 SINK_VOXELS = 1 << 22        # voxels per piece handed to the sink (about 100 MB of 6-class logits)
 DEFAULT_LAYOUT = "contiguous"
-ENGINE_TOLERANCE = 1e-3      # largest |engine - module| / largest |logit| accepted (one random window)
 PRUNE_RATIO = 1.25           # a candidate this much slower than the best so far gets no second timing
 _TUNED: Dict[Tuple[Any, ...], Tuple["Candidate", List[Dict[str, Any]]]] = {}
 
@@ -90,6 +88,7 @@ def _sync(dev: torch.device) -> None:
 
 
 Candidate = Tuple[str, str, int, int]  # engine, layout, windows per call, concurrent calls
+_MODULE_DEFAULT: Candidate = ("module", DEFAULT_LAYOUT, DEFAULT_SW_BATCH, 1)
 
 
 class _Tuner:
@@ -157,9 +156,8 @@ class _Tuner:
             self.source = "tuned (cached)"
         elif n_windows < 1.5 * sum(3 * bs * w for _, _, bs, w in self.candidates):
             # too few windows left after the trials for them to pay off
-            # the engine without trials only where we measured it faster (x86-64 CPUs) or when
-            # asked for; elsewhere (e.g. Arm, not measured by us) it has to win the trials first
-            if use_engine and (engine == "onednn" or platform.machine().lower() in ("x86_64", "amd64")):
+            from .cpu_engine import measured_faster_here
+            if use_engine and (engine == "onednn" or measured_faster_here()):
                 self.best = ("onednn", "channels_last", int(sw_batch_size or 1), int(workers or 1))
             else:
                 self.best = ("module", DEFAULT_LAYOUT if layout == "auto" else layout,
@@ -172,18 +170,15 @@ class _Tuner:
     def next(self) -> Candidate:
         return self.queue[0][0] if self.queue else self.best
 
+    def may_run_engine(self) -> bool:
+        return any(c[0] == "onednn" for c, _ in self.queue) or (self.best is not None and self.best[0] == "onednn")
+
     def drop_engine(self) -> None:
-        """The engine failed its check: run the module, and do not try the engine again."""
+        """The engine failed its check (before any window ran): the module runs instead."""
         self.candidates = [c for c in self.candidates if c[0] != "onednn"]
         self.queue = [q for q in self.queue if q[0][0] != "onednn"]
-        self.trials = [t for t in self.trials if t["engine"] != "onednn"]
-        if self.best is not None and self.best[0] == "onednn":
-            self.best = ("module", DEFAULT_LAYOUT, DEFAULT_SW_BATCH, 1)
-        if not self.queue and self.source == "tuned":
-            if self.trials:
-                self._finish()
-            elif self.best is None:
-                self.best = ("module", DEFAULT_LAYOUT, DEFAULT_SW_BATCH, 1)
+        if not self.queue and (self.best is None or self.best[0] == "onednn"):
+            self.best = _MODULE_DEFAULT
 
     def _finish(self) -> None:
         fastest = min(self.trials, key=lambda r: r["seconds_per_window"])
@@ -240,10 +235,9 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     ``None``/``"auto"`` are measured on the run's own first windows (see :class:`_Tuner`) when
     the volume has enough of them, else the defaults are used (the engine with one window per
     call where it applies on an x86-64 CPU, otherwise the module with 2, contiguous; one call at
-    once). Before the
-    engine's first window, engine and module both run one fixed random window
-    (:func:`~imbalanceseglib.cpu_engine.probe_agreement`): if their logits differ by more than
-    ``ENGINE_TOLERANCE`` of the largest logit the module is used instead (with ``engine="auto"``)
+    once). Before any window, if the engine may run, engine and module both run one fixed random
+    window (:func:`~imbalanceseglib.cpu_engine.probe_agreement`): if their logits differ by more
+    than ``cpu_engine.TOLERANCE`` of the largest logit the module is used instead (with ``engine="auto"``)
     or a ``RuntimeError`` says so (``engine="onednn"``). ``plan_out`` receives the plan used, the
     trials and that check. The network's parameters are back in their own layout afterwards.
 
@@ -269,7 +263,7 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     starts = [window_starts(n, r, overlap) for n, r in zip((Z, Y, X), roi)]
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    from .cpu_engine import cpu_engine, probe_agreement
+    from .cpu_engine import TOLERANCE, cpu_engine, probe_agreement
     fast = cpu_engine(network) if dev.type == "cpu" and precision == "float32" else None
     if engine == "onednn" and fast is None:
         raise ValueError("engine='onednn' runs the bundled U-Nets (UNet3D, UNet3DEnsemble) in float32 on a CPU "
@@ -279,6 +273,17 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                    precision, workers, engine=engine, engine_available=fast is not None)
     threads = torch.get_num_threads()
     check: Dict[str, Any] = {}
+    if fast is not None and tuner.may_run_engine():
+        # engine and module run one random window first: the same logits?
+        tc = time.perf_counter()
+        diff = probe_agreement(fast, network, (1, *roi))
+        check = {"max_relative_difference": diff, "passed": diff <= TOLERANCE, "seconds": time.perf_counter() - tc}
+        if not check["passed"]:
+            if engine == "onednn":
+                raise RuntimeError(f"the oneDNN engine's logits differ from the network's own by {diff:.2e} of the "
+                                   f"largest logit on a random window (tolerance {TOLERANCE:g}); run with "
+                                   "engine='module'")
+            tuner.drop_engine()
 
     def run(inp: torch.Tensor, eng: str, fmt, n_threads: int) -> torch.Tensor:
         # inference mode, autocast and the OpenMP thread count are per thread: set them here
@@ -290,8 +295,7 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             out = network(inp.to(dev).contiguous(memory_format=fmt))
-        out = out.float()
-        return out.cpu().contiguous() if out.device.type != "cpu" else out.contiguous()
+        return out.float().cpu().contiguous()
     pool: Optional[ThreadPoolExecutor] = None
     original_layout = current_layout = _network_layout(network)
     imp = _importance_map(roi)
@@ -322,27 +326,6 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                                        for ys, xs in batch[i:i + size]])[:, None]
                           for i in range(0, len(batch), size)]
                 fmt = _memory_format(lay)
-                if eng == "onednn" and not check:
-                    # before the engine's first window, engine and module run one random window
-                    # (untimed): the same logits?
-                    tc = time.perf_counter()
-                    check["max_relative_difference"] = probe_agreement(fast, network, inputs[0].shape[1:])
-                    check["passed"] = check["max_relative_difference"] <= ENGINE_TOLERANCE
-                    check["seconds"] = time.perf_counter() - tc
-                    t0 += check["seconds"]
-                    if not check["passed"]:
-                        if engine == "onednn":
-                            raise RuntimeError(
-                                "the oneDNN engine's logits differ from the network's own by "
-                                f"{check['max_relative_difference']:.2e} of the largest logit on a random window "
-                                f"(tolerance {ENGINE_TOLERANCE:g}); run with engine='module'")
-                        tuner.drop_engine()
-                        eng, lay, size, n_workers = cand = tuner.next()
-                        fmt = _memory_format(lay)
-                        if lay != current_layout:
-                            network.to(memory_format=fmt)
-                            current_layout = lay
-                        inputs = [torch.cat(inputs)[i:i + size] for i in range(0, len(batch), size)]
                 if n_workers == 1 or len(inputs) == 1:
                     outs = [run(x, eng, fmt, threads) for x in inputs]
                 else:

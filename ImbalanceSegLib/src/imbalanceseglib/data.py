@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .images import read_image
+from .images import check_same_geometry, read_image
 
 ImagePair = Tuple[sitk.Image, sitk.Image, str]
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -45,7 +45,9 @@ def folder_pairs(images: Path, labels: Path) -> List[ImagePair]:
         stem = _stem(p)
         if stem not in lab_by_stem:
             raise FileNotFoundError(f"no label map in {labels} for image {p.name}")
-        pairs.append((read_image(p), read_image(lab_by_stem[stem]), stem))
+        image, label_map = read_image(p), read_image(lab_by_stem[stem])
+        check_same_geometry(image, label_map, stem, p, lab_by_stem[stem])
+        pairs.append((image, label_map, stem))
     if not pairs:
         raise FileNotFoundError(f"no images found in {images}")
     return pairs
@@ -57,6 +59,7 @@ def synthetic_pairs(image_path: Path, label_path: Path, n: int, seed: int,
 
     image = read_image(image_path)
     labels = read_image(label_path)
+    check_same_geometry(image, labels, "synthetic cohort source", image_path, label_path)
     arr = sitk.GetArrayFromImage(image).astype(np.float32)
     lab = sitk.GetArrayFromImage(labels).astype(np.uint8)
     spacing_zyx = tuple(reversed(image.GetSpacing()))

@@ -274,6 +274,53 @@ class Geometry:
                    tuple(image.GetDirection()))
 
 
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
+def geometry_differences(image: sitk.Image, labels: sitk.Image) -> list:
+    """How the grid of ``labels`` differs from that of ``image``: one ``"<property> <image> vs
+    <labels>"`` text per differing property (size, spacing, origin, direction, and the physical
+    extent when size or spacing differ); empty when they share one grid.
+
+    Tolerances are those training has always used: spacing relative 1e-4, origin 1e-3 mm,
+    direction cosines 1e-4."""
+    out = []
+    size_a, size_b = tuple(image.GetSize()), tuple(labels.GetSize())
+    sp_a, sp_b = image.GetSpacing(), labels.GetSpacing()
+    if size_a != size_b:
+        out.append(f"size {size_a} vs {size_b}")
+    if len(sp_a) != len(sp_b) or not np.allclose(sp_a, sp_b, rtol=1e-4):
+        out.append(f"spacing {_fmt(sp_a)} vs {_fmt(sp_b)} mm")
+    if out:
+        ext_a = [n * s for n, s in zip(size_a, sp_a)]
+        ext_b = [n * s for n, s in zip(size_b, sp_b)]
+        if len(ext_a) != len(ext_b) or not np.allclose(ext_a, ext_b, rtol=1e-4, atol=1e-3):
+            out.append(f"extent {_fmt(ext_a)} vs {_fmt(ext_b)} mm")
+    org_a, org_b = image.GetOrigin(), labels.GetOrigin()
+    if len(org_a) != len(org_b) or not np.allclose(org_a, org_b, atol=1e-3):
+        out.append(f"origin {_fmt(org_a)} vs {_fmt(org_b)} mm")
+    dir_a, dir_b = image.GetDirection(), labels.GetDirection()
+    if len(dir_a) != len(dir_b) or not np.allclose(dir_a, dir_b, atol=1e-4):
+        out.append(f"direction {_fmt(dir_a)} vs {_fmt(dir_b)}")
+    return out
+
+
+def check_same_geometry(image: sitk.Image, labels: sitk.Image, case: str = "",
+                        image_file: Optional[Union[str, Path]] = None,
+                        label_file: Optional[Union[str, Path]] = None) -> None:
+    """Raise :class:`ImageError` when ``labels`` is not on the grid of ``image``, naming the case,
+    both files (when given) and each differing property with both values (image vs labels)."""
+    diffs = geometry_differences(image, labels)
+    if not diffs:
+        return
+    who = f"{case}: " if case else ""
+    lab = f"label map {label_file}" if label_file is not None else "label map"
+    img = f"its image {image_file}" if image_file is not None else "its image"
+    raise ImageError(f"{who}{lab} is not on the grid of {img}: {'; '.join(diffs)} (image vs labels); "
+                     "resample the label map onto the image (nearest neighbour) or fix its header")
+
+
 def resampled_size(size: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> np.ndarray:
     """Voxel counts of a grid with ``new_spacing`` covering the same extent (at least 1 per axis)."""
     return np.maximum(1, np.round(np.asarray(size, float) * np.asarray(spacing, float)
@@ -303,8 +350,9 @@ def needs_resampling(image: sitk.Image, target_spacing: Optional[Sequence[float]
     return not np.allclose(image.GetSpacing(), target_spacing, rtol=rtol)
 
 
-#: Intensity normalisation schemes :func:`normalise_intensities` applies (model cards are checked against this).
-NORMALIZATION_SCHEMES = ("none", "percentile_zscore", "fixed_zscore")
+#: Intensity normalisation schemes :func:`normalise_intensities` applies (model cards are checked against this;
+#: defined with the card schema in :mod:`imbalanceseglib.card`, which imports neither SimpleITK nor torch).
+from .card import NORMALIZATION_SCHEMES  # noqa: E402,F401
 
 
 def normalise_intensities(array: np.ndarray, params: Dict[str, Any], copy: bool = True) -> np.ndarray:

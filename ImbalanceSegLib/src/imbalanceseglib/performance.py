@@ -75,8 +75,9 @@ __all__ = [
     "case_statistics", "fit_estimator", "energy_range", "cohort_estimate", "TEMPERATURE_GRID",
 ]
 
-CONFIDENCE_SCORES: Tuple[str, ...] = ("mcp", "entropy", "energy", "doctor")
-METHODS: Tuple[str, ...] = ("none", "ts", "doc", "atc", "ts-atc")
+# Defined with the model-card schema (imbalanceseglib.card, torch-free), which checks cards against them.
+from .card import CONFIDENCE_SCORES  # noqa: E402
+from .card import ESTIMATION_METHODS as METHODS  # noqa: E402
 
 #: Temperatures at which statistics are collected: 1/8 to 16 in quarter octaves (T = 1, 2, 4 are on it).
 TEMPERATURE_GRID = np.exp2(np.linspace(-3.0, 4.0, 29))

@@ -1,0 +1,49 @@
+"""Named training methods: the presets ``TrainConfig.method`` selects.
+
+Plain data, free of torch, so that a user interface can list the methods before
+PyTorch is installed; :mod:`imbalanceseglib.training` applies them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+__all__ = ["METHOD_PRESETS", "method_names"]
+
+#: Named training methods (issue #3).  Each entry sets config fields; explicit fields in a
+#: config override the preset.  The asymmetric methods follow Li, Kamnitsas & Glocker (TMI
+#: 2020) and use the rare-class mask; the weighting ones follow DHC (MICCAI 2023) and
+#: Double-Mix (IJCARS 2024).
+METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
+    "ce": {"loss": {"name": "ce"}},
+    "dice_ce": {"loss": {"name": "dice_ce"}},
+    "asym_focal": {"loss": {"name": "asym_focal", "gamma": 2.0}},
+    "asym_large_margin": {"loss": {"name": "asym_large_margin", "margin": 2.0}},
+    "asym_mixup": {"loss": {"name": "ce"}, "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5}},
+    "asym_adversarial": {"loss": {"name": "ce"}, "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
+    "asym_combined": {"loss": {"name": "asym_large_margin", "margin": 2.0, "gamma": 2.0},
+                      "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5},
+                      "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
+    "disw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw"}},
+    "difw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "difw"}},
+    "cdifw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "cdifw"}},
+    # DisW with every weight at least 1 (the unweighted value): DHC's zero weight for the most
+    # frequent class (background) makes a network trained on supervised losses alone over-segment.
+    "disw_floor": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw", "min_weight": 1.0}},
+    # Semi-supervised (labelled + unlabelled cases; see imbalanceseglib.semi_supervised).
+    "cps": {"loss": {"name": "dice_ce"}, "semi_supervised": {"method": "cps"}},
+    "cps_weighted": {"loss": {"name": "dice_ce"},
+                     "semi_supervised": {"method": "cps", "weights_a": {"method": "cdifw"},
+                                         "weights_b": {"method": "disw"}}},
+    "double_mix": {"loss": {"name": "dice_ce"},
+                   "semi_supervised": {"method": "double_mix", "weights_a": {"method": "cdifw"},
+                                       "weights_b": {"method": "disw"}}},
+    "class_specific_augmentation": {"loss": {"name": "dice_ce"},
+                                    "augmentation": {"default": "default", "rare": "rare"}},
+    "shift_robust": {"loss": {"name": "dice_ce"}, "augmentation": {"default": "shift_robust", "rare": "shift_robust"}},
+}
+
+
+def method_names() -> List[str]:
+    """The names of the training methods, in the order of :data:`METHOD_PRESETS`."""
+    return list(METHOD_PRESETS)

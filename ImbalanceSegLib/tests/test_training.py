@@ -80,7 +80,9 @@ def test_prepare_case_checks_geometry_and_labels(tiny_config):
     im = sitk.GetImageFromArray(img)
     lb = sitk.GetImageFromArray(lab)
     lb.SetSpacing((1.0, 1.0, 2.0))
-    with pytest.raises(ValueError, match="geometry differs"):
+    # The message says how they differ (issue #24 item 7), not only that they do.
+    with pytest.raises(ValueError, match=r"case7: label map is not on the grid of its image: spacing \(1, 1, 1\) "
+                                         r"vs \(1, 1, 2\) mm"):
         prepare_case(im, lb, tiny_config, "case7")
     lab2 = lab.copy()
     lab2[0, 0, 0] = 7

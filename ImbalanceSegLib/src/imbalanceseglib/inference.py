@@ -25,8 +25,9 @@ from monai.inferers import sliding_window_inference
 from .bundle import BundleError, ModelBundle
 from .performance import METHODS as ESTIMATION_METHODS
 from .performance import CaseEstimate, PerformanceEstimator
-from .images import (ImageError, available_memory_bytes, check_image, format_bytes, image_from_array, needs_resampling,
-                     normalise_intensities, orientation_code, resample_to_spacing, resampled_size, to_canonical)
+from .images import (ImageError, available_memory_bytes, check_image, check_same_geometry, format_bytes,
+                     image_from_array, needs_resampling, normalise_intensities, orientation_code, resample_to_spacing,
+                     resampled_size, to_canonical)
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -218,8 +219,7 @@ def working_grid_logits(image: sitk.Image, bundle: ModelBundle, labels: Optional
     lab = None
     if labels is not None:
         check_image(labels, "label map")
-        if labels.GetSize() != image.GetSize() or not np.allclose(labels.GetSpacing(), image.GetSpacing(), rtol=1e-4):
-            raise ImageError("label map geometry differs from its image")
+        check_same_geometry(image, labels)
         lab_img = sitk.Resample(sitk.Cast(labels, sitk.sitkUInt8), work, sitk.Transform(),
                                 sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         lab = sitk.GetArrayFromImage(lab_img)

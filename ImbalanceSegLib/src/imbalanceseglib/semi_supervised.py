@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import events as ev
 from .imbalance import DistributionWeights, class_voxel_counts as batch_voxel_counts
 from .losses import weighted_ce
 
@@ -178,10 +179,10 @@ def cps_loss(logits: torch.Tensor, other_logits: torch.Tensor, weights: Optional
 
 def train_semi_supervised(config, labelled_cases: Sequence, unlabelled_cases: Sequence, val_cases: Sequence,
                           out_dir: Path, resume: bool = True, log=print,
-                          extra_card: Optional[Dict[str, Any]] = None) -> Path:
+                          extra_card: Optional[Dict[str, Any]] = None, events: Optional[ev.EventFn] = None) -> Path:
     """Two-network semi-supervised training (see the module docstring); writes
-    ``<out_dir>/<name>.imbseg`` and returns its path.  Checkpoints and resume as
-    :func:`imbalanceseglib.training.train`."""
+    ``<out_dir>/<name>.imbseg`` and returns its path.  Checkpoints, resume and ``events``
+    (iteration, validation, checkpoint and bundle events) as :func:`imbalanceseglib.training.train`."""
     from . import training as tr
     from .networks import build_network, set_activation_checkpointing
 
@@ -324,13 +325,17 @@ def train_semi_supervised(config, labelled_cases: Sequence, unlabelled_cases: Se
             log(f"iter {done:>6}/{config.iterations}  loss {entry['loss']:.4f} (sup {entry['sup']:.4f}, cps "
                 f"{entry['cps']:.4f} x {ramp:.3f}" + (f", mix {entry['mix']:.4f}" if use_mix else "") +
                 f")  {rate:.2f} it/s  eta {(config.iterations - done) / max(rate, 1e-9) / 60:.1f} min")
+            if events is not None:
+                events(ev.iteration(done, config.iterations, entry["loss"]))
             running = {k: [] for k in running}
         if val_cases and (done % config.val_every == 0 or done == config.iterations):
             tr.validation_step(network, val_cases, config, done, history, log,
-                               label="val dice (mean of the two networks)")
+                               label="val dice (mean of the two networks)", events=events)
         if done % config.checkpoint_every == 0 or done == config.iterations:
             checkpoint(done, elapsed)
             last_checkpoint = done
+            if events is not None:
+                events(ev.artifact("checkpoint", ckpt_path))
 
     network.eval()
     validation = tr.evaluate_cases(network, val_cases, config) if val_cases else {"per_class": {}, "cases": 0}
@@ -342,4 +347,7 @@ def train_semi_supervised(config, labelled_cases: Sequence, unlabelled_cases: Se
     if extra_card:
         card.update(copy.deepcopy(extra_card))
     from .bundle import BUNDLE_SUFFIX, save_bundle
-    return save_bundle(out_dir / f"{config.name}{BUNDLE_SUFFIX}", card, network)
+    path = save_bundle(out_dir / f"{config.name}{BUNDLE_SUFFIX}", card, network)
+    if events is not None:
+        events(ev.artifact("bundle", path))
+    return path

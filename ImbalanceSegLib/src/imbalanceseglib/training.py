@@ -35,8 +35,8 @@ import torch
 from . import __version__
 from .atomic import atomic_path
 from .bundle import BUNDLE_SUFFIX, save_bundle
-from .images import (check_image, needs_resampling, normalise_intensities, resample_to_spacing,
-                     to_canonical)
+from .images import (check_image, check_same_geometry, needs_resampling, normalise_intensities,
+                     resample_to_spacing, to_canonical)
 from .inference import sliding_window_logits
 from .augment import ClassSpecificAugmenter, policy_from_config
 from .imbalance import (ConfidenceDifficultyWeights, DifficultyWeights, DistributionWeights,
@@ -45,42 +45,12 @@ from .imbalance import (ConfidenceDifficultyWeights, DifficultyWeights, Distribu
 from .losses import DEFAULT_LOSS, build_loss, resolve_rare_mask
 from .metrics import overlap_metrics
 from . import distributed as dd
+from . import events as ev
 from .networks import build_network, set_activation_checkpointing
 
 LogFn = Callable[[str], None]
 
-#: Named training methods (issue #3).  Each entry sets config fields; explicit fields in a
-#: config override the preset.  The asymmetric methods follow Li, Kamnitsas & Glocker (TMI
-#: 2020) and use the rare-class mask; the weighting ones follow DHC (MICCAI 2023) and
-#: Double-Mix (IJCARS 2024).
-METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
-    "ce": {"loss": {"name": "ce"}},
-    "dice_ce": {"loss": {"name": "dice_ce"}},
-    "asym_focal": {"loss": {"name": "asym_focal", "gamma": 2.0}},
-    "asym_large_margin": {"loss": {"name": "asym_large_margin", "margin": 2.0}},
-    "asym_mixup": {"loss": {"name": "ce"}, "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5}},
-    "asym_adversarial": {"loss": {"name": "ce"}, "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
-    "asym_combined": {"loss": {"name": "asym_large_margin", "margin": 2.0, "gamma": 2.0},
-                      "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5},
-                      "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
-    "disw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw"}},
-    "difw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "difw"}},
-    "cdifw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "cdifw"}},
-    # DisW with every weight at least 1 (the unweighted value): DHC's zero weight for the most
-    # frequent class (background) makes a network trained on supervised losses alone over-segment.
-    "disw_floor": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw", "min_weight": 1.0}},
-    # Semi-supervised (labelled + unlabelled cases; see imbalanceseglib.semi_supervised).
-    "cps": {"loss": {"name": "dice_ce"}, "semi_supervised": {"method": "cps"}},
-    "cps_weighted": {"loss": {"name": "dice_ce"},
-                     "semi_supervised": {"method": "cps", "weights_a": {"method": "cdifw"},
-                                         "weights_b": {"method": "disw"}}},
-    "double_mix": {"loss": {"name": "dice_ce"},
-                   "semi_supervised": {"method": "double_mix", "weights_a": {"method": "cdifw"},
-                                       "weights_b": {"method": "disw"}}},
-    "class_specific_augmentation": {"loss": {"name": "dice_ce"},
-                                    "augmentation": {"default": "default", "rare": "rare"}},
-    "shift_robust": {"loss": {"name": "dice_ce"}, "augmentation": {"default": "shift_robust", "rare": "shift_robust"}},
-}
+from .presets import METHOD_PRESETS  # noqa: E402  (named training methods; torch-free, see presets.py)
 
 
 @dataclass
@@ -148,6 +118,10 @@ class TrainConfig:
                 raise ValueError(f"config.classes[{i}] must have value {i}")
         if len(self.patch_size) != 3 or any(p % 2 ** (len(self.features) - 1) for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} must be 3 sizes divisible by {2 ** (len(self.features) - 1)}")
+        from .card import patch_size_problem  # the rule the model card is read with (one home)
+        problem = patch_size_problem(list(self.patch_size), {"arch": "UNet3D", "params": {"features": self.features}})
+        if problem:
+            raise ValueError(problem.replace("preprocessing.patch_size", "patch_size"))
         if self.iterations < 1 or self.batch_size < 1:
             raise ValueError("iterations and batch_size must be positive")
         if self.method not in METHOD_PRESETS:
@@ -209,11 +183,7 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, config: TrainConfig, nam
     """Apply the same geometric/intensity preprocessing as inference to one labelled case."""
     check_image(image, f"{name or 'training'} image", min_size=2)
     check_image(labels, f"{name or 'training'} labels")
-    if (image.GetSize() != labels.GetSize()
-            or not np.allclose(image.GetSpacing(), labels.GetSpacing(), rtol=1e-4)
-            or not np.allclose(image.GetOrigin(), labels.GetOrigin(), atol=1e-3)
-            or not np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4)):
-        raise ValueError(f"{name or 'case'}: label map geometry differs from its image")
+    check_same_geometry(image, labels, name or "case")
     img = to_canonical(sitk.Cast(image, sitk.sitkFloat32))
     lab = to_canonical(sitk.Cast(labels, sitk.sitkUInt8))
     if needs_resampling(img, config.target_spacing):
@@ -362,15 +332,18 @@ def make_class_weighter(settings: Dict[str, Any], n_classes: int):
 
 
 def validation_step(network, val_cases: Sequence[Case], config: TrainConfig, done: int,
-                    history: List[Dict[str, Any]], log: Callable[[str], None], label: str = "val dice") -> None:
-    """Per-class validation Dice during training: appended to ``history`` and logged (the line
-    the Slicer training job parses)."""
+                    history: List[Dict[str, Any]], log: Callable[[str], None], label: str = "val dice",
+                    events: Optional[ev.EventFn] = None) -> None:
+    """Per-class validation Dice during training: appended to ``history``, logged, and sent as a
+    ``validation`` event (:mod:`imbalanceseglib.events`) when ``events`` is given."""
     network.eval()
     metrics = evaluate_cases(network, val_cases, config)
     network.train()
     history.append({"iteration": done, "val": metrics["per_class"]})
     log(f"  {label}: " + "  ".join(f"{k}={v['dice']:.3f}" if v["dice"] is not None else f"{k}=absent"
                                    for k, v in metrics["per_class"].items()))
+    if events is not None:
+        events(ev.validation(done, {k: v["dice"] for k, v in metrics["per_class"].items()}))
 
 
 def _quiet(message: str) -> None:
@@ -448,12 +421,16 @@ def training_card(config: TrainConfig, network_entry: Dict[str, Any], validation
 
 def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[Case], out_dir: Path,
           resume: bool = True, log: LogFn = print, extra_card: Optional[Dict[str, Any]] = None,
-          unlabeled_cases: Optional[Sequence[Case]] = None) -> Path:
+          unlabeled_cases: Optional[Sequence[Case]] = None, events: Optional[ev.EventFn] = None) -> Path:
     """Train, checkpoint and write ``<out_dir>/<name>.imbseg``; returns the bundle path.
 
     Semi-supervised methods (``config.semi_supervised``) also take ``unlabeled_cases``
     (:func:`prepare_unlabeled_case`) and train two networks
-    (:func:`imbalanceseglib.semi_supervised.train_semi_supervised`)."""
+    (:func:`imbalanceseglib.semi_supervised.train_semi_supervised`).
+
+    ``events`` (optional, see :mod:`imbalanceseglib.events`) receives an ``iteration`` event
+    with each logged loss, a ``validation`` event with each validation Dice, an ``artifact``
+    event for each checkpoint and for the bundle; under torchrun only rank 0 sends them."""
     config.validate()
     if config.is_semi_supervised:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -461,7 +438,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                              "supports the supervised methods")
         from .semi_supervised import train_semi_supervised
         return train_semi_supervised(config, train_cases, unlabeled_cases or [], val_cases, out_dir,
-                                     resume=resume, log=log, extra_card=extra_card)
+                                     resume=resume, log=log, extra_card=extra_card, events=events)
     if unlabeled_cases:
         raise ValueError(f"unlabelled cases were given but method {config.method!r} is supervised; "
                          "choose a semi-supervised method (cps, cps_weighted, double_mix)")
@@ -470,7 +447,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     if ctx.active:
         dd.local_slice(config.batch_size, ctx)  # refuses a batch the ranks cannot share evenly
         if not ctx.is_main:
-            log = _quiet
+            log, events = _quiet, None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.num_threads:
@@ -586,12 +563,16 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             log(f"iter {done:>6}/{config.iterations}  loss {np.mean(running):.4f}  "
                 f"{rate:.2f} it/s  eta {eta / 60:.1f} min"
                 + (f"  weights {' '.join(f'{w:.2f}' for w in entry['class_weights'])}" if weighter is not None else ""))
+            if events is not None:
+                events(ev.iteration(done, config.iterations, entry["loss"]))
             running = []
         if val_cases and ctx.is_main and (done % config.val_every == 0 or done == config.iterations):
-            validation_step(network, val_cases, config, done, history, log)
+            validation_step(network, val_cases, config, done, history, log, events=events)
         if done % config.checkpoint_every == 0 or done == config.iterations:
             checkpoint(done, elapsed)
             last_checkpoint = done
+            if events is not None:
+                events(ev.artifact("checkpoint", ckpt_path))
 
     network.eval()
     bundle_path = out_dir / f"{config.name}{BUNDLE_SUFFIX}"
@@ -608,5 +589,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     if extra_card:
         card.update(copy.deepcopy(extra_card))
     path = save_bundle(bundle_path, card, network)
+    if events is not None:
+        events(ev.artifact("bundle", path))
     dd.barrier(ctx)
     return path

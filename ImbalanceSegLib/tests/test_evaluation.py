@@ -47,7 +47,9 @@ def assert_matches_monai(res, pred, ref, spacing, tol=None):
     m = monai_values(pred, ref, spacing, tol)
     # MONAI keeps distances in float32; agreement is to float32 precision.
     assert res.hd_mm == pytest.approx(m["hd"], rel=2e-6, abs=1e-5)
-    assert res.hd95_mm == pytest.approx(m["hd95"], rel=2e-6, abs=1e-5)
+    # HD95: MONAI interpolates the percentile with float32 torch.quantile; hypothesis found a case
+    # 2.4e-6 relative off the exact value (which numpy and torch in float64 both give).
+    assert res.hd95_mm == pytest.approx(m["hd95"], rel=1e-5, abs=1e-5)
     assert res.assd_mm == pytest.approx(m["assd"], rel=2e-6, abs=1e-5)
     if tol is not None:
         assert res.nsd == pytest.approx(m["nsd"], rel=1e-5, abs=1e-6)

@@ -117,13 +117,19 @@ class ClassResult:
 
 @dataclass
 class CaseResult:
-    """All classes of one case, plus how long the evaluation took."""
+    """All classes of one case, plus how long the evaluation took.
+
+    ``reference_labels`` and ``prediction_labels`` are the non-zero labels present in
+    each map, evaluated or not (so callers can say which present labels were left out).
+    """
 
     case: Optional[str]
     shape: Tuple[int, ...]
     spacing: Tuple[float, ...]
     classes: List[ClassResult] = field(default_factory=list)
     seconds: float = 0.0
+    reference_labels: Tuple[int, ...] = ()
+    prediction_labels: Tuple[int, ...] = ()
 
     def by_label(self) -> Dict[int, ClassResult]:
         return {c.label: c for c in self.classes}
@@ -227,6 +233,20 @@ def _class_result(p: Optional[np.ndarray], r: Optional[np.ndarray], sp: np.ndarr
     return res
 
 
+def check_labels(labels: Iterable[Any]) -> List[int]:
+    """Requested label values as distinct ints in the given order; a negative value is an error."""
+    out: List[int] = []
+    for lab in labels:
+        value = int(lab)
+        if value != lab:
+            raise ValueError(f"label values are whole numbers; got {lab!r}")
+        if value < 0:
+            raise ValueError(f"label values are 0 or more; got {value}")
+        if value not in out:
+            out.append(value)
+    return out
+
+
 def _as_label_array(a: Any, what: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype == bool:
@@ -285,17 +305,19 @@ def evaluate_labels(pred: np.ndarray, ref: np.ndarray, spacing: Optional[Sequenc
     # One pass per map finds the bounding boxes of all classes.
     obj_p = ndimage.find_objects(pred)
     obj_r = ndimage.find_objects(ref)
+    in_pred = tuple(i + 1 for i, s in enumerate(obj_p) if s is not None)
+    in_ref = tuple(i + 1 for i, s in enumerate(obj_r) if s is not None)
     if labels is None:
-        present = {i + 1 for i, s in enumerate(obj_p) if s is not None}
-        present |= {i + 1 for i, s in enumerate(obj_r) if s is not None}
-        labels = sorted(present)
+        labels = sorted(set(in_pred) | set(in_ref))
+    labels = check_labels(labels)
     names: Dict[int, str] = {}
     if isinstance(class_names, dict):
         names = {int(k): str(v) for k, v in class_names.items()}
     elif class_names is not None:
         names = {i: str(n) for i, n in enumerate(class_names)}
     full = tuple(slice(0, n) for n in pred.shape)
-    out = CaseResult(case=case, shape=tuple(pred.shape), spacing=tuple(float(s) for s in sp))
+    out = CaseResult(case=case, shape=tuple(pred.shape), spacing=tuple(float(s) for s in sp),
+                     reference_labels=in_ref, prediction_labels=in_pred)
     for lab in labels:
         lab = int(lab)
         if lab == 0:
@@ -443,13 +465,106 @@ def _read_probability(path: Path, cid: str) -> np.ndarray:
     import SimpleITK as sitk
 
     from .images import read_image
-    img = read_image(path, f"probabilities {cid}")
+    img = read_image(path, f"probability map {path.name}")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     if img.HasMetaDataKey("ImbalanceSeg_probability_scale"):
         if img.GetMetaData("ImbalanceSeg_probability_scale") != "1/255":
             raise ValueError(f"{path}: unknown probability scale {img.GetMetaData('ImbalanceSeg_probability_scale')!r}")
         arr *= np.float32(1.0 / 255.0)
     return arr
+
+
+def _evaluate_case(cid: str, ref_path: Path, pred_path: Optional[Path], *, labels, class_names, metrics,
+                   nsd_tolerance_mm: float, calibration: bool, n_bins: int, near_radius_mm: float,
+                   max_uncertainty: float):
+    """One case of :func:`evaluate_folders`: (CaseResult, (calibration report, QU-BraTS rows) or None)."""
+    import SimpleITK as sitk
+
+    from . import calibration_metrics as cm
+    from .images import read_image
+
+    ref_img = read_image(ref_path, f"reference {cid}")
+    if pred_path is not None:
+        pred_img = read_image(pred_path, f"prediction {cid}")
+    else:
+        pred_img = sitk.Image(ref_img.GetSize(), sitk.sitkUInt8)
+        pred_img.CopyInformation(ref_img)
+    res = evaluate_images(pred_img, ref_img, labels=labels, class_names=class_names, case=cid,
+                          metrics=metrics, nsd_tolerance_mm=nsd_tolerance_mm)
+    prob_files = _probability_files(pred_path) if (calibration and pred_path is not None) else []
+    if not prob_files:
+        return res, None
+    ref_arr = sitk.GetArrayViewFromImage(ref_img)
+    pred_arr = sitk.GetArrayViewFromImage(pred_img)
+    probs = np.stack([_read_probability(f, cid) for f in prob_files])
+    if probs.shape[1:] != ref_arr.shape:
+        raise ValueError(f"probabilities of {cid} have shape {probs.shape[1:]}, the reference {ref_arr.shape}")
+    rep = cm.calibration_report(probs, ref_arr, res.spacing, pred=pred_arr, n_bins=n_bins,
+                                radius_mm=near_radius_mm)
+    qu_rows: List[Dict[str, Any]] = []
+    unc_file = next((q for q in sorted(pred_path.parent.glob("uncertainty.*")) if _case_id(q)), None)
+    if unc_file is not None:
+        unc = sitk.GetArrayFromImage(read_image(unc_file, f"uncertainty map {unc_file.name}"))
+        for c in res.classes:
+            if c.label == 0:
+                continue
+            q = cm.qubrats_score(pred_arr == c.label, ref_arr == c.label, unc, max_uncertainty=max_uncertainty)
+            qu_rows.append({"case": cid, "label": c.label, "name": c.name, "score": q["score"],
+                            "auc_dice": q["auc_dice"], "auc_ftp": q["auc_ftp"], "auc_ftn": q["auc_ftn"]})
+    return res, (rep, qu_rows)
+
+
+def _case_error(exc: Exception, cid: str, ref_path: Path, pred_path: Optional[Path]) -> Exception:
+    """The same kind of error with the case and its files in front of the message."""
+    where = (f"case {cid} (prediction {pred_path if pred_path is not None else 'missing, evaluated as empty'}, "
+             f"reference {ref_path})")
+    message = f"{where}: {exc}"
+    if isinstance(exc, ValueError):
+        return ValueError(message)
+    if isinstance(exc, FloatingPointError):
+        return FloatingPointError(message)
+    if isinstance(exc, OSError):
+        return OSError(message)
+    if isinstance(exc, RuntimeError):  # SimpleITK's errors: reported as a problem of the input
+        return ValueError(message)
+    if hasattr(exc, "add_note"):  # anything else (a bug, memory): keep the type and traceback, add the case
+        exc.add_note(where)
+    return exc
+
+
+def _label_report(results: Sequence[CaseResult], labels: Optional[Sequence[int]]):
+    """(labels present but not requested -> [(case, where)], requested labels present in no case)."""
+    if labels is None:
+        return {}, []
+    wanted = set(labels)
+    unlisted: Dict[int, List[Tuple[Optional[str], str]]] = {}
+    seen: set = set()
+    for r in results:
+        in_ref, in_pred = set(r.reference_labels), set(r.prediction_labels)
+        seen |= in_ref | in_pred
+        for lab in sorted((in_ref | in_pred) - wanted):
+            where = ("reference and prediction" if lab in in_ref and lab in in_pred
+                     else "reference" if lab in in_ref else "prediction")
+            unlisted.setdefault(lab, []).append((r.case, where))
+    absent = [lab for lab in labels if lab != 0 and lab not in seen]
+    return dict(sorted(unlisted.items())), absent
+
+
+def label_warnings(out: Dict[str, Any], requested_by: str = "the requested labels",
+                   class_names: Optional[Dict[int, str]] = None, max_cases: int = 10) -> List[str]:
+    """Lines that tell the user about the labels :func:`evaluate_folders` left out or found nowhere."""
+    names = class_names or {}
+    lines = []
+    for lab, where in out.get("unlisted_labels", {}).items():
+        shown = ", ".join(f"{cid} ({w})" for cid, w in where[:max_cases])
+        more = f" and {len(where) - max_cases} more" if len(where) > max_cases else ""
+        lines.append(f"label {lab} is in the maps but not evaluated (not in {requested_by}): "
+                     f"{len(where)} case(s): {shown}{more}")
+    for lab in out.get("absent_labels", []):
+        name = f" ({names[lab]})" if lab in names else ""
+        lines.append(f"label {lab}{name} is requested but found in no case (no reference, no prediction): "
+                     "its rows are both_empty, Dice undefined")
+    return lines
 
 
 def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_dir: Union[str, Path], *,
@@ -475,11 +590,20 @@ def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_
     and class), ``reliability.png`` / ``reliability_near.png`` with
     ``reliability_bins.csv`` (bins pooled over all cases) and ``qubrats.csv``
     (QU-BraTS score per case and class; uncertainty in [0, ``max_uncertainty``]).
+
+    Labels: with ``labels`` given, the result also says which labels were left out or
+    missing: ``unlisted_labels`` maps each non-zero label present in some map but not in
+    ``labels`` to the ``(case, "reference" | "prediction" | "reference and prediction")``
+    where it is, and ``absent_labels`` lists the requested non-zero labels found in no
+    map of any case (their rows are ``both_empty``); :func:`label_warnings` words both.
+    A negative label is an error. Any error while evaluating a case names the case and
+    its files.
     """
     from . import calibration_metrics as cm
-    from .images import read_image
 
     pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
+    if labels is not None:
+        labels = check_labels(labels)
     for what, d in (("prediction folder", pred_dir), ("reference folder", ref_dir)):
         if not d.is_dir():
             raise FileNotFoundError(f"{what} {d} does not exist")
@@ -491,7 +615,7 @@ def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_
     if missing and not allow_missing:
         raise ValueError(f"{len(missing)} reference case(s) have no prediction: {', '.join(missing[:10])}"
                          f"{' ...' if len(missing) > 10 else ''}")
-    import SimpleITK as sitk
+    _metric_set(metrics)  # an unknown metric group is refused before any case is read
 
     results: List[CaseResult] = []
     cal_rows: List[Dict[str, Any]] = []
@@ -499,24 +623,16 @@ def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_
     qu_rows: List[Dict[str, Any]] = []
     pooled = pooled_near = None
     for cid, ref_path in refs.items():
-        ref_img = read_image(ref_path, f"reference {cid}")
-        if cid in preds:
-            pred_img = read_image(preds[cid], f"prediction {cid}")
-        else:
-            pred_img = sitk.Image(ref_img.GetSize(), sitk.sitkUInt8)
-            pred_img.CopyInformation(ref_img)
-        res = evaluate_images(pred_img, ref_img, labels=labels, class_names=class_names, case=cid,
-                              metrics=metrics, nsd_tolerance_mm=nsd_tolerance_mm)
+        try:
+            res, cal = _evaluate_case(cid, ref_path, preds.get(cid), labels=labels, class_names=class_names,
+                                      metrics=metrics, nsd_tolerance_mm=nsd_tolerance_mm, calibration=calibration,
+                                      n_bins=n_bins, near_radius_mm=near_radius_mm,
+                                      max_uncertainty=max_uncertainty)
+        except Exception as exc:
+            raise _case_error(exc, cid, ref_path, preds.get(cid)) from exc
         results.append(res)
-        prob_files = _probability_files(preds[cid]) if (calibration and cid in preds) else []
-        if prob_files:
-            ref_arr = sitk.GetArrayViewFromImage(ref_img)
-            pred_arr = sitk.GetArrayViewFromImage(pred_img)
-            probs = np.stack([_read_probability(f, cid) for f in prob_files])
-            if probs.shape[1:] != ref_arr.shape:
-                raise ValueError(f"probabilities of {cid} have shape {probs.shape[1:]}, the reference {ref_arr.shape}")
-            rep = cm.calibration_report(probs, ref_arr, res.spacing, pred=pred_arr, n_bins=n_bins,
-                                        radius_mm=near_radius_mm)
+        if cal is not None:
+            rep, qu = cal
             cal_rows.append({"case": cid, "policy": rep["policy"], "ece": rep["ece"], "ece_near": rep["ece_near"],
                              "classwise_ece": rep["classwise_ece"], "classwise_ece_near": rep["classwise_ece_near"],
                              "voxels": rep["voxels"], "voxels_near": rep["voxels_near"]})
@@ -524,18 +640,10 @@ def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_
             pooled = rep["bins"] if pooled is None else pooled + rep["bins"]
             if rep["bins_near"] is not None:
                 pooled_near = rep["bins_near"] if pooled_near is None else pooled_near + rep["bins_near"]
-            unc_file = next((q for q in sorted(preds[cid].parent.glob("uncertainty.*")) if _case_id(q)), None)
-            if unc_file is not None:
-                unc = sitk.GetArrayFromImage(read_image(unc_file, f"uncertainty {cid}"))
-                for c in res.classes:
-                    if c.label == 0:
-                        continue
-                    q = cm.qubrats_score(pred_arr == c.label, ref_arr == c.label, unc,
-                                         max_uncertainty=max_uncertainty)
-                    qu_rows.append({"case": cid, "label": c.label, "name": c.name, "score": q["score"],
-                                    "auc_dice": q["auc_dice"], "auc_ftp": q["auc_ftp"], "auc_ftn": q["auc_ftn"]})
+            qu_rows.extend(qu)
         if log:
             log(f"[evaluate] {cid}: {len(res.classes)} classes in {res.seconds:.2f} s")
+    unlisted, absent = _label_report(results, labels)
     if labels is None:  # give every case a row for every class seen anywhere (both_empty where absent)
         all_labels = sorted({c.label for r in results for c in r.classes})
         names = {c.label: c.name for r in results for c in r.classes}
@@ -569,6 +677,6 @@ def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_
     if qu_rows:
         files.append(write_csv(qu_rows, out_dir / "qubrats.csv"))
     return {"cases": len(results), "missing_predictions": missing, "results": results, "summary": summary,
-            "calibration": cal_rows, "files": files,
+            "calibration": cal_rows, "files": files, "unlisted_labels": unlisted, "absent_labels": absent,
             "ece_pooled": pooled.ece() if pooled is not None else None,
             "ece_near_pooled": pooled_near.ece() if pooled_near is not None else None}

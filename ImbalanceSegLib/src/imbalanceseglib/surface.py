@@ -23,6 +23,16 @@ Definitions (one published definition each, stated here and used everywhere):
   predicted surface + area of predicted surfels within tau of the reference
   surface) / (total area of both surfaces).
 
+Exactness: every distance is computed from the *integer* voxel offset between the two
+points times the spacing, sqrt(sum_i (k_i s_i)^2), never from absolute coordinates,
+so it does not depend on where the structure sits in the image (differences of absolute
+coordinates rounded the same distance differently at different positions).
+A surfel counts as within the tolerance when its distance is at most
+tau * (1 + ``TOLERANCE_RELATIVE_SLACK``): a distance that equals the tolerance in
+decimal arithmetic (3 x 0.4 mm = 1.2 mm, also with the float32 spacing of a NIfTI
+header, 0.4000000059604645) counts as within, as in MONAI's
+``compute_surface_dice(use_subvoxels=True)``, which compares in float32.
+
 Speed: all computations run on the bounding box of (A or B) plus a one-voxel
 margin, so cost scales with the structure, not with the image. Every border
 voxel of both masks lies inside that box, so the distances are exact. Nearest
@@ -43,6 +53,10 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 Box = Tuple[slice, ...]
+
+#: Relative slack of the surface-Dice tolerance comparison (see the module docstring): far
+#: below any scanner's spacing precision, above float32 rounding of spacing headers.
+TOLERANCE_RELATIVE_SLACK = 1e-6
 
 
 def as_spacing(spacing: Optional[Sequence[float]], ndim: int) -> np.ndarray:
@@ -103,12 +117,22 @@ def border_voxels(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def _nearest(points_from: np.ndarray, points_to: np.ndarray) -> np.ndarray:
-    """Distance from every row of ``points_from`` to the nearest row of ``points_to`` (both in mm)."""
-    if len(points_to) == 1:
-        return np.sqrt(((points_from - points_to[0]) ** 2).sum(axis=1))
-    tree = cKDTree(points_to, leafsize=32, balanced_tree=False, compact_nodes=False)
-    return tree.query(points_from, k=1)[0]
+def _offset_distance(index_from: np.ndarray, index_to: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """Euclidean distance in mm from integer voxel offsets times the spacing (as scipy's EDT computes it)."""
+    return np.sqrt((((index_from - index_to) * sp) ** 2).sum(axis=1))
+
+
+def _nearest(index_from: np.ndarray, index_to: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """Distance (mm) from every row of ``index_from`` to the nearest row of ``index_to`` (integer voxel indices).
+
+    The k-d tree only picks the nearest point; the distance is then computed from the
+    integer offset, so it is the same wherever the points sit.
+    """
+    if len(index_to) == 1:
+        return _offset_distance(index_from, index_to[0], sp)
+    tree = cKDTree(index_to * sp, leafsize=32, balanced_tree=False, compact_nodes=False)
+    nearest = tree.query(index_from * sp, k=1)[1]
+    return _offset_distance(index_from, index_to[nearest], sp)
 
 
 def _use_edt(box_voxels: int, n_points: int) -> bool:
@@ -146,17 +170,23 @@ def border_distances(bp: np.ndarray, br: np.ndarray, sp: np.ndarray) -> Tuple[np
         d_pr = ndimage.distance_transform_edt(~br, sampling=sp)[bp]
         d_rp = ndimage.distance_transform_edt(~bp, sampling=sp)[br]
         return d_pr, d_rp
-    pts_p = np.argwhere(bp) * sp
-    pts_r = np.argwhere(br) * sp
+    idx_p = np.argwhere(bp)
+    idx_r = np.argwhere(br)
+    # Indices relative to the corner of the points themselves, not of the (possibly clipped)
+    # box: the tree, and so the choice among equidistant neighbours, is the same at any position.
+    origin = np.minimum(idx_p.min(axis=0), idx_r.min(axis=0))
+    idx_p -= origin
+    idx_r -= origin
     # Border voxels shared by both masks are at distance 0; query the tree for the others only.
-    return _nearest_or_zero(pts_p, pts_r, br[bp]), _nearest_or_zero(pts_r, pts_p, bp[br])
+    return _nearest_or_zero(idx_p, idx_r, br[bp], sp), _nearest_or_zero(idx_r, idx_p, bp[br], sp)
 
 
-def _nearest_or_zero(points_from: np.ndarray, points_to: np.ndarray, shared: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(points_from))
+def _nearest_or_zero(index_from: np.ndarray, index_to: np.ndarray, shared: np.ndarray,
+                     sp: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(index_from))
     todo = ~shared
     if todo.any():
-        out[todo] = _nearest(points_from[todo], points_to)
+        out[todo] = _nearest(index_from[todo], index_to, sp)
     return out
 
 
@@ -226,11 +256,17 @@ def surfels(mask: np.ndarray, spacing: np.ndarray) -> Tuple[np.ndarray, np.ndarr
 
 def surface_dice_from_masks(pred: np.ndarray, ref: np.ndarray, spacing: np.ndarray,
                             tolerance_mm: float) -> float:
-    """Normalised surface Dice of two non-empty masks sharing one box (see module docstring)."""
+    """Normalised surface Dice of two non-empty masks sharing one box (see module docstring).
+
+    A surfel is within the tolerance when its distance is at most
+    ``tolerance_mm * (1 + TOLERANCE_RELATIVE_SLACK)``, so distances equal to the
+    tolerance count as within whatever binary rounding made of them.
+    """
     sp_, area_p = surfels(pred, spacing)
     sr_, area_r = surfels(ref, spacing)
     d_pr, d_rp = border_distances(sp_, sr_, spacing)
     total = area_p.sum() + area_r.sum()
     if total <= 0:  # pragma: no cover - non-empty masks always have surfels
         raise ValueError("no surface")
-    return float((area_p[d_pr <= tolerance_mm].sum() + area_r[d_rp <= tolerance_mm].sum()) / total)
+    limit = float(tolerance_mm) * (1.0 + TOLERANCE_RELATIVE_SLACK)
+    return float((area_p[d_pr <= limit].sum() + area_r[d_rp <= limit].sum()) / total)

@@ -16,11 +16,39 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
+def _event_writer(args: argparse.Namespace):
+    """With ``--events``: the writer of JSON-line events on stdout (:mod:`imbalanceseglib.events`),
+    on rank 0 only under torchrun; else None."""
+    from .events import JsonLinesWriter
+    if not getattr(args, "events", False) or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return JsonLinesWriter()
+
+
+def _teller(args: argparse.Namespace, emit):
+    """``print`` for the human log; with ``--events`` each line becomes a ``log`` event (stdout
+    then holds only events), text meant for stderr still goes there. Under torchrun only rank 0 talks."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _silent
+    if emit is None:
+        return print
+    from . import events as ev
+
+    def say(*parts, file=None, flush=False, sep=" ", end="\n") -> None:
+        if file is not None and file is not sys.stdout:
+            print(*parts, file=file, flush=flush, sep=sep, end=end)
+            return
+        emit(ev.log(sep.join(str(p) for p in parts)))
+    return say
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from . import events as ev
     from .data import folder_images, load_training_data, load_unlabeled_data
     from .training import TrainConfig, prepare_case, prepare_unlabeled_case, train
 
-    say = print if int(os.environ.get("RANK", "0")) == 0 else _silent  # under torchrun only rank 0 talks
+    emit = _event_writer(args)
+    say = _teller(args, emit)
     cfg_path = Path(args.config)
     spec = json.loads(cfg_path.read_text())
     base = Path(args.data_root) if args.data_root else cfg_path.parent
@@ -28,6 +56,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.iterations:
         config.iterations = args.iterations
     say(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
+    if emit:
+        emit(ev.progress("prepare data", 0.0))
     t0 = time.perf_counter()
     train_pairs, val_pairs = load_training_data(spec["data"], base, log=lambda s: say(s, flush=True))
     train_cases = [prepare_case(i, l, config, n) for i, l, n in train_pairs]
@@ -36,43 +66,173 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.unlabeled:
         unlabeled += folder_images(Path(args.unlabeled))
     if unlabeled and not config.is_semi_supervised:
-        say(f"[train] error: {len(unlabeled)} unlabelled images given but method {config.method!r} is "
-              "supervised; choose cps, cps_weighted or double_mix", file=sys.stderr)
+        message = (f"{len(unlabeled)} unlabelled images given but method {config.method!r} is "
+                   "supervised; choose cps, cps_weighted or double_mix")
+        say(f"[train] error: {message}", file=sys.stderr)
+        if emit:
+            emit(ev.error("ValueError", message))
         return 2
     unlabeled_cases = [prepare_unlabeled_case(i, config, n) for i, n in unlabeled]
     say(f"[train] {len(train_cases)} training, {len(val_cases)} validation"
           + (f" and {len(unlabeled_cases)} unlabelled" if unlabeled_cases else "")
           + f" cases ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    if emit:
+        emit(ev.progress("prepare data", 1.0))
     path = train(config, train_cases, val_cases, Path(args.out), resume=not args.no_resume,
                  log=lambda s: say(s, flush=True), extra_card={"training_data": spec["data"]},
-                 unlabeled_cases=unlabeled_cases or None)
+                 unlabeled_cases=unlabeled_cases or None, events=emit)
     say(f"[train] bundle written: {path}")
+    if emit:
+        emit(ev.done())
     return 0
 
 
+def _prepare_output_folder(out: Path) -> List[Path]:
+    """Create ``out`` (with missing parents) and prove it writable by creating and removing a
+    probe file, before any inference. Returns the folders created here, outermost first (a
+    failed run removes those that are still empty). Refuses, naming the folder: an output that
+    is a file, a folder that cannot be created, or one where no file can be written."""
+    import secrets
+
+    out = Path(out)
+    missing: List[Path] = []
+    p = out.absolute()
+    while not p.exists() and not p.is_symlink():
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(f"output folder {out}: {p} is not a folder")
+    created: List[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise OSError(f"cannot create the output folder {out}: no folder can be made in "
+                              f"{folder.parent} ({exc.strerror or exc})") from exc
+            created.append(folder)
+        probe = out / f".imbalanceseg-write-test-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ok")
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            raise OSError(f"the output folder {out} is not writable: creating a file in it failed "
+                          f"({exc.strerror or exc}); nothing was run") from exc
+    except BaseException:
+        _remove_empty_folders(created)
+        raise
+    return created
+
+
+def _remove_empty_folders(created: List[Path]) -> None:
+    """Remove the folders predict created (innermost first) that are still empty; never a
+    folder that holds anything, never one that existed before."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty (or gone): its parents are not empty either
+
+
+def _scene_writer():
+    """For ``predict --scene``: the module's scene and snapshot writer (ImbalanceSegSlicer), which
+    needs 3D Slicer's Python packages (the slicer-core wheel) and an offscreen OpenGL render
+    window. Checked before any inference; a ValueError says what is missing."""
+    try:
+        import slicer  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("--scene needs 3D Slicer's MRML Python packages, which are not importable here "
+                         f"({exc}); install them with 'pip install slicer-core' (Python 3.11), or leave out "
+                         "--scene (the .seg.nrrd opens in Slicer without it)") from exc
+    try:
+        from ImbalanceSegSlicer import demo
+    except ImportError:
+        module_dir = Path(__file__).resolve().parents[3] / "ImbalanceSeg"  # a source checkout
+        if not (module_dir / "ImbalanceSegSlicer" / "demo.py").is_file():
+            raise ValueError("--scene needs the ImbalanceSeg extension's ImbalanceSegSlicer package: put the "
+                             "extension's ImbalanceSeg/ folder on PYTHONPATH") from None
+        sys.path.insert(0, str(module_dir))
+        from ImbalanceSegSlicer import demo
+    from ImbalanceSegSlicer import rendering
+    try:
+        rendering.check_offscreen_rendering()
+    except RuntimeError as exc:
+        raise ValueError(f"--scene renders PNG snapshots: {exc}") from exc
+    return demo
+
+
+def _write_scene(demo, image, pred, bundle, out: Path, name: str, flag_threshold: float) -> List[Path]:
+    """The demo's scene (.mrml) and snapshots for this prediction, sharing predict's file names
+    (the scene's segmentation, maps and performance table are the files written above)."""
+    from ImbalanceSegSlicer import scene as sc
+    from ImbalanceSegSlicer.logic import ImbalanceSegLogic
+
+    scene = sc.create_scene()
+    volume = sc.volume_node_from_sitk(scene, image, name)
+    result = ImbalanceSegLogic(scene).createResultNodes(volume, pred, bundle.classes, baseName=name,
+                                                        flagThreshold=flag_threshold)
+    names = {"volume": SCENE_VOLUME_FILE, "segmentation": SEGMENTATION_FILE,
+             "probability": lambda i, _name: f"probability_{i:02d}.nrrd", "uncertainty": "uncertainty.nrrd",
+             "class_table": "class_table.tsv", "performance": PERFORMANCE_FILE, "scene": "scene.mrml"}
+    files = demo.save_result_files(scene, volume, result, out, names)
+    files += demo.render_result_snapshots(scene, volume, result, out, prefix="")
+    return files
+
+
+SEGMENTATION_FILE = "segmentation.seg.nrrd"
+PERFORMANCE_FILE = "performance_estimate.tsv"
+SCENE_VOLUME_FILE = "volume.nrrd"
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    import SimpleITK as sitk
-
     from .bundle import load_bundle
-    from .images import read_image, write_image
-    from .inference import predict
-
+    from .images import read_image
     from .inference import check_model_fits
 
+    # Everything that can be refused is refused before the output folder is touched.
+    if not 0.0 <= args.flag_threshold <= 1.0:
+        raise ValueError(f"--flag-threshold must be between 0 and 1, got {args.flag_threshold}")
+    tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else None
+    if args.stream and tta:
+        raise ValueError("--tta and --stream cannot be combined yet")
+    if args.scene and args.stream:
+        raise ValueError("--scene builds the scene from every class's full probability map in memory, which "
+                         "--stream avoids; leave out one of them (the .seg.nrrd opens in Slicer either way)")
+    out = Path(args.output)
+    if args.scene and (out / SCENE_VOLUME_FILE).resolve() == Path(args.input).resolve():
+        raise ValueError(f"--scene writes the input volume to {out / SCENE_VOLUME_FILE}, which is the input "
+                         "itself; choose another output folder")
+    demo = _scene_writer() if args.scene else None
     bundle = load_bundle(args.model)
     check_model_fits(bundle, modality=args.modality)
     image = read_image(args.input, "input volume")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    created = _prepare_output_folder(out)
+    try:
+        return _run_predict(args, bundle, image, out, tta, demo)
+    except BaseException:
+        _remove_empty_folders(created)
+        raise
+
+
+def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .atomic import atomic_write_text
+    from .images import write_image
+    from .inference import predict
+    from .segfile import performance_rows, write_performance_table, write_segmentation_nrrd
 
     def progress(stage: str, frac: float) -> None:
         print(f"\r[predict] {stage:<12} {100 * frac:5.1f}%", end="", flush=True)
 
-    tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else None
     if args.stream:
-        if tta:
-            raise ValueError("--tta and --stream cannot be combined yet")
         from .streaming import predict_streaming
         pred = predict_streaming(image, bundle, device=args.device, progress=progress, storage=args.storage,
                                  out_dir=out, sw_batch_size=args.sw_batch_size, layout=args.layout,
@@ -100,8 +260,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for i, name in enumerate(pred.class_names):
             write_image(pred.probability_image(i), out / f"probability_{i:02d}.nrrd")
         write_image(pred.uncertainty_image(), out / "uncertainty.nrrd")
-    (out / "classes.json").write_text(json.dumps(bundle.classes, indent=2))
+    atomic_write_text(out / "classes.json", json.dumps(bundle.classes, indent=2))
+    # What Slicer opens directly: the segmentation with the card's named, coloured segments, and
+    # the label-free performance estimate with the module's columns.
+    write_segmentation_nrrd(pred.label_image(), bundle.classes, out / SEGMENTATION_FILE)
+    write_performance_table(performance_rows(pred, args.flag_threshold), out / PERFORMANCE_FILE)
+    written = [SEGMENTATION_FILE, PERFORMANCE_FILE]
+    if demo is not None:
+        name = Path(args.input).name.split(".")[0] or "volume"
+        scene_files = _write_scene(demo, image, pred, bundle, out, name, args.flag_threshold)
+        written += sorted({f.name for f in scene_files} - set(written))
     print(f"[predict] wrote {out} ({', '.join(f'{k} {v:.2f}s' for k, v in pred.timings.items())})")
+    print(f"[predict] for 3D Slicer: {', '.join(written)}")
     return 0
 
 
@@ -129,16 +299,37 @@ def _cell(value: Optional[float], spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _read_classes(path: str) -> "Dict[int, str]":
+    """``--classes``: a JSON list of {value, name}; any problem names the file."""
+    try:
+        classes = json.loads(Path(path).read_text())
+        names = {int(c["value"]): str(c["name"]) for c in classes}
+    except OSError as exc:
+        raise ValueError(f"--classes {path}: cannot be read ({exc.strerror or exc})") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"--classes {path}: expected a JSON list of {{\"value\": ..., \"name\": ...}} "
+                         f"objects ({type(exc).__name__}: {exc})") from exc
+    if not names:
+        raise ValueError(f"--classes {path}: lists no classes")
+    return names
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folders
+    from .evaluation import evaluate_folders, label_warnings
 
     names = None
     labels = args.labels
+    requested_by = "--labels"
     if args.classes:
-        classes = json.loads(Path(args.classes).read_text())
-        names = {int(c["value"]): c["name"] for c in classes}
+        names = _read_classes(args.classes)
         if labels is None:
             labels = sorted(v for v in names if v != 0)
+            requested_by = f"--classes {args.classes}"
+        else:
+            unknown = sorted({v for v in labels if v not in names})
+            if unknown:
+                raise ValueError(f"--labels {' '.join(map(str, unknown))} not in --classes {args.classes} "
+                                 f"(its values: {', '.join(map(str, sorted(names)))})")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     t0 = time.perf_counter()
     out = evaluate_folders(args.pred, args.ref, args.out, labels=labels, class_names=names, metrics=metrics,
@@ -149,6 +340,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if out["missing_predictions"]:
         print(f"[evaluate] {len(out['missing_predictions'])} case(s) without prediction evaluated as empty: "
               f"{', '.join(out['missing_predictions'])}")
+    for line in label_warnings(out, requested_by, names):
+        print(f"[evaluate] warning: {line}", file=sys.stderr, flush=True)
     print(f"[evaluate] {out['cases']} case(s) in {time.perf_counter() - t0:.1f} s")
     print(f"  {'class':<20}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}  policies")
     for row in out["summary"]:
@@ -178,11 +371,14 @@ def _image_folder(folder: str, what: str) -> "Dict[str, Path]":
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from . import events as ev
     from . import performance as pe
     from .bundle import load_bundle, save_bundle
     from .images import read_image
     from .inference import working_grid_logits
 
+    emit = _event_writer(args)
+    say = _teller(args, emit)  # the human log: printed, or log events with --events
     src, out = Path(args.model), Path(args.out)
     if out.resolve() == src.resolve() and not args.force:
         raise ValueError("--out is the input model; write the calibrated bundle to a new file (or pass --force)")
@@ -196,6 +392,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     names: List[str] = []
     score_range = None
     cases = []
+    if emit:
+        emit(ev.progress("logits", 0.0))
     for cid, img_path in images.items():
         img = read_image(img_path, f"image {cid}")
         lab = read_image(labels[cid], f"label map {cid}")
@@ -204,7 +402,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise ValueError(f"label map {cid} holds value {int(lab_arr.max())}, but the model has "
                              f"{bundle.num_classes} classes (0..{bundle.num_classes - 1})")
         cases.append((cid, logits, lab_arr))
-        print(f"[calibrate] {cid}: logits on the model grid {'x'.join(map(str, logits.shape[1:]))}", flush=True)
+        say(f"[calibrate] {cid}: logits on the model grid {'x'.join(map(str, logits.shape[1:]))}", flush=True)
+        if emit:
+            emit(ev.progress("logits", len(cases) / len(images)))
+    if emit:
+        emit(ev.progress("fit", 0.0))
     if args.confidence == "energy":
         score_range = pe.energy_range(lg for _, lg, _ in cases)
     # The logits go to the fit (not only T = 1 statistics): TS-ATC adds histograms at the
@@ -226,12 +428,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         "per_class_dice_mae": {n: (None if np.isnan(errors[:, k]).all() else float(np.nanmean(errors[:, k])))
                                for k, n in enumerate(bundle.class_names)}}
     written = save_bundle(out, card, bundle.network)
-    print(f"[calibrate] {args.method} ({'global' if args.global_ else 'class-specific'}, {args.confidence}) fitted on "
-          f"{len(names)} case(s) in {time.perf_counter() - t0:.1f} s")
-    print(f"  {'class':<22}{'Dice MAE (in-sample)':>22}")
+    if emit:
+        emit(ev.progress("fit", 1.0))
+        emit(ev.artifact("bundle", written))
+    say(f"[calibrate] {args.method} ({'global' if args.global_ else 'class-specific'}, {args.confidence}) fitted on "
+        f"{len(names)} case(s) in {time.perf_counter() - t0:.1f} s")
+    say(f"  {'class':<22}{'Dice MAE (in-sample)':>22}")
     for n, v in card["calibration_validation"]["per_class_dice_mae"].items():
-        print(f"  {n:<22}{'-' if v is None else f'{100 * v:.2f} points':>22}")
-    print(f"[calibrate] wrote {written}")
+        say(f"  {n:<22}{'-' if v is None else f'{100 * v:.2f} points':>22}")
+    say(f"[calibrate] wrote {written}")
+    if emit:
+        emit(ev.done())
     return 0
 
 
@@ -314,6 +521,31 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+EVENTS_HELP = ("write progress as JSON lines on stdout, one event a line (see imbalanceseglib.events); "
+               "the human log becomes 'log' events")
+
+
+EVALUATE_DESCRIPTION = (
+    "Evaluate every reference in --ref against the prediction of the same case in --pred. "
+    "Which labels: --labels, else the non-zero values of --classes, else every non-zero label found. "
+    "A label found in the maps but not evaluated (left out of --labels or --classes) gets a warning on "
+    "stderr naming the label and the cases that hold it; a requested label found in no case (no reference, "
+    "no prediction) gets a warning too, and both_empty rows (Dice undefined), since a rare class can be "
+    "absent from a small test set. It is an error (exit status 2, nothing written) when --labels holds a "
+    "value that --classes does not list or a negative one, or --classes is not a list of {value, name}. "
+    "Every error met while evaluating a case names the case and its files.")
+
+
+PREDICT_DESCRIPTION = (
+    "Segment one volume. Writes into --output: segmentation.seg.nrrd (3D Slicer's segmentation file: one "
+    "named, coloured segment per class of the model card, with its terminology when the card has one), "
+    "performance_estimate.tsv (the label-free per-class performance estimate, the columns of the module's "
+    "performance table, with its .schema.tsv), labels.nrrd, probability_XX.nrrd per class, uncertainty.nrrd "
+    "and classes.json. With --scene also scene.mrml (opens in Slicer with File > Add Data), volume.nrrd, "
+    "class_table.tsv and axial/coronal/sagittal.png. A failed run removes the output folder again if it "
+    "created it and it is still empty.")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="imbalanceseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,11 +557,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--unlabeled", help="folder of unlabelled images for a semi-supervised method "
                                        "(cps, cps_weighted, double_mix)")
+    p.add_argument("--events", action="store_true", help=EVENTS_HELP)
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("predict", help="segment one volume")
+    p = sub.add_parser("predict", help="segment one volume", description=PREDICT_DESCRIPTION)
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--output", required=True, help="output folder (created if missing; refused before inference "
+                                                    "when no file can be written in it)")
+    p.add_argument("--scene", action="store_true",
+                   help="also write the 3D Slicer scene (scene.mrml with the input volume, segmentation, maps and "
+                        "tables) and axial/coronal/sagittal PNG snapshots; needs slicer-core")
+    p.add_argument("--flag-threshold", type=float, default=0.7,
+                   help="performance table: flag classes whose estimated Dice is below this (default: 0.7)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modality", help="modality of the input (e.g. CT, MR); refused if the model is for another")
     p.add_argument("--tta", help="test-time augmentation, comma-separated (e.g. identity,flip_x); merged per class "
@@ -357,12 +596,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_card)
-    p = sub.add_parser("evaluate", help="evaluate a folder of predictions against a folder of references")
+    p = sub.add_parser("evaluate", help="evaluate a folder of predictions against a folder of references",
+                       description=EVALUATE_DESCRIPTION)
     p.add_argument("--pred", required=True, help="prediction folder (<case>.nrrd/.nii.gz/... or <case>/labels.nrrd)")
     p.add_argument("--ref", required=True, help="reference folder (<case>.nrrd/.nii.gz/...)")
     p.add_argument("--out", required=True, help="output folder (per_case.csv, summary.csv, policies.csv)")
-    p.add_argument("--labels", type=int, nargs="+", help="label values to evaluate (default: all non-zero found)")
-    p.add_argument("--classes", help="JSON list of {value, name} (e.g. a bundle's classes.json) for names and labels")
+    p.add_argument("--labels", type=int, nargs="+",
+                   help="label values to evaluate (default: the non-zero values of --classes, else every "
+                        "non-zero label found in the maps)")
+    p.add_argument("--classes", help="JSON list of {value, name} (e.g. a bundle's classes.json): class names, "
+                                     "and the labels to evaluate unless --labels is given")
     p.add_argument("--metrics", default="overlap,distance,nsd,detection",
                    help="comma-separated metric groups (default: %(default)s)")
     p.add_argument("--nsd-tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default: 2)")
@@ -388,6 +631,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", required=True, help="calibrated bundle to write (never the input model)")
     p.add_argument("--force", action="store_true", help="allow --out to replace the input model")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--events", action="store_true", help=EVENTS_HELP)
     p.set_defaults(func=_cmd_calibrate)
     p = sub.add_parser("estimate", help="estimate per-class performance of unlabelled scans and rank them")
     p.add_argument("--model", required=True)
@@ -400,7 +644,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, FloatingPointError) as exc:
+    except Exception as exc:
+        emit = _event_writer(args)
+        if emit is not None:  # --events: the reader gets the failure as an event too
+            from .events import error_from
+            emit(error_from(exc))
+        if not isinstance(exc, (ValueError, OSError, FloatingPointError)):
+            raise
         print(f"imbalanceseg: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,15 +6,21 @@ The scene is only touched once, at the end, when :meth:`SegmentationJob.poll` se
 worker finish and adds the result nodes through the Logic (which removes them again if that
 fails). Cancel or a failure leaves the scene exactly as it was. The widget calls ``poll`` from
 a Qt timer; scripts and tests call :meth:`SegmentationJob.wait`.
+
+Both jobs read the same structured event stream from their child (:mod:`imbalanceseglib.events`:
+JSON lines ``progress``, ``iteration``, ``validation``, ``artifact``, ``log``, ``done``,
+``error``), through one reader, :meth:`_ProcessJob._events`; other lines only go to ``log``.
+Cancel stops the child's whole process tree: its process group on POSIX, ``taskkill /T`` on
+Windows (where the child is started without a console window).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +33,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from imbalanceseglib.events import parse_event
 
 CREATED, RUNNING, DONE, FAILED, CANCELLED = "created", "running", "done", "failed", "cancelled"
 
@@ -59,42 +67,71 @@ class JobError(RuntimeError):
     """A background job failed or was cancelled; the message says why (the worker's own error)."""
 
 
+# Windows process creation flags (the subprocess module only defines them on Windows).
+CREATE_NEW_PROCESS_GROUP = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)
+CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+
+
+def _windows() -> bool:
+    return os.name == "nt"
+
+
 def _launch(cmd: List[str], cwd: Path, threads: Optional[int]) -> subprocess.Popen:
-    """Start a child in its own process group with the library on its path."""
+    """Start a child in its own process group with the library on its path (on Windows without
+    a console window)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(_library_paths() + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    popen_kw = {"start_new_session": True} if os.name == "posix" else {
-        "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+    popen_kw: Dict[str, Any] = ({"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW} if _windows()
+                                else {"start_new_session": True})
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
                             cwd=str(cwd), **popen_kw)
 
 
+def _kill_tree_windows(proc: subprocess.Popen, timeout: float) -> None:
+    """Kill a Windows child and all its descendants. ``PythonSlicer.exe`` is a launcher: the
+    Python doing the work is its child, which ``proc.kill()`` alone would leave running."""
+    try:
+        killed = subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                creationflags=CREATE_NO_WINDOW, timeout=max(timeout, 1.0),
+                                check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        killed = False
+    if not killed and proc.poll() is None:  # no taskkill, or it failed: at least the launcher goes
+        try:
+            proc.kill()
+        except OSError:
+            pass
+
+
 def _stop(proc: subprocess.Popen, timeout: float) -> None:
-    """Terminate a child and its process group (kill if it does not stop within ``timeout``)."""
+    """Terminate a child and its process tree: on POSIX its process group (SIGTERM, SIGKILL if it
+    does not stop within ``timeout``), on Windows ``taskkill /F /T`` (``proc.kill()`` if that fails)."""
     if proc.poll() is not None:
         return
+    if _windows():
+        _kill_tree_windows(proc, timeout)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return
     try:
-        if os.name == "posix":
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        if os.name == "posix":
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout)
     except ProcessLookupError:
         pass
 
 
 class _ProcessJob:
-    """What both background jobs share: a child process in its own group, stdout lines and the
-    stderr tail read by threads, cancel, wait and clean-up of the temporary folder."""
+    """What both background jobs share: a child process in its own group, its event stream on
+    stdout and its stderr tail read by threads, cancel, wait and clean-up of the temporary folder."""
 
     _what = "job"
     _cancel_timeout = 5.0
@@ -110,9 +147,12 @@ class _ProcessJob:
         self._stderr: List[str] = []
         self._eof = False
         self._tmp: Optional[Path] = None
+        self._done_event: Optional[dict] = None
+        self._error_event: Optional[dict] = None
 
     def _start_process(self, cmd: List[str]) -> None:
         self._eof = False
+        self._done_event = self._error_event = None
         self._proc = _launch(cmd, self._tmp, self.threads)
         threading.Thread(target=self._read_stdout, args=(self._proc,), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True).start()
@@ -139,6 +179,30 @@ class _ProcessJob:
                 self._eof = True
             else:
                 lines.append(line)
+
+    def _events(self) -> List[dict]:
+        """The events the child sent since the last call (:mod:`imbalanceseglib.events`), in order.
+
+        The one place where the child's output is read: ``log`` events and lines that are not
+        events go to ``log``; ``done`` and ``error`` are remembered for the end (``error`` also
+        sets ``error``). Every event is returned, so the job can follow the kinds it shows."""
+        events = []
+        for line in self._new_lines():
+            event = parse_event(line)
+            if event is None:
+                if line.strip():
+                    self.log.append(line.rstrip())
+                continue
+            kind = event["event"]
+            if kind == "log":
+                self.log.append(str(event.get("message", "")))
+            elif kind == "done":
+                self._done_event = event
+            elif kind == "error":
+                self._error_event = event
+                self.error = f"{event.get('type', 'Error')}: {event.get('message', '')}"
+            events.append(event)
+        return events
 
     def _exited(self) -> bool:
         return self._proc.poll() is not None and self._eof
@@ -218,7 +282,6 @@ class SegmentationJob(_ProcessJob):
         self.execution: Dict[str, Any] = {}  # how the worker ran the network (streaming's plan)
         self.stages: List[str] = []  # progress steps in the order the worker reported them
         self._input_id = None
-        self._done_event: Optional[dict] = None
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> "SegmentationJob":
@@ -230,9 +293,10 @@ class SegmentationJob(_ProcessJob):
         self.logic.checkInputs(self.inputVolumeNode, self.flagThreshold)
         if not self.modelPath.is_file():
             raise FileNotFoundError(f"model file {self.modelPath} does not exist")
-        if self.referenceSegmentationNode is not None and \
-                not self.referenceSegmentationNode.IsA("vtkMRMLSegmentationNode"):
-            raise ValueError("the reference must be a segmentation")
+        if self.referenceSegmentationNode is not None:  # refused now, not after inference
+            from imbalanceseglib.container import read_card
+            names = [c["name"] for c in read_card(self.modelPath)["classes"]]
+            self.logic.checkReference(self.inputVolumeNode, self.referenceSegmentationNode, names)
         self._input_id = self.inputVolumeNode.GetID()
         self._tmp = Path(tempfile.mkdtemp(prefix="imbalanceseg-job-"))
         try:
@@ -254,22 +318,11 @@ class SegmentationJob(_ProcessJob):
         """Read the worker's progress; when it has finished, add the results to the scene."""
         if self.state != RUNNING:
             return self.state
-        for line in self._new_lines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                if line.strip():
-                    self.log.append(line.strip())
-                continue
-            kind = event.get("event")
-            if kind == "progress":
-                self.stage, self.fraction = str(event.get("stage", "")), float(event.get("fraction", 0.0))
+        for event in self._events():
+            if event["event"] == "progress":
+                self.stage, self.fraction = str(event.get("stage", "")), float(event.get("fraction") or 0.0)
                 if not self.stages or self.stages[-1] != self.stage:
                     self.stages.append(self.stage)
-            elif kind == "done":
-                self._done_event = event
-            elif kind == "error":
-                self.error = f"{event.get('type', 'Error')}: {event.get('message', '')}"
         if not self._exited():
             return self.state
         return self._finish()
@@ -336,31 +389,6 @@ class SegmentationJob(_ProcessJob):
         return self.result
 
 
-_ITER_LINE = re.compile(r"^iter\s+(\d+)/(\d+)\s+loss\s+([-+0-9.eE]+|nan)")
-_VAL_LINE = re.compile(r"^\s*val dice[^:]*:\s*(.*)$")
-_BUNDLE_LINE = re.compile(r"^\[(?:train\] bundle written:|calibrate\] wrote) (.+)$")
-
-
-def parse_training_line(line: str) -> Optional[Dict[str, Any]]:
-    """One line of the trainer's log as a history entry: ``{"iteration", "total", "loss"}``,
-    ``{"val": {class: dice or None}}``, ``{"bundle": path}``, or None for other lines."""
-    m = _ITER_LINE.match(line.strip())
-    if m:
-        return {"iteration": int(m.group(1)), "total": int(m.group(2)), "loss": float(m.group(3))}
-    m = _VAL_LINE.match(line)
-    if m:
-        val: Dict[str, Optional[float]] = {}
-        for item in m.group(1).split("  "):
-            if "=" in item:
-                name, value = item.strip().rsplit("=", 1)
-                val[name] = None if value == "absent" else float(value)
-        return {"val": val}
-    m = _BUNDLE_LINE.match(line.strip())
-    if m:
-        return {"bundle": m.group(1).strip()}
-    return None
-
-
 class TrainingJob(_ProcessJob):
     """Training in a background process (``imbalanceseg train``) on scene nodes, or on a data
     folder (``images/``, ``labels/``, optional ``val_images/`` and ``val_labels/``, same file names).
@@ -370,9 +398,12 @@ class TrainingJob(_ProcessJob):
     trainer writes checkpoints and the final bundle to ``outputFolder``, so a cancelled run
     resumes from its last checkpoint when started again with ``resume=True``. With validation
     pairs, the trained model is then calibrated on them (``calibration``: ts-atc by default, as
-    ``imbalanceseg calibrate``) and ``bundlePath`` is the calibrated bundle. ``history`` holds
-    the loss and validation Dice as they are logged (for the live plot); ``bundlePath`` is set
-    when the bundle is written. The scene is never changed.
+    ``imbalanceseg calibrate``) and ``bundlePath`` is the calibrated bundle. Both run with
+    ``--events``: ``history`` holds the loss (``iteration`` events) and validation Dice
+    (``validation`` events) as they come (for the live plot); ``bundlePath`` is set by the
+    bundle's ``artifact`` event, ``checkpointPath`` by the checkpoints'; ``progressStage`` and
+    ``progressFraction`` follow ``progress`` events (data preparation, calibration). The scene
+    is never changed.
     """
 
     _what = "training"
@@ -395,6 +426,8 @@ class TrainingJob(_ProcessJob):
         self.iteration, self.total = 0, int(config.iterations)
         self.history: List[Dict[str, Any]] = []
         self.bundlePath: Optional[Path] = None
+        self.checkpointPath: Optional[Path] = None
+        self.progressStage, self.progressFraction = "", 0.0
         self._data: Dict[str, Any] = {}
 
     @property
@@ -473,7 +506,7 @@ class TrainingJob(_ProcessJob):
                 data["unlabeled_images"] = "unlabeled"
             (self._tmp / "config.json").write_text(json.dumps({"train": self.config.to_dict(), "data": data}))
             cmd = [self.python, "-u", "-m", "imbalanceseglib.cli", "train", str(self._tmp / "config.json"),
-                   "--out", str(self.outputFolder)] + ([] if self.resume else ["--no-resume"])
+                   "--out", str(self.outputFolder), "--events"] + ([] if self.resume else ["--no-resume"])
             self._start_process(cmd)
         except BaseException:
             self._cleanup()
@@ -484,18 +517,24 @@ class TrainingJob(_ProcessJob):
     def poll(self) -> str:
         if self.state != RUNNING:
             return self.state
-        for line in self._new_lines():
-            self.log.append(line)
-            entry = parse_training_line(line)
-            if entry is None:
-                continue
-            if "bundle" in entry:
-                self.bundlePath = Path(entry["bundle"])
-            elif "val" in entry:
-                self.history.append({"iteration": self.iteration, "val": entry["val"]})
-            else:
-                self.iteration, self.total = entry["iteration"], entry["total"]
-                self.history.append({"iteration": entry["iteration"], "loss": entry["loss"]})
+        for event in self._events():
+            kind = event["event"]
+            if kind == "iteration":
+                self.iteration = int(event.get("iteration", self.iteration))
+                self.total = int(event.get("total", self.total))
+                loss = event.get("loss")
+                self.history.append({"iteration": self.iteration, "loss": math.nan if loss is None else float(loss)})
+            elif kind == "validation":
+                dice = event.get("dice") or {}
+                self.history.append({"iteration": int(event.get("iteration", self.iteration)),
+                                     "val": {str(k): (None if v is None else float(v)) for k, v in dice.items()}})
+            elif kind == "artifact" and event.get("kind") == "bundle":
+                self.bundlePath = Path(event["path"])
+            elif kind == "artifact" and event.get("kind") == "checkpoint":
+                self.checkpointPath = Path(event["path"])
+            elif kind == "progress":
+                self.progressStage = str(event.get("stage", ""))
+                self.progressFraction = float(event.get("fraction") or 0.0)
         if not self._exited():
             return self.state
         rc = self._proc.returncode
@@ -506,7 +545,7 @@ class TrainingJob(_ProcessJob):
             cmd = [self.python, "-u", "-m", "imbalanceseglib.cli", "calibrate", "--model", str(self.bundlePath),
                    "--images", str(self._tmp / self._data["val_images"]),
                    "--labels", str(self._tmp / self._data["val_labels"]),
-                   "--method", self.calibration, "--out", str(calibrated)]
+                   "--method", self.calibration, "--out", str(calibrated), "--events"]
             self.phase = "calibrate"
             self.bundlePath = None
             self._start_process(cmd)
@@ -514,7 +553,10 @@ class TrainingJob(_ProcessJob):
         if rc == 0 and self.bundlePath is not None and self.bundlePath.is_file():
             self.state = DONE
         else:
-            self.error = self._failure("training stopped")
+            if self._error_event is not None:
+                self.error = f"training stopped ({self.phase}): {self.error}"
+            else:
+                self.error = self._failure("training stopped")
             self.state = FAILED
         self._cleanup()
         return self.state

@@ -7,7 +7,7 @@ changed the source segmentation's labelmap slightly, so it is not used here.)
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import slicer
@@ -75,6 +75,28 @@ def _segment_mask(segment, volume_node, shape_zyx) -> np.ndarray:
     return mask
 
 
+def matching_classes(segmentation_node, class_names: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(the foreground classes that a segment of ``segmentation_node`` is named like, the segment
+    names), matched as :func:`reference_label_array` matches them; reads names only."""
+    segmentation = segmentation_node.GetSegmentation()
+    names = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+             for i in range(segmentation.GetNumberOfSegments())]
+    normalised = {_norm(n) for n in names}
+    return [c for c in class_names[1:] if _norm(c) in normalised], names
+
+
+def check_same_transform(segmentation_node, volume_node) -> None:
+    """Segment masks are computed on the volume's own voxel grid, which is only right when both
+    nodes sit in the same frame: under the same parent transform, or both under none."""
+    a, b = segmentation_node.GetParentTransformNode(), volume_node.GetParentTransformNode()
+    if (a.GetID() if a is not None else None) != (b.GetID() if b is not None else None):
+        def where(node):
+            return f"under transform {node.GetName()!r}" if node is not None else "under no transform"
+        raise ValueError(f"segmentation {segmentation_node.GetName()!r} is {where(a)} but volume "
+                         f"{volume_node.GetName()!r} is {where(b)}; put both under the same transform (or harden "
+                         "the transforms) before comparing")
+
+
 def reference_label_array(scene, segmentation_node, reference_volume_node,
                           class_names: Sequence[str]) -> Tuple[np.ndarray, Dict[str, str]]:
     """Label array (z, y, x) on ``reference_volume_node``'s grid, values = class indices.
@@ -85,9 +107,7 @@ def reference_label_array(scene, segmentation_node, reference_volume_node,
     Where reference segments overlap, the later class wins. Nothing in the scene
     is added or changed.
     """
-    if segmentation_node.GetParentTransformNode() is not None or reference_volume_node.GetParentTransformNode() is not None:
-        raise ValueError("the reference segmentation or the input volume is under a transform; "
-                         "harden the transform before comparing")
+    check_same_transform(segmentation_node, reference_volume_node)
     segmentation = segmentation_node.GetSegmentation()
     if segmentation.GetSourceRepresentationName() != BINARY_LABELMAP and not segmentation.ContainsRepresentation(BINARY_LABELMAP):
         raise ValueError(f"reference segmentation {segmentation_node.GetName()!r} has no binary labelmap; "

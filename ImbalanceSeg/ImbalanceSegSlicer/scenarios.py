@@ -16,7 +16,7 @@ DEMO_MODEL_NAME = "demo_brain.imbseg"
 
 
 def repository_paths() -> Dict[str, Path]:
-    from ImbalanceSeg import bundled_models_dir, demo_data_dir
+    from ImbalanceSegSlicer.paths import bundled_models_dir, demo_data_dir
     demo = demo_data_dir()
     return {"volume": demo / "demo_t1.nrrd", "labels": demo / "demo_labels.nrrd",
             "classes": demo / "classes.json", "model": bundled_models_dir() / DEMO_MODEL_NAME}
@@ -37,7 +37,7 @@ def load_demo_case(scene, paths: Optional[Dict[str, Path]] = None):
 
 
 def run_demo_scenario(scene, device: str = "cpu", progress=None) -> Dict[str, Any]:
-    from ImbalanceSeg import ImbalanceSegLogic
+    from ImbalanceSegSlicer.logic import ImbalanceSegLogic
 
     paths = repository_paths()
     volume, reference = load_demo_case(scene, paths)
@@ -64,7 +64,7 @@ def run_review_scenario(scene, demo: Optional[Dict[str, Any]] = None) -> Dict[st
     """Review the demo result: the least confident region of the smallest class, a lower
     threshold for it (more sensitive), the comparison with the reference before and after,
     and the way back to argmax. Returns what the tests assert."""
-    from ImbalanceSeg import ImbalanceSegLogic
+    from ImbalanceSegSlicer.logic import ImbalanceSegLogic
     from ImbalanceSegSlicer import scene as sc
 
     demo = demo or run_demo_scenario(scene)

@@ -4,7 +4,8 @@ or any Python with ImbalanceSegLib), started by :class:`ImbalanceSegSlicer.jobs.
 It never touches a scene. It reads the input volume from a file, runs the model with the
 bounded-memory sliding window (:func:`imbalanceseglib.streaming.predict_streaming`) and writes
 the calibrated probabilities, the uncertainty map and the label-free performance estimate to
-an output folder. Progress, completion and errors are JSON lines on stdout:
+an output folder. Progress, completion and errors are JSON lines on stdout, the events of
+:mod:`imbalanceseglib.events` (the same stream ``imbalanceseg train --events`` writes):
 
     {"event": "progress", "stage": "network", "fraction": 0.42}
     {"event": "done", "timings": {...}}
@@ -23,10 +24,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from imbalanceseglib import events as ev
 
-def _emit(event: dict) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
+_emit = ev.JsonLinesWriter()  # sys.stdout, one JSON line an event
 
 
 def _save_npy(path: Path, array) -> None:
@@ -48,23 +48,23 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
     t0 = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    _emit({"event": "progress", "stage": "load model", "fraction": 0.0})
+    _emit(ev.progress("load model", 0.0))
     bundle = load_bundle(model_path)
     check_model_fits(bundle, modality=modality)
     image = read_image(input_path, "input volume")
-    _emit({"event": "progress", "stage": "load model", "fraction": 1.0})
+    _emit(ev.progress("load model", 1.0))
     last = {"t": 0.0}
 
     def progress(stage: str, fraction: float) -> None:
         now = time.perf_counter()
         if fraction in (0.0, 1.0) or now - last["t"] > 0.2:  # at most 5 lines a second
             last["t"] = now
-            _emit({"event": "progress", "stage": stage, "fraction": float(fraction)})
+            _emit(ev.progress(stage, fraction))
 
     # Bounded-memory sliding window (imbalanceseglib.streaming); float32 storage, so the maps
     # equal the in-process predict() up to float rounding.
     prediction = predict_streaming(image, bundle, device=device, progress=progress, storage="float32")
-    _emit({"event": "progress", "stage": "write", "fraction": 0.0})
+    _emit(ev.progress("write", 0.0))
     _save_npy(out / "probabilities.npy", np.asarray(prediction.stored, dtype=np.float32))
     _save_npy(out / "uncertainty.npy", np.asarray(prediction.uncertainty_stored, dtype=np.float32))
     est = prediction.estimator
@@ -80,7 +80,7 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
     tmp = out / "result.json.part"
     tmp.write_text(json.dumps(summary))
     os.replace(tmp, out / "result.json")
-    _emit({"event": "done", "timings": timings})
+    _emit(ev.done(timings=timings))
     return 0
 
 
@@ -95,10 +95,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run(args.input, args.model, args.output, args.device, args.modality)
     except KeyboardInterrupt:
-        _emit({"event": "error", "type": "Cancelled", "message": "cancelled"})
+        _emit(ev.error("Cancelled", "cancelled"))
         return 130
     except Exception as exc:  # reported to the parent, which shows it to the user
-        _emit({"event": "error", "type": type(exc).__name__, "message": str(exc)})
+        _emit(ev.error_from(exc))
         return 1
 
 

@@ -113,3 +113,21 @@ def test_screenshots_listed_in_the_metadata_exist_and_are_real_renders():
         assert arr.shape[0] >= 512 and arr.std() > 20, rel  # not blank
     icon_url = cmake_var(ROOT / "CMakeLists.txt", "EXTENSION_ICONURL")
     assert (ROOT / icon_url.split("/main/", 1)[1]).is_file()
+
+
+def test_index_entry_names_a_slicer_repository_and_the_metadata_points_to_it():
+    """The Extensions Index checks that the extension's repository name starts with "Slicer"
+    (SlicerMONAIAuto3DSeg, SlicerNNUnet, ...) while the extension name itself does not; the
+    homepage, icon and screenshots must come from that same repository."""
+    import re
+    entry = json.loads((ROOT / "ImbalanceSeg.json").read_text())
+    m = re.fullmatch(r"https://github\.com/([^/]+)/([^/]+?)\.git", entry["scm_url"])
+    assert m, entry["scm_url"]
+    owner, repo = m.groups()
+    assert repo.startswith("Slicer") and repo == "Slicer" + "ImbalanceSeg", repo
+    assert not (ROOT / "ImbalanceSeg.json").stem.startswith("Slicer")
+    top = ROOT / "CMakeLists.txt"
+    assert cmake_var(top, "EXTENSION_HOMEPAGE").startswith(f"https://github.com/{owner}/{repo}")
+    raw = f"https://raw.githubusercontent.com/{owner}/{repo}/{entry['scm_revision']}/"
+    for url in [cmake_var(top, "EXTENSION_ICONURL"), *cmake_var(top, "EXTENSION_SCREENSHOTURLS").split()]:
+        assert url.startswith(raw), url

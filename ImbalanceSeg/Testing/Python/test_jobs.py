@@ -2,6 +2,7 @@
 cancel and failure leave the scene as it was."""
 
 import os
+import subprocess
 import time
 
 import numpy as np
@@ -102,3 +103,108 @@ def test_bad_inputs_are_refused_before_starting(scene, synthetic, tmp_path, mode
     volume = sc.volume_node_from_sitk(scene, synthetic["image"], "Input")
     with pytest.raises(FileNotFoundError, match="missing.imbseg does not exist"):
         SegmentationJob(logic, volume, tmp_path / "missing.imbseg").start()
+
+
+# -- one event reader for both jobs ------------------------------------------------------------
+
+def test_one_reader_turns_the_child_output_into_events():
+    from ImbalanceSegSlicer.jobs import _ProcessJob
+    job = _ProcessJob(python="python", threads=None)
+    for line in ['{"event": "progress", "stage": "network", "fraction": 0.5}', "plain text from a library",
+                 '{"event": "log", "message": "[train] step 3"}', '{"no": "event"}', "   ",
+                 '{"event": "iteration", "iteration": 3, "total": 9, "loss": 0.25}',
+                 '{"event": "error", "type": "BundleError", "message": "damaged"}', '{"event": "done"}', None]:
+        job._lines.put(line)
+    events = job._events()
+    assert [e["event"] for e in events] == ["progress", "log", "iteration", "error", "done"]
+    assert job.log == ["plain text from a library", "[train] step 3", '{"no": "event"}']
+    assert job.error == "BundleError: damaged" and job._done_event == {"event": "done"} and job._eof
+
+
+# -- Windows: no console window, cancel kills the whole process tree (#17) -----------------------
+
+class _FakeWindowsChild:
+    """A launcher (PythonSlicer.exe) whose real Python child only taskkill /T reaches."""
+
+    def __init__(self, pid=4242):
+        self.pid, self.returncode, self.calls = pid, None, []
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self.calls.append(("wait", timeout))
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("PythonSlicer.exe", timeout)
+        return self.returncode
+
+    def kill(self):
+        self.calls.append(("kill",))
+        self.returncode = 1
+
+    def terminate(self):
+        self.calls.append(("terminate",))
+        self.returncode = 1
+
+
+def _no_posix_kill(*args):
+    raise AssertionError("os.killpg on Windows")
+
+
+def test_windows_children_start_without_a_console_in_their_own_process_group(monkeypatch, tmp_path):
+    from ImbalanceSegSlicer import jobs
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)) or "proc")
+    with monkeypatch.context() as m:
+        m.setattr(os, "name", "nt")
+        assert jobs._launch(["PythonSlicer.exe", "-m", "x"], tmp_path, threads=2) == "proc"
+    cmd, kw = started[0]
+    assert kw["creationflags"] == 0x00000200 | 0x08000000  # CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
+    assert "start_new_session" not in kw and kw["env"]["OMP_NUM_THREADS"] == "2"
+    # POSIX unchanged: a new session (process group), no Windows flags
+    jobs._launch(["python", "-m", "x"], tmp_path, threads=None)
+    assert started[1][1]["start_new_session"] is True and "creationflags" not in started[1][1]
+
+
+def test_windows_cancel_kills_the_whole_process_tree(monkeypatch):
+    """Regression (#17): on Windows, Cancel must take the Python child of the PythonSlicer launcher
+    too: ``taskkill /F /T`` on the launcher's pid, run without a console window."""
+    from ImbalanceSegSlicer import jobs
+    child, ran = _FakeWindowsChild(), []
+
+    def run(cmd, **kw):
+        ran.append((cmd, kw))
+        child.returncode = 1  # the tree is gone
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(os, "killpg", _no_posix_kill)
+    job = jobs._ProcessJob(python="PythonSlicer.exe", threads=None)
+    job.state, job._proc = RUNNING, child
+    with monkeypatch.context() as m:
+        m.setattr(os, "name", "nt")
+        assert job.cancel(timeout=3.0) == CANCELLED
+    assert [cmd for cmd, _ in ran] == [["taskkill", "/F", "/T", "/PID", "4242"]]
+    assert ran[0][1]["creationflags"] == 0x08000000 and ran[0][1]["check"] is False  # CREATE_NO_WINDOW
+    assert ("kill",) not in child.calls and ("terminate",) not in child.calls  # taskkill did it
+    assert ("wait", 3.0) in child.calls  # reaped
+
+
+@pytest.mark.parametrize("failure", ["missing", "denied"])
+def test_windows_cancel_falls_back_to_killing_the_launcher(monkeypatch, failure):
+    from ImbalanceSegSlicer import jobs
+    child, ran = _FakeWindowsChild(pid=77), []
+
+    def run(cmd, **kw):
+        ran.append(cmd)
+        if failure == "missing":
+            raise FileNotFoundError("taskkill")
+        return subprocess.CompletedProcess(cmd, 1)  # e.g. access denied: the child still runs
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(os, "killpg", _no_posix_kill)
+    with monkeypatch.context() as m:
+        m.setattr(os, "name", "nt")
+        jobs._stop(child, 2.0)
+    assert ran == [["taskkill", "/F", "/T", "/PID", "77"]]
+    assert child.calls == [("kill",), ("wait", 2.0)] and child.returncode == 1

@@ -260,3 +260,96 @@ def test_save_scene_is_repeatable(scene, synthetic, tmp_path):
     S.save_scene(scene, mrml)
     assert sorted(os.listdir(tmp_path)) == first
     assert seg.GetStorageNode().GetFileName() == str(tmp_path / "Prediction.seg.nrrd")
+
+
+def test_probability_maps_use_slicers_own_colour_tables_when_the_scene_has_them(scene, synthetic):
+    """Inside Slicer the application has loaded Inferno and Viridis from its colour files (node IDs
+    from Slicer's source, recorded in Testing/Data/slicer_api.json); the module uses those instead
+    of adding look-alike tables of the same name. On slicer-core (no such nodes) it builds its own."""
+    import json
+    from pathlib import Path
+    facts = json.loads((Path(__file__).resolve().parents[1] / "Data" / "slicer_api.json").read_text())
+    recorded = json.dumps(facts["color_nodes"])
+    builtin = {}
+    for name, node_id in S.SLICER_COLOR_NODE_IDS.items():
+        assert node_id in recorded, f"{node_id} is not the ID Slicer's source gives {name}"
+        node = __import__('slicer').vtkMRMLColorTableNode()
+        node.SetName(name)
+        node.SetSingletonTag(node_id[len("vtkMRMLColorTableNode"):])  # as vtkMRMLColorLogic adds them
+        node.SetTypeToGrey()
+        scene.AddNode(node)
+        assert node.GetID() == node_id
+        builtin[name] = node
+    tables_before = scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")
+    prob = S.add_probability_volume(scene, synthetic["prob"], "P", colormap="Inferno")
+    unc = S.add_probability_volume(scene, synthetic["prob"], "U", colormap="Viridis")
+    assert prob.GetDisplayNode().GetColorNodeID() == builtin["Inferno"].GetID()
+    assert unc.GetDisplayNode().GetColorNodeID() == builtin["Viridis"].GetID()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == tables_before
+
+
+def test_without_slicers_tables_one_table_per_colormap_is_built_and_reused(scene, synthetic):
+    a = S.add_probability_volume(scene, synthetic["prob"], "A", colormap="Inferno")
+    b = S.add_probability_volume(scene, synthetic["prob"], "B", colormap="Inferno")
+    ours = a.GetDisplayNode().GetColorNode()
+    assert ours.GetID() != S.SLICER_COLOR_NODE_IDS["Inferno"]
+    assert b.GetDisplayNode().GetColorNodeID() == ours.GetID()
+    assert ours.GetNumberOfColors() == 256 and ours.GetName() == "Inferno"
+
+
+AWKWARD_NAMES = ["Lens & iris", "<optic> nerve", 'the "left" eye', "l'hippocampe", "海马体 (左)", "Gyrus 100% & <b>"]
+
+
+def test_scene_with_awkward_class_names_saves_as_wellformed_xml_and_loads_back(scene, tmp_path):
+    """Issue #24 item 4: names with &, <, quotes and non-Latin letters (the card schema allows
+    them) are escaped wherever they reach the .mrml file; the scene loads back with every name."""
+    import json
+    arr = np.zeros((10, 12, 14), np.uint8)
+    for k in range(len(AWKWARD_NAMES)):
+        arr[1 + k, 2:5, 3:6] = k + 1
+    labels = sitk.GetImageFromArray(arr)
+    volume = S.volume_node_from_sitk(scene, sitk.GetImageFromArray(arr.astype(np.int16)), "T1 & <T2>")
+    classes = [{"value": k + 1, "name": n, "color": [0.1 * k, 0.5, 0.2]} for k, n in enumerate(AWKWARD_NAMES)]
+    seg = S.segmentation_from_labelmap(scene, labels, volume, classes, 'Result & "final" <v2>')
+    seg.SetAttribute("ImbalanceSeg.Classes", json.dumps([{"name": n} for n in AWKWARD_NAMES], ensure_ascii=False))
+    S.table_node_from_rows(scene, "Table & <x>", [{"name": "Segment", "type": "string",
+                                                   "description": "name & <desc> \"q\""}],
+                           [[n] for n in AWKWARD_NAMES])
+    path = S.save_scene(scene, str(tmp_path / "scene.mrml"))
+    ET.parse(path)  # well-formed XML
+    loaded = S.load_scene(path)
+    segs = [loaded.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+            for i in range(loaded.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+    assert [s.GetName() for s in segs] == ['Result & "final" <v2>']
+    segmentation = segs[0].GetSegmentation()
+    names = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+             for i in range(segmentation.GetNumberOfSegments())]
+    assert names == AWKWARD_NAMES
+    assert json.loads(segs[0].GetAttribute("ImbalanceSeg.Classes")) == [{"name": n} for n in AWKWARD_NAMES]
+    counts = S.segment_voxel_counts(segs[0])  # keyed by segment ID
+    by_name = {segmentation.GetSegment(i).GetName(): n for i, n in counts.items()}
+    assert by_name == {n: 9 for n in AWKWARD_NAMES}
+    assert loaded.GetFirstNodeByName("T1 & <T2>") is not None
+    table = loaded.GetFirstNodeByName("Table & <x>")
+    cells = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+    # Known limitation of Slicer's table storage (TSV read back by VTK's delimited text reader):
+    # a cell with double quotes inside comes back mangled ('the "left" eye' -> 'left eye').
+    # Every other name survives.
+    assert [c for c, n in zip(cells, AWKWARD_NAMES) if '"' not in n] == [n for n in AWKWARD_NAMES if '"' not in n]
+
+
+def test_plain_names_stay_segment_ids_and_unsafe_ones_get_a_safe_id():
+    assert S.segment_id_for("Sphere A", 1) == "Sphere A"
+    assert S.segment_id_for("Lens & iris", 3) == "Segment_3"
+    assert S.segment_id_for("海马体", 2) == "海马体"
+
+
+def test_segments_keep_their_names_and_colours_as_set_not_auto_generated(scene, synthetic):
+    """Issue #24 item 8: Slicer replaces auto-generated names/colours (e.g. from terminology);
+    the model card's names and colours are the user's, so they are marked as set."""
+    volume = S.volume_node_from_sitk(scene, synthetic["image"], "Input")
+    seg = S.segmentation_from_labelmap(scene, synthetic["label"], volume, synthetic["classes"], "Result")
+    segmentation = seg.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetSegment(segmentation.GetNthSegmentID(i))
+        assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated(), segment.GetName()

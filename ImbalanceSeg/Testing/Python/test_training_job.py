@@ -2,6 +2,9 @@
 cancel, and the plot nodes."""
 
 import math
+import stat
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from imbalanceseglib.bundle import load_bundle
 
 from ImbalanceSeg import ImbalanceSegLogic
 from ImbalanceSegSlicer import scene as sc
-from ImbalanceSegSlicer.jobs import CANCELLED, DONE, JobError, TrainingJob, parse_training_line
+from ImbalanceSegSlicer.jobs import CANCELLED, DONE, FAILED, JobError, TrainingJob
 from test_logic_training import _config, _scene_inputs
 
 
@@ -18,16 +21,146 @@ def _node_ids(scene):
     return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
 
 
-def test_parse_training_lines():
-    assert parse_training_line("iter      4/600  loss 0.8123  1.20 it/s  eta 8.2 min") == \
-        {"iteration": 4, "total": 600, "loss": pytest.approx(0.8123)}
-    assert parse_training_line("iter     10/10  loss 0.5000 (sup 0.4, cps 0.1 x 0.5)  2 it/s  eta 0.0 min")["loss"] == 0.5
-    assert parse_training_line("  val dice: Cerebral cortex=0.912  Amygdala=absent") == \
-        {"val": {"Cerebral cortex": pytest.approx(0.912), "Amygdala": None}}
-    assert parse_training_line("  val dice (mean of the two networks): A=0.100")["val"] == {"A": pytest.approx(0.1)}
-    assert parse_training_line("[train] bundle written: /x/y.imbseg") == {"bundle": "/x/y.imbseg"}
-    assert parse_training_line("[calibrate] wrote /x/y_calibrated.imbseg") == {"bundle": "/x/y_calibrated.imbseg"}
-    assert parse_training_line("[train] preparing data (folders)") is None
+def _fake_python(tmp_path, body):
+    """An executable that the job starts instead of Python: the job's argv (``-u -m module
+    command ...``) reaches ``body`` as ``argv``."""
+    script = tmp_path / "fake_python"
+    script.write_text(f"#!{sys.executable}\nimport json, sys\nargv = sys.argv[1:]\n" + textwrap.dedent(body))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script)
+
+
+# A trainer and calibrator that report through events only: their human log lines say nothing
+# a log parser would recognise, and they come interleaved with stray output.
+_EVENT_ONLY_TRAINER = """
+def emit(**event):
+    print(json.dumps(event), flush=True)
+
+def arg(name):
+    return argv[argv.index(name) + 1]
+
+command = argv[3]
+assert "--events" in argv, argv
+if command == "train":
+    from pathlib import Path
+    out = Path(arg("--out"))
+    print("some library chatter that is not an event", flush=True)
+    print(json.dumps({"not": "an event"}), flush=True)
+    emit(event="log", message="Schritt 2 von 4: Verlust 0,81")
+    emit(event="progress", stage="prepare data", fraction=1.0)
+    emit(event="iteration", iteration=2, total=4, loss=0.8123)
+    emit(event="validation", iteration=2, dice={"Sphere A": 0.5, "Sphere B": None})
+    emit(event="artifact", kind="checkpoint", path=str(out / "checkpoint.pt"))
+    emit(event="iteration", iteration=4, total=4, loss=0.5)
+    emit(event="validation", iteration=4, dice={"Sphere A": 0.75, "Sphere B": 0.25})
+    emit(event="something_newer", detail=1)
+    (out / "fake.imbseg").write_bytes(b"bundle")
+    emit(event="artifact", kind="bundle", path=str(out / "fake.imbseg"))
+    emit(event="log", message="fertig")
+    emit(event="done")
+elif command == "calibrate":
+    emit(event="progress", stage="logits", fraction=1.0)
+    open(arg("--out"), "wb").write(b"calibrated")
+    emit(event="artifact", kind="bundle", path=arg("--out"))
+    emit(event="done")
+"""
+
+
+def test_training_job_follows_events_not_log_lines(scene, synthetic, tmp_path):
+    """Regression (#17): history, iteration, validation Dice and the bundle come from the event
+    stream, whatever the human log says."""
+    volume, segmentation, _ = _scene_inputs(scene, synthetic)
+    logic = ImbalanceSegLogic(scene)
+    config = _config("dice_ce")
+    python = _fake_python(tmp_path, _EVENT_ONLY_TRAINER)
+    job = TrainingJob(logic, config, [(volume, segmentation)], tmp_path / "out",
+                      validationPairs=[(volume, segmentation)], python=python, threads=1).start()
+    path = job.wait(timeout=120)
+    assert job.state == DONE, job.error
+    assert job.history == [{"iteration": 2, "loss": pytest.approx(0.8123)},
+                           {"iteration": 2, "val": {"Sphere A": 0.5, "Sphere B": None}},
+                           {"iteration": 4, "loss": 0.5},
+                           {"iteration": 4, "val": {"Sphere A": 0.75, "Sphere B": 0.25}}]
+    assert (job.iteration, job.total, job.fraction) == (4, 4, 1.0)
+    assert job.trainedBundlePath == tmp_path / "out" / "fake.imbseg"
+    assert job.checkpointPath == tmp_path / "out" / "checkpoint.pt"
+    # calibrated afterwards, and its bundle event is the result
+    assert job.phase == "calibrate" and path == tmp_path / "out" / "fake_calibrated.imbseg" and path.is_file()
+    assert (job.progressStage, job.progressFraction) == ("logits", 1.0)
+    # log events and lines that are not events end up in the log, nothing else does
+    assert job.log == ["some library chatter that is not an event", '{"not": "an event"}',
+                       "Schritt 2 von 4: Verlust 0,81", "fertig"]
+
+
+def test_training_job_reports_the_error_event(scene, synthetic, tmp_path):
+    volume, segmentation, _ = _scene_inputs(scene, synthetic)
+    python = _fake_python(tmp_path, """
+        print(json.dumps({"event": "iteration", "iteration": 2, "total": 4, "loss": 1.0}), flush=True)
+        print(json.dumps({"event": "error", "type": "FloatingPointError", "message": "loss became nan"}), flush=True)
+        sys.exit(2)
+        """)
+    job = TrainingJob(ImbalanceSegLogic(scene), _config("dice_ce"), [(volume, segmentation)], tmp_path / "out",
+                      python=python, threads=1).start()
+    with pytest.raises(JobError, match="training stopped \\(train\\): FloatingPointError: loss became nan"):
+        job.wait(timeout=120)
+    assert job.state == FAILED and job.history == [{"iteration": 2, "loss": 1.0}] and job.bundlePath is None
+
+
+# The real command line and trainer, with every human log line reworded on its way out (plain
+# lines and the messages of log events alike; other events pass unchanged): the job must not care.
+_REWORDED_CLI = """
+class Reworded:
+    def __init__(self, inner):
+        self.inner, self.pending = inner, ""
+
+    def write(self, text):
+        self.pending += text
+        while "\\n" in self.pending:
+            line, self.pending = self.pending.split("\\n", 1)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and "event" in event:
+                if event["event"] == "log":
+                    event["message"] = "~ " + event["message"][::-1]
+                line = json.dumps(event)
+            elif line:
+                line = "~ " + line[::-1]
+            self.inner.write(line + "\\n")
+        return len(text)
+
+    def flush(self):
+        self.inner.flush()
+
+sys.stdout = Reworded(sys.stdout)
+from imbalanceseglib.cli import main
+assert argv[:3] == ["-u", "-m", "imbalanceseglib.cli"], argv
+sys.exit(main(argv[3:]))
+"""
+
+
+def test_background_training_with_a_reworded_log(scene, synthetic, tmp_path):
+    """Regression (#17): the trainer's events drive the job; rewording its log changes nothing."""
+    volume, segmentation, _ = _scene_inputs(scene, synthetic)
+    logic = ImbalanceSegLogic(scene)
+    config = _config("dice_ce")
+    config.iterations, config.val_every = 4, 2
+    python = _fake_python(tmp_path, _REWORDED_CLI)
+    job = TrainingJob(logic, config, [(volume, segmentation)], tmp_path / "out",
+                      validationPairs=[(volume, segmentation)], python=python, threads=1).start()
+    path = job.wait(timeout=600)
+    assert job.state == DONE and path.name == "scene_model_calibrated.imbseg" and path.is_file()
+    assert job.trainedBundlePath == tmp_path / "out" / "scene_model.imbseg"
+    assert [e["iteration"] for e in job.history if "loss" in e] == [2, 4]
+    vals = [e for e in job.history if "val" in e]
+    assert [e["iteration"] for e in vals] == [2, 4] and set(vals[0]["val"]) == {"Sphere A", "Sphere B"}
+    assert job.log and all(line.startswith("~ ") for line in job.log)  # the reworded human log
+    card = load_bundle(job.trainedBundlePath).card
+    np.testing.assert_allclose([e["loss"] for e in job.history if "loss" in e],
+                               [e["loss"] for e in card["training"]["history"] if "loss" in e], rtol=1e-12)
+    assert [e["val"] for e in vals] == [
+        {k: v["dice"] for k, v in e["val"].items()} for e in card["training"]["history"] if "val" in e]
 
 
 def test_background_training_reports_history_and_writes_a_bundle(scene, synthetic, tmp_path):

@@ -40,7 +40,7 @@ EXPECTED = {
     "reviewLabel": "QLabel",
     "trainStatusLabel": "QLabel",
     "performanceTableView": "qMRMLTableView",          # setMRMLTableNode
-    "trainingPlotView": "qMRMLPlotView",               # setMRMLPlotViewNode
+    "trainingPlotWidget": "qMRMLPlotWidget",           # setMRMLPlotViewNode (qMRMLPlotView has no designer plugin)
     "trainingSegmentationsSelector": "qMRMLCheckableNodeComboBox",  # checkedNodes()
     "validationSegmentationsSelector": "qMRMLCheckableNodeComboBox",
     "unlabeledVolumesSelector": "qMRMLCheckableNodeComboBox",
@@ -60,6 +60,20 @@ BINDING = {"vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox", "vtkMRMLSegmentationN
 def _widgets():
     root = ET.parse(UI_FILE).getroot()
     return {w.get("name"): w for w in root.iter("widget")}, root
+
+
+#: Parameter-node fields that are parameter packs, written by the widget (not bound in the .ui).
+PACKS = {"run": "ImbalanceSegRunSettings"}
+
+
+def _class_fields(class_name):
+    """Annotated fields of a class in the module file: name -> (annotation, default source)."""
+    tree = ast.parse(SOURCE.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return {stmt.target.id: (ast.unparse(stmt.annotation), stmt.value)
+                    for stmt in node.body if isinstance(stmt, ast.AnnAssign)}
+    raise AssertionError(f"{class_name} not found in {SOURCE.name}")
 
 
 def _parameter_fields():
@@ -95,7 +109,7 @@ def test_parameter_node_fields_are_bound_to_fitting_widgets():
         for prop in w.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = w
-    fields = _parameter_fields()
+    fields = {k: v for k, v in _parameter_fields().items() if k not in PACKS}
     assert set(fields) - {"resultSegmentation"} <= set(bound) | {"resultSegmentation"}
     assert set(bound) <= set(fields), f"widgets bound to unknown parameters: {sorted(set(bound) - set(fields))}"
     for field, w in bound.items():
@@ -126,3 +140,15 @@ def test_custom_widgets_are_declared_and_mrml_widgets_get_the_scene():
     for name, w in widgets.items():
         if w.get("class").startswith("qMRML") and name != "ImbalanceSeg":
             assert name in receivers, f"{name} does not get the scene"
+
+
+def test_run_settings_pack_declares_the_remembered_settings_with_the_same_defaults():
+    """Every run setting lives in one typed pack of the parameter node, and the application
+    settings remember exactly those fields (ImbalanceSegSlicer.settings)."""
+    from ImbalanceSegSlicer.settings import RUN_SETTINGS_DEFAULTS, SETTINGS_KEYS
+    assert _parameter_fields()["run"] == PACKS["run"]
+    pack = _class_fields(PACKS["run"])
+    assert {k: ast.literal_eval(v) for k, (_, v) in pack.items()} == RUN_SETTINGS_DEFAULTS
+    assert {k: a for k, (a, _) in pack.items()} == {k: "str" for k in RUN_SETTINGS_DEFAULTS}
+    assert set(SETTINGS_KEYS) == set(RUN_SETTINGS_DEFAULTS)
+    assert len(set(SETTINGS_KEYS.values())) == len(SETTINGS_KEYS)

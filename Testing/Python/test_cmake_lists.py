@@ -40,7 +40,8 @@ def test_module_scripts_list_every_shipped_python_file():
 
 def test_every_module_import_is_listed():
     listed = set(cmake_list(MODULE / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS"))
-    lib_listed = {Path(p).stem for p in cmake_list(LIB / "CMakeLists.txt", "IMBALANCESEGLIB_PYTHON_SCRIPTS")}
+    lib_listed = {".".join(Path(p).relative_to("src/imbalanceseglib").with_suffix("").parts)
+                  for p in cmake_list(LIB / "CMakeLists.txt", "IMBALANCESEGLIB_PYTHON_SCRIPTS")}
     for path in MODULE.rglob("*.py"):
         if "Testing" in path.relative_to(MODULE).parts:
             continue
@@ -54,13 +55,20 @@ def test_every_module_import_is_listed():
                 parts = name.split(".")
                 if parts[0] == "ImbalanceSegSlicer" and len(parts) > 1 and (MODULE / "ImbalanceSegSlicer" / f"{parts[1]}.py").exists():
                     assert f"ImbalanceSegSlicer/{parts[1]}.py" in listed, f"{path.name} imports {name}"
-                if parts[0] == "imbalanceseglib" and len(parts) > 1 and (LIB / "src" / "imbalanceseglib" / f"{parts[1]}.py").exists():
-                    assert parts[1] in lib_listed, f"{path.name} imports {name}"
+                if parts[0] == "imbalanceseglib" and len(parts) > 1:
+                    for k in range(len(parts), 1, -1):  # the longest prefix that is a module file
+                        module = LIB / "src" / Path(*parts[:k]).with_suffix(".py")
+                        package = LIB / "src" / Path(*parts[:k]) / "__init__.py"
+                        if module.exists() or package.exists():
+                            key = ".".join(parts[1:k]) + (".__init__" if package.exists() else "")
+                            assert key in lib_listed, f"{path.name} imports {name}"
+                            break
 
 
 def test_library_cmake_lists_every_module_of_the_package():
     listed = sorted(cmake_list(LIB / "CMakeLists.txt", "IMBALANCESEGLIB_PYTHON_SCRIPTS"))
-    actual = sorted(str(p.relative_to(LIB)) for p in (LIB / "src" / "imbalanceseglib").glob("*.py"))
+    actual = sorted(str(p.relative_to(LIB)) for p in (LIB / "src" / "imbalanceseglib").rglob("*.py")
+                    if "__pycache__" not in p.parts)
     assert listed == actual
 
 

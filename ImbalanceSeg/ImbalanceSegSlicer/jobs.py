@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from imbalanceseglib.estimation import REVIEW_THRESHOLD
 from imbalanceseglib.events import parse_event
 
 CREATED, RUNNING, DONE, FAILED, CANCELLED = "created", "running", "done", "failed", "cancelled"
@@ -266,8 +267,8 @@ class SegmentationJob(_ProcessJob):
     _what = "segmentation"
 
     def __init__(self, logic, inputVolumeNode, modelPath, referenceSegmentationNode=None, device: str = "cpu",
-                 flagThreshold: float = 0.7, baseName: Optional[str] = None, modality: Optional[str] = None,
-                 python: Optional[str] = None, threads: Optional[int] = None):
+                 flagThreshold: float = REVIEW_THRESHOLD, baseName: Optional[str] = None,
+                 modality: Optional[str] = None, python: Optional[str] = None, threads: Optional[int] = None):
         self.logic = logic
         self.inputVolumeNode = inputVolumeNode
         self.modelPath = Path(modelPath)
@@ -350,7 +351,7 @@ class SegmentationJob(_ProcessJob):
 
     def _add_results(self):
         from imbalanceseglib.inference import Prediction
-        from imbalanceseglib.performance import CaseEstimate
+        from imbalanceseglib.estimation import CaseEstimate
 
         from ImbalanceSegSlicer import scene as sc
         node = self.logic.scene.GetNodeByID(self._input_id)
@@ -477,7 +478,7 @@ class TrainingJob(_ProcessJob):
                                             "(expected images/, labels/ and classes.json)")
         elif not self.pairs:
             raise ValueError("choose at least one (volume, segmentation) pair to train on")
-        self.config.validate()
+        self.config.validated()  # checks again only a config changed since it was validated
         if self.unlabeledVolumeNodes and not self.config.is_semi_supervised:
             raise ValueError(f"unlabelled volumes were given but method {self.config.method!r} is supervised; "
                              "choose cps, cps_weighted or double_mix")

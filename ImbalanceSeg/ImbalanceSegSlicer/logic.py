@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
+from imbalanceseglib.estimation import REVIEW_THRESHOLD, review_flag  # torch-free
 
 from .paths import bundled_models_dir
 from .tables import (ESTIMATOR_ROWS_ATTRIBUTE, PERFORMANCE_COLUMNS, PERFORMANCE_KEYS, ROW_KEYS,
@@ -205,7 +206,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     # -- processing -------------------------------------------------------------
 
-    def checkInputs(self, inputVolumeNode, flagThreshold: float = 0.7) -> None:
+    def checkInputs(self, inputVolumeNode, flagThreshold: float = REVIEW_THRESHOLD) -> None:
         """Refuse bad inputs before any work, with a message naming the problem."""
         if isinstance(flagThreshold, bool) or not isinstance(flagThreshold, (int, float)) \
                 or not 0.0 <= float(flagThreshold) <= 1.0:
@@ -220,7 +221,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolumeNode, model, referenceSegmentationNode=None, device: str = "cpu",
                 progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None,
-                modality: Optional[str] = None, flagThreshold: float = 0.7) -> SegmentationResult:
+                modality: Optional[str] = None, flagThreshold: float = REVIEW_THRESHOLD) -> SegmentationResult:
         """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle), in this process.
 
         ``modality`` (e.g. "CT", "MR"), when known, must match the model card's.
@@ -248,7 +249,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     def createResultNodes(self, inputVolumeNode, prediction, classes: Sequence[Dict[str, Any]],
                           referenceSegmentationNode=None, progress: Optional[ProgressCallback] = None,
-                          baseName: Optional[str] = None, flagThreshold: float = 0.7,
+                          baseName: Optional[str] = None, flagThreshold: float = REVIEW_THRESHOLD,
                           timings: Optional[Dict[str, float]] = None) -> SegmentationResult:
         """Add the result nodes of a prediction (on the input volume's grid) to the scene, in a
         subject hierarchy folder beside the input. On any failure every node created here is
@@ -352,7 +353,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         the reference comparison; a segmentation that names none of the classes is refused. Nodes are
         only read. Returns (labelled cases, unlabelled cases)."""
         import SimpleITK as sitk
-        from imbalanceseglib.training import prepare_case, prepare_unlabeled_case
+        from imbalanceseglib.training_data import prepare_case, prepare_unlabeled_case
         from ImbalanceSegSlicer import scene as sc
         from ImbalanceSegSlicer.reference import reference_label_array
         names = [c["name"] for c in config.classes]
@@ -517,7 +518,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         if table is None or not table.GetAttribute(ESTIMATOR_ROWS_ATTRIBUTE):
             return
         estimator_rows = json.loads(table.GetAttribute(ESTIMATOR_ROWS_ATTRIBUTE))
-        flag_threshold = float(table.GetAttribute("ImbalanceSeg.FlagThreshold") or 0.7)
+        flag_threshold = float(table.GetAttribute("ImbalanceSeg.FlagThreshold") or REVIEW_THRESHOLD)
         names = [k["name"] for k in review.result_classes(segmentationNode)]
         argmax = np.argmax(probs, axis=0)
         reference = review.probability_nodes(segmentationNode)[0]
@@ -536,9 +537,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                             "Mean confidence": m["precision"],
                             "State": "predicted" if m["voxels"] else ("possibly missed" if m["expected_voxels"] >= 0.5
                                                                       else "absent")})
-                dice = row["Estimated Dice"]
-                row["Flag"] = "review" if (row["State"] == "possibly missed"
-                                           or (dice is not None and dice < flag_threshold)) else ""
+                row["Flag"] = review_flag(row["State"], row["Estimated Dice"], flag_threshold)
             rows.append(row)
         sc.fill_table_node(table, PERFORMANCE_COLUMNS, [[r.get(k) for k in PERFORMANCE_KEYS] for r in rows])
 
@@ -621,7 +620,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                      patchSize: int):
         """The config both training entry points build: target spacing = median spacing, patches at
         most ``patchSize`` voxels a side, multiples of 16 that fit the smallest volume."""
-        from imbalanceseglib.training import TrainConfig
+        from imbalanceseglib.train_config import TrainConfig
         spacings = np.array(spacings, dtype=float)
         target = [float(x) for x in np.median(spacings, axis=0)]
         size_mm = np.array(sizes).min(axis=0) * spacings.min(axis=0) if len(sizes) else np.array([patchSize] * 3)
@@ -632,8 +631,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                                         "val_every": max(1, int(iterations) // 10),
                                         "checkpoint_every": max(1, min(100, int(iterations) // 10)),
                                         "log_every": max(1, min(25, int(iterations) // 20))})
-        config.validate()
-        return config
+        return config  # validated by from_dict (the method name included)
 
     def trainingConfigFromFolder(self, folder: os.PathLike, method: str = "dice_ce", iterations: int = 2000,
                                  name: str = "my_model", modality: str = "", patchSize: int = 64):
@@ -748,14 +746,14 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                 f"{est.confidence} confidence)")
 
     @staticmethod
-    def performanceRows(prediction, flagThreshold: float = 0.7) -> List[Dict[str, Any]]:
+    def performanceRows(prediction, flagThreshold: float = REVIEW_THRESHOLD) -> List[Dict[str, Any]]:
         """Per foreground class: the label-free estimate of ``prediction.performance`` and a review flag."""
         rows = []
         for c, est in enumerate(prediction.performance.classes):
             if c == 0:
                 continue
             dice = est["dice"]
-            flag = "review" if (est["state"] == "possibly missed" or (dice is not None and dice < flagThreshold)) else ""
+            flag = review_flag(est["state"], dice, flagThreshold)
             rows.append({"Segment": prediction.class_names[c], "Estimated Dice": dice,
                          "Estimated sensitivity": est["sensitivity"], "Estimated precision": est["precision"],
                          "Volume": est.get("predicted_ml"), "Expected volume": est.get("expected_ml"),

@@ -74,7 +74,7 @@ def test_calibrate_writes_a_new_calibrated_bundle_and_leaves_the_input_alone(tmp
 def test_calibrate_ts_atc_away_from_temperature_one(tmp_path):
     """Regression: the CLI reduced cases to T = 1 statistics, so a TS-ATC fit whose temperatures
     were not 1 failed ("no histograms at the fitted temperatures")."""
-    from imbalanceseglib import performance as pe
+    from imbalanceseglib import estimation as pe
     model = _model(tmp_path, [0.0, 0.5, -1.0])
     img_dir, lab_dir = _folders(tmp_path)
     out = tmp_path / "ts_atc.imbseg"

@@ -9,11 +9,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from imbalanceseglib import calibration_metrics as cm
 from imbalanceseglib import evaluation as ev
-from imbalanceseglib import surface
 from imbalanceseglib.cli import main as cli_main
-from imbalanceseglib.metrics import overlap_metrics
+from imbalanceseglib.metrics import calibration as cm
+from imbalanceseglib.metrics import overlap_metrics, surface
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, HealthCheck  # noqa: E402

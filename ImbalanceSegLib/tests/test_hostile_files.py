@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imbalanceseglib import bundle as bundle_mod
+from imbalanceseglib import container as container_mod
 from imbalanceseglib import images as images_mod
 from imbalanceseglib.bundle import BundleError, load_bundle, load_bundle_from_bytes, read_card, save_bundle
 from imbalanceseglib.images import ImageError, read_image
@@ -41,7 +42,7 @@ from libtest_helpers import CLASSES
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FUZZ = dict(deadline=5000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-UNEXPECTED = bundle_mod._UNEXPECTED
+UNEXPECTED = container_mod._UNEXPECTED
 
 
 # --- a valid bundle, built once -------------------------------------------------------

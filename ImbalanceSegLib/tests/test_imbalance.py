@@ -7,18 +7,17 @@ import torch
 from scipy import stats
 from torch import nn
 
-from imbalanceseglib.imbalance import (
+from imbalanceseglib.class_weights import (
     ClassConfidence,
     ClassDice,
     ConfidenceDifficultyWeights,
     DifficultyWeights,
     DistributionWeights,
-    asymmetric_adversarial_input,
-    asymmetric_mixup,
     class_voxel_counts,
     per_class_batch_dice,
     per_class_confidence,
 )
+from imbalanceseglib.perturbations import asymmetric_adversarial_input, asymmetric_mixup
 
 
 def _roundtrip(state):

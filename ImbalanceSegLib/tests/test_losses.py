@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from imbalanceseglib.losses import LOSS_NAMES, build_loss, resolve_rare_mask
+from imbalanceseglib.losses import LOSS_NAMES, build_loss
+from imbalanceseglib.rare import resolve_rare_mask
 
 NAMES = ["bg", "big", "tiny"]
 

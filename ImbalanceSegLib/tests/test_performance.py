@@ -1,4 +1,4 @@
-"""Calibration and label-free performance estimation (imbalanceseglib.performance)."""
+"""Calibration and label-free performance estimation (imbalanceseglib.estimation)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from imbalanceseglib import performance as pe
+from imbalanceseglib import estimation as pe
 from imbalanceseglib.bundle import BundleError, load_bundle, save_bundle, validate_card
 from imbalanceseglib.inference import apply_calibration
 from imbalanceseglib.metrics import overlap_metrics
@@ -282,7 +282,7 @@ def test_fitted_parameters_survive_the_bundle_round_trip(tmp_path, method):
     path = tmp_path / "m.imbseg"
     save_bundle(path, card, net)
     loaded = load_bundle(path)
-    back = pe.PerformanceEstimator.from_card(loaded.card["calibration"], 4)
+    back = pe.estimator_from_card(loaded.card["calibration"], 4)
     z, _ = _case([1.0, 0.7, 1.5, 2.5], 40)
     np.testing.assert_array_equal(back.estimate(z).metric_array("dice"), est.estimate(z).metric_array("dice"))
     probs = apply_calibration(torch.from_numpy(z)[None], loaded.card["calibration"])
@@ -313,7 +313,7 @@ def _two_pass(est, logits):
 @pytest.mark.parametrize("method", ["none", "ts", "atc", "ts-atc"])
 def test_fused_maps_and_estimate_equal_the_two_pass_path(method):
     import torch
-    from imbalanceseglib.performance import TEMPERATURE_GRID, PerformanceEstimator
+    from imbalanceseglib.estimation import TEMPERATURE_GRID, PerformanceEstimator
     c = 4
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(c, 6, 20, 30, generator=gen) * 3
@@ -345,7 +345,7 @@ def test_fused_maps_and_estimate_equal_the_two_pass_path(method):
 
 def test_fused_path_declines_what_it_does_not_cover():
     import torch
-    from imbalanceseglib.performance import PerformanceEstimator
+    from imbalanceseglib.estimation import PerformanceEstimator
     z = torch.randn(3, 5, 5, 5)
     doc = PerformanceEstimator(method="doc", num_classes=3, offset=[0.1, 0.0, 0.2])
     assert doc.accumulator(3).add_with_maps(z) is None

@@ -12,7 +12,8 @@ from imbalanceseglib.bundle import load_bundle
 from imbalanceseglib.inference import predict
 from imbalanceseglib.networks import UNet3D, UNet3DEnsemble, build_network
 from imbalanceseglib.semi_supervised import (cps_loss, double_mix, ema_update, mix_through_mask,
-                                             sample_mix_classes, settings, sigmoid_rampup)
+                                             sample_mix_classes, sigmoid_rampup)
+from imbalanceseglib.train_config import semi_supervised_settings as settings
 from imbalanceseglib.training import TrainConfig, make_case, prepare_unlabeled_case, train
 
 from libtest_helpers import sphere_case

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from imbalanceseglib import evaluation as ev
-from imbalanceseglib import surface
+from imbalanceseglib.metrics import surface
 from imbalanceseglib.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from imbalanceseglib.bundle import save_bundle
 from imbalanceseglib.cli import main as cli_main

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import imbalanceseglib
-from imbalanceseglib import bundle, card, container, images, networks, performance, presets, training
+from imbalanceseglib import bundle, card, container, images, networks, presets, training
+from imbalanceseglib import estimation as performance
 from imbalanceseglib.bundle import BundleError, load_bundle, read_card
 
 SRC = Path(imbalanceseglib.__file__).resolve().parents[1]
@@ -225,12 +226,26 @@ def test_confidence_scores_and_methods_match_performance():
 
 
 def test_bundle_reexports_card_and_container():
-    for name in ("BundleError", "FORMAT_VERSION", "validate_card", "TERMINOLOGY_KEYS", "CALIBRATION_METHODS",
-                 "_parse_json", "_short"):
+    for name in ("BundleError", "FORMAT_VERSION", "validate_card", "TERMINOLOGY_KEYS", "CALIBRATION_METHODS"):
         assert getattr(bundle, name) is getattr(card, name), name
-    for name in ("read_card", "BUNDLE_SUFFIX", "FORMAT_NAME", "_UNEXPECTED", "_MEMBERS", "_MAX_MEMBER_BYTES"):
+    for name in ("read_card", "BUNDLE_SUFFIX", "FORMAT_NAME"):
         assert getattr(bundle, name) is getattr(container, name), name
     assert issubclass(bundle.BundleError, ValueError)
+
+
+def test_the_bundle_parsers_and_limits_live_in_card_and_container():
+    """The JSON parser and the container's limits and safety net are defined once, in the
+    PyTorch-free modules (bundle.py imports their public names; issue #18)."""
+    for name in ("parse_json", "short_repr", "is_int"):
+        assert getattr(card, name).__module__ == card.__name__, name
+    assert card.CONTROL_CHARS.search("a\x00b") and not card.CONTROL_CHARS.search("ab")
+    for name in ("read_verified", "open_path", "guarded", "sha256_hex"):
+        assert getattr(container, name).__module__ == container.__name__, name
+    assert isinstance(container._UNEXPECTED, str) and container._MEMBERS == (
+        "manifest.json", "card.json", "weights.safetensors")
+    assert set(container.MAX_MEMBER_BYTES) == set(container._MEMBERS)
+    for name in ("_parse_json", "_short", "_UNEXPECTED", "_MEMBERS", "_MAX_MEMBER_BYTES", "_read_verified"):
+        assert not hasattr(bundle, name), name
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 
-from imbalanceseglib import performance as pe  # noqa: E402
+from imbalanceseglib import estimation as pe  # noqa: E402
 from imbalanceseglib.bundle import load_bundle, save_bundle  # noqa: E402
 from imbalanceseglib.inference import working_grid_logits  # noqa: E402
 from imbalanceseglib.synth import make_variant  # noqa: E402

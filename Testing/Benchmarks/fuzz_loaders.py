@@ -302,7 +302,8 @@ def worker(target: str, seconds: float, seed: int, workdir: Path, current: Path)
     if target == "bundle":
         import torch
         torch.set_num_threads(1)
-        from imbalanceseglib.bundle import BundleError, _UNEXPECTED, load_bundle_from_bytes
+        from imbalanceseglib.bundle import BundleError, load_bundle_from_bytes
+        from imbalanceseglib.container import _UNEXPECTED
         seed_bytes = (workdir / "seed.imbseg").read_bytes()
         with zipfile.ZipFile(io.BytesIO(seed_bytes)) as zf:
             members = {n: zf.read(n) for n in MEMBERS}

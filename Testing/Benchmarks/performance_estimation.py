@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_common import machine  # noqa: E402
-from imbalanceseglib import performance as pe  # noqa: E402
+from imbalanceseglib import estimation as pe  # noqa: E402
 from imbalanceseglib.bundle import load_bundle  # noqa: E402
 from imbalanceseglib.inference import working_grid_logits  # noqa: E402
 from imbalanceseglib.metrics import overlap_metrics  # noqa: E402

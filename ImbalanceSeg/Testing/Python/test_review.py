@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 import imbalanceseglib.inference as inference
+from imbalanceseglib.estimation import estimator_from_card
 
 from ImbalanceSeg import PERFORMANCE_KEYS, ImbalanceSegLogic
 from ImbalanceSegSlicer import review
@@ -43,7 +44,7 @@ def designed(monkeypatch, scene, synthetic):
     names = [c["name"] for c in MODEL_CLASSES]
 
     def fake_predict(image, bundle, device="cpu", progress=None, **kw):
-        estimator = inference.estimator_for(None, 3)
+        estimator = estimator_from_card(None, 3)
         perf = estimator.estimate(np.log(np.clip(probs, 1e-7, 1.0)), names)
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
         for row in perf.classes:

@@ -1,4 +1,4 @@
-"""Training-time augmentation with class-specific policies, and per-class test-time augmentation.
+"""Training-time augmentation with class-specific policies and intensity (GIN) augmentation.
 
 Two ideas from the literature on segmentation under class imbalance and scanner shift:
 
@@ -9,9 +9,9 @@ Two ideas from the literature on segmentation under class imbalance and scanner 
   their logits shift across the decision boundary and small structures are
   under-segmented.  Patches sampled *around* a rare class therefore get a
   stronger augmentation policy than the other patches
-  (:class:`ClassSpecificAugmenter`), and at test time the augmented predictions
-  can be merged per class, with a sensitivity-favouring rule for the rare
-  classes (:func:`tta_logits`).  Li et al. learn both policies by
+  (:class:`ClassSpecificAugmenter`).  The test-time half of Li et al. (augmented
+  predictions merged per class, with a sensitivity-favouring rule for the rare
+  classes) is :mod:`imbalanceseglib.tta`.  Li et al. learn both policies by
   meta-learning; here they are fixed, hand-set policies (:data:`PRESETS`).
 * **Robustness to scanner shift**: global intensity non-linear augmentation
   ("GIN", Ouyang et al., causality-inspired single-source domain
@@ -36,25 +36,22 @@ draws of the generator (not ``Generator.spawn``), so a run resumed from a saved
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import synth
+from .rare import RARE_FRACTION, resolve_rare_mask
 
 __all__ = [
     "AugmentationPolicy",
     "ClassSpecificAugmenter",
     "PRESETS",
-    "TTA_TRANSFORMS",
     "gin_augment",
     "policy_from_config",
     "rare_classes_by_fraction",
-    "rare_class_merge",
-    "tta_logits",
 ]
 
 Spacing = tuple[float, float, float]
@@ -419,7 +416,7 @@ class AugmentationPolicy:
         low-resolution slice-thickness cap work in mm.  ``background`` is the
         normalised intensity of zero signal, about which the bias field
         multiplies (the case minimum after percentile z-scoring, the value
-        :class:`~imbalanceseglib.training.PatchSampler` pads with); ``None`` uses
+        :class:`~imbalanceseglib.training_data.PatchSampler` pads with); ``None`` uses
         the patch minimum.  With ``return_params`` also returns a dict naming each
         operation applied and its drawn parameters.  The inputs are not modified.
         """
@@ -566,15 +563,13 @@ def policy_from_config(spec: str | Mapping[str, Any] | AugmentationPolicy) -> Au
 # --------------------------------------------------------------------------- #
 
 
-def rare_classes_by_fraction(voxel_counts: Sequence[int] | np.ndarray, max_fraction: float = 0.01) -> set[int]:
+def rare_classes_by_fraction(voxel_counts: Sequence[int] | np.ndarray,
+                             max_fraction: float = RARE_FRACTION) -> set[int]:
     """Foreground classes (index >= 1) whose share of all labelled voxels is below ``max_fraction``
-    and above zero, e.g. from :func:`imbalanceseglib.training.class_voxel_counts`."""
-    counts = np.asarray(voxel_counts, dtype=np.float64)
-    total = counts.sum()
-    if total <= 0:
-        return set()
-    frac = counts / total
-    return {int(c) for c in range(1, counts.size) if 0 < frac[c] < max_fraction}
+    and above zero, e.g. from :func:`imbalanceseglib.training_data.class_voxel_counts`: the library's
+    rare-class rule (:func:`imbalanceseglib.rare.resolve_rare_mask`) with ``absent_is_rare=False``."""
+    mask = resolve_rare_mask(voxel_counts=voxel_counts, threshold=max_fraction, absent_is_rare=False)
+    return {int(c) for c, rare in enumerate(mask.tolist()) if rare}
 
 
 class ClassSpecificAugmenter:
@@ -582,7 +577,7 @@ class ClassSpecificAugmenter:
 
     ``augmenter(image, labels, chosen_class, rng)`` applies ``rare`` when
     ``chosen_class`` (the class :meth:`PatchSampler.sample
-    <imbalanceseglib.training.PatchSampler.sample>` centred the patch on, or
+    <imbalanceseglib.training_data.PatchSampler.sample>` centred the patch on, or
     ``None`` for a random patch) is in ``rare_classes``, and ``default``
     otherwise.  The choice follows how the patch was sampled, not which labels
     it happens to contain: a random patch that catches a rare structure gets the
@@ -638,126 +633,3 @@ class ClassSpecificAugmenter:
             params["policy"] = "rare" if is_rare else "default"
             return img, lab, params
         return out
-
-
-# --------------------------------------------------------------------------- #
-# Test-time augmentation
-# --------------------------------------------------------------------------- #
-
-#: Transform names :func:`tta_logits` accepts: ``identity``; ``flip_`` followed by
-#: the mirrored axes among ``z``, ``y``, ``x`` (``flip_x``, ``flip_zy``, ...); and
-#: in-plane rotations ``rot90``, ``rot180``, ``rot270`` in the ``(y, x)`` plane.
-TTA_TRANSFORMS = ("identity", "flip_z", "flip_y", "flip_x", "flip_zy", "flip_zx", "flip_yx", "flip_zyx",
-                  "rot90", "rot180", "rot270")
-
-_AXIS = {"z": 0, "y": 1, "x": 2}
-
-
-def _parse_transform(name: str) -> tuple[tuple[int, ...], int]:
-    """(flip axes, number of quarter turns in the y-x plane) of a transform name."""
-    if name == "identity":
-        return (), 0
-    if name.startswith("flip_"):
-        letters = name[5:]
-        if letters and all(ch in _AXIS for ch in letters) and len(set(letters)) == len(letters):
-            return tuple(sorted(_AXIS[ch] for ch in letters)), 0
-    if name in ("rot90", "rot180", "rot270"):
-        return (), int(name[3:]) // 90
-    raise ValueError(f"unknown test-time transform {name!r}; use 'identity', 'flip_' + axes among z, y, x "
-                     "(e.g. 'flip_x', 'flip_zy'), or 'rot90', 'rot180', 'rot270'")
-
-
-def rare_class_merge(n_classes: int, rare_classes: set[int] | Sequence[int]) -> list[str]:
-    """Per-class merge rules for :func:`tta_logits`: ``"max"`` for the rare classes, ``"mean"`` otherwise."""
-    rare = {int(c) for c in rare_classes}
-    return ["max" if c in rare else "mean" for c in range(n_classes)]
-
-
-def tta_logits(
-    predict_fn: Callable[[np.ndarray], torch.Tensor | np.ndarray],
-    volume: np.ndarray,
-    transforms: Sequence[str] = ("identity", "flip_z", "flip_y", "flip_x"),
-    merge: str | Sequence[str] = "mean",
-    outputs: str = "logits",
-) -> torch.Tensor:
-    """Test-time augmentation with per-class merging; returns probabilities ``(C, z, y, x)``.
-
-    ``predict_fn`` maps a ``(z, y, x)`` float32 volume to a ``(C, z, y, x)``
-    tensor (a leading batch axis of size 1 is accepted) of ``outputs``:
-    ``"logits"`` (a softmax is applied) or ``"probabilities"`` (used as given;
-    apply the card's calibration inside ``predict_fn`` this way).  For each
-    transform the volume is transformed, predicted, and the prediction mapped
-    back by the inverse transform (mirroring again, rotating back), so every
-    prediction is on the input grid.
-
-    ``merge`` says, per class, how the probabilities of the augmented
-    predictions are combined: ``"mean"`` (average; a calibrated, consensus
-    estimate) or ``"max"`` (the highest probability any view gave: a soft union
-    that favours sensitivity, for rare classes that tend to be under-segmented;
-    see :func:`rare_class_merge`).  One string applies to every class.  The
-    merged values are then divided by their sum over classes at each voxel, so
-    the result is a probability distribution again.  With ``max`` on some
-    classes, those classes gain probability mass at the expense of all the
-    others, so the argmax can differ from that of the plain average (typically
-    more voxels of the rare classes; precision may drop) and the probabilities
-    are no longer calibrated.  With ``"mean"`` everywhere nothing is
-    renormalised beyond rounding.
-
-    The result is a float32 tensor on the CPU.  The function is named for what
-    it consumes; to hand its result to code that expects logits, use its
-    logarithm (``softmax(log p) == p``).  Memory: one running merge and one
-    prediction at a time, whatever the number of transforms.
-    """
-    if outputs not in ("logits", "probabilities"):
-        raise ValueError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}")
-    names = list(transforms)
-    if not names:
-        raise ValueError("tta_logits needs at least one transform")
-    parsed = [_parse_transform(str(n)) for n in names]
-    vol = np.asarray(volume, dtype=np.float32)
-    if vol.ndim != 3:
-        raise ValueError(f"volume must be 3-D (z, y, x), got shape {vol.shape}")
-
-    rules: list[str] | None = None
-    acc: torch.Tensor | None = None
-    is_max: torch.Tensor | None = None
-    for flips, quarter in parsed:
-        x = vol
-        if flips:
-            x = np.flip(x, flips)
-        if quarter:
-            x = np.rot90(x, quarter, axes=(1, 2))
-        out = predict_fn(np.ascontiguousarray(x))
-        out = torch.as_tensor(out).detach().to("cpu", torch.float32)
-        if out.ndim == 5 and out.shape[0] == 1:
-            out = out[0]
-        if out.ndim != 4 or tuple(out.shape[1:]) != x.shape:
-            raise ValueError(f"predict_fn returned shape {tuple(out.shape)} for an input of shape {x.shape}; "
-                             "expected (C, z, y, x)")
-        prob = torch.softmax(out, dim=0) if outputs == "logits" else out
-        # Back to the input grid: undo the rotation, then the mirroring.
-        if quarter:
-            prob = torch.rot90(prob, -quarter, dims=(2, 3))
-        if flips:
-            prob = torch.flip(prob, [a + 1 for a in flips])
-        if acc is None:
-            n_cls = prob.shape[0]
-            rules = [merge] * n_cls if isinstance(merge, str) else [str(m) for m in merge]
-            if len(rules) != n_cls:
-                raise ValueError(f"merge lists {len(rules)} rules for {n_cls} classes")
-            bad = sorted({m for m in rules if m not in ("mean", "max")})
-            if bad:
-                raise ValueError(f"unknown merge rules {bad}; use 'mean' or 'max'")
-            is_max = torch.tensor([m == "max" for m in rules]).view(-1, 1, 1, 1)
-            acc = prob.clone()
-        else:
-            if prob.shape[0] != acc.shape[0]:
-                raise ValueError("predict_fn returned a different number of classes for another transform")
-            acc = torch.where(is_max, torch.maximum(acc, prob), acc + prob)
-    assert acc is not None and is_max is not None
-    merged = torch.where(is_max, acc, acc / len(parsed))
-    total = merged.sum(dim=0, keepdim=True)
-    # A voxel where every merged value is 0 (all-zero probabilities given) becomes uniform.
-    n_cls = merged.shape[0]
-    merged = torch.where(total > 0, merged / total.clamp_min(1e-30), torch.full_like(merged, 1.0 / n_cls))
-    return merged.contiguous()

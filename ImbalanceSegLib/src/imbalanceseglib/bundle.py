@@ -21,7 +21,7 @@ every step is bounded so that no file can make loading hang or exhaust memory:
 * members must be plain names (no ``/``, ``\\``, ``..``, NUL, drive letters),
   appear once, be regular files (no symbolic links), unencrypted and *stored*
   (compressed members are refused, which rules out compression bombs); their
-  declared sizes must fit the file and the per-member caps ``_MAX_MEMBER_BYTES``;
+  declared sizes must fit the file and the per-member caps ``MAX_MEMBER_BYTES``;
 * JSON is parsed with NaN/Infinity, duplicate keys and numbers of more than
   ``_MAX_INT_DIGITS`` digits refused, and nesting deeper than ``_MAX_JSON_DEPTH``;
 * the card schema bounds every field a loader or inference uses (at most
@@ -51,22 +51,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .atomic import atomic_path
-# The card schema and the container, re-exported here under their old names (callers
-# import BundleError, read_card, validate_card, BUNDLE_SUFFIX, ... from this module).
+# The public names of the card schema and the container that callers import from this module
+# (BundleError, read_card, validate_card, BUNDLE_SUFFIX, ...), re-exported; then what it uses itself.
 from .card import (  # noqa: F401
-    _CALIBRATION_RANGES, _CONTROL, _MAX_CLASSES, _MAX_FEATURES, _MAX_IN_CHANNELS, _MAX_INT_DIGITS,
-    _MAX_JSON_DEPTH, _MAX_LEVELS, _MAX_NAME_CHARS, _MAX_PATCH_EDGE, _MAX_PATCH_VOXELS, _SPACING_RANGE,
-    CALIBRATION_METHODS, CONFIDENCE_SCORES, FORMAT_VERSION, NORMALIZATION_SCHEMES, TERMINOLOGY_KEYS,
-    BundleError, _check_calibration, _check_color, _check_network, _check_normalization, _check_terminology,
-    _check_text, _is_int, _is_number, _json_depth, _JsonRefused, _no_duplicate_keys, _parse_float,
-    ESTIMATION_METHODS, _parse_int, _parse_json, _refuse_constant, _short, validate_card,
+    CALIBRATION_METHODS, CONFIDENCE_SCORES, ESTIMATION_METHODS, FORMAT_VERSION, NORMALIZATION_SCHEMES,
+    TERMINOLOGY_KEYS, BundleError, validate_card,
 )
-from .container import (  # noqa: F401
-    _EOCD, _EOCD_SIG, _HEX64, _LOCAL_HEADER_BYTES, _MAX_CENTRAL_DIR_BYTES, _MAX_ENTRIES, _MAX_FILE_BYTES,
-    _MAX_MEMBER_BYTES, _MEMBERS, _UNEXPECTED, _ZIP64_LOCATOR_SIG, BUNDLE_SUFFIX, FORMAT_NAME, _check_end_record,
-    _check_infos, _check_manifest, _guarded, _member_name_problem, _open_path, _read_members, _read_verified,
-    _sha256, read_card,
-)
+from .card import ModelCard, is_int, parse_json, short_repr
+from .container import BUNDLE_SUFFIX, FORMAT_NAME, read_card  # noqa: F401
+from .container import MAX_MEMBER_BYTES, guarded, open_path, read_verified, sha256_hex
 from .networks import available_architectures, build_network  # noqa: F401
 
 _MAX_ST_HEADER_BYTES = 1 << 20  # safetensors JSON header
@@ -99,6 +92,12 @@ class ModelBundle:
     def preprocessing(self) -> Dict[str, Any]:
         return self.card["preprocessing"]
 
+    @property
+    def model_card(self) -> ModelCard:
+        """The card as typed, read-only sections (:class:`~imbalanceseglib.card.ModelCard`), made
+        from ``card`` as it is now: read it once per run and pass the sections on."""
+        return ModelCard.from_card(self.card)
+
     def summary(self) -> str:
         lines = [f"{self.card['name']} ({self.card['network']['arch']}, {self.num_classes} classes)"]
         for cls in self.classes:
@@ -115,17 +114,17 @@ def save_bundle(path: Union[str, Path], card: Dict[str, Any], network: torch.nn.
         card_bytes = json.dumps(card, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise BundleError(f"model card cannot be written as plain JSON ({exc})") from exc
-    if len(card_bytes) > _MAX_MEMBER_BYTES["card.json"]:
-        raise BundleError(f"model card is {len(card_bytes)} bytes; at most {_MAX_MEMBER_BYTES['card.json']} are allowed")
+    if len(card_bytes) > MAX_MEMBER_BYTES["card.json"]:
+        raise BundleError(f"model card is {len(card_bytes)} bytes; at most {MAX_MEMBER_BYTES['card.json']} are allowed")
     state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
     weights = st_save(state, metadata={"format": FORMAT_NAME})
-    if len(weights) > _MAX_MEMBER_BYTES["weights.safetensors"]:
+    if len(weights) > MAX_MEMBER_BYTES["weights.safetensors"]:
         raise BundleError(f"network weights are {len(weights)} bytes; at most "
-                          f"{_MAX_MEMBER_BYTES['weights.safetensors']} are allowed in a bundle")
+                          f"{MAX_MEMBER_BYTES['weights.safetensors']} are allowed in a bundle")
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "sha256": {"card.json": _sha256(card_bytes), "weights.safetensors": _sha256(weights)},
+        "sha256": {"card.json": sha256_hex(card_bytes), "weights.safetensors": sha256_hex(weights)},
     }
     manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     path = Path(path)
@@ -165,7 +164,7 @@ def _check_safetensors(data: bytes, expected: Dict[str, Tuple[str, List[int], in
         raise BundleError(f"{where}: header length {n} is larger than the file ({len(data)} bytes)")
     if n > _MAX_ST_HEADER_BYTES:
         raise BundleError(f"{where}: header of {n} bytes is implausibly large (limit {_MAX_ST_HEADER_BYTES})")
-    header = _parse_json(data[8:8 + n], "weights.safetensors header", label)
+    header = parse_json(data[8:8 + n], "weights.safetensors header", label)
     if not isinstance(header, dict):
         raise BundleError(f"{where}: header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -185,14 +184,14 @@ def _check_safetensors(data: bytes, expected: Dict[str, Tuple[str, List[int], in
             raise BundleError(f"{where}: entry for {key} is not an object")
         if entry.get("dtype") != code:
             raise BundleError(f"{label}: weights do not fit the network in the card (tensor {key} has "
-                              f"dtype {_short(entry.get('dtype'))}; allowed: {code})")
-        if entry.get("shape") != shape or not all(_is_int(s) for s in entry.get("shape", [])):
+                              f"dtype {short_repr(entry.get('dtype'))}; allowed: {code})")
+        if entry.get("shape") != shape or not all(is_int(s) for s in entry.get("shape", [])):
             raise BundleError(f"{label}: weights do not fit the network in the card (tensor {key} has "
-                              f"shape {_short(entry.get('shape'))}; the network needs {shape})")
+                              f"shape {short_repr(entry.get('shape'))}; the network needs {shape})")
         offs = entry.get("data_offsets")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(is_int(o) for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= body or offs[1] - offs[0] != nbytes):
-            raise BundleError(f"{where}: tensor {key} has invalid data offsets {_short(offs)} "
+            raise BundleError(f"{where}: tensor {key} has invalid data offsets {short_repr(offs)} "
                               f"(needs {nbytes} bytes within {body})")
         spans.append((offs[0], offs[1]))
     pos = 0
@@ -231,15 +230,15 @@ def load_bundle_from_bytes(data: bytes, name: str = "<bytes>") -> ModelBundle:
 
 
 def _load_path(path: Path, with_weights: bool) -> ModelBundle:
-    return _open_path(path, lambda fh, size, label: _load(fh, size, label, path, with_weights))
+    return open_path(path, lambda fh, size, label: _load(fh, size, label, path, with_weights))
 
 
 def _load(fh: BinaryIO, size: int, label: str, path: Optional[Path], with_weights: bool) -> ModelBundle:
-    return _guarded(label, _load_checked, fh, size, label, path, with_weights)
+    return guarded(label, _load_checked, fh, size, label, path, with_weights)
 
 
 def _load_checked(fh: BinaryIO, size: int, label: str, path: Optional[Path], with_weights: bool) -> ModelBundle:
-    members, sums, card = _read_verified(fh, size, label)
+    members, sums, card = read_verified(fh, size, label)
     network: Optional[torch.nn.Module] = None
     if with_weights:
         arch, params = card["network"]["arch"], card["network"].get("params", {})

@@ -1,13 +1,18 @@
 """The model-card schema of a bundle: what ``card.json`` may hold, and bounded JSON parsing.
 
 :func:`validate_card` checks every card field a loader or inference uses (types,
-ranges, names); :func:`_parse_json` parses JSON with NaN/Infinity, duplicate keys,
+ranges, names); :func:`parse_json` parses JSON with NaN/Infinity, duplicate keys,
 huge integers and deep nesting refused. Standard library only, so that a card can
 be read (for instance by 3D Slicer's module panel) before PyTorch is installed.
 The names a card may use that belong to other modules (network architectures,
 normalisation schemes, confidence scores, estimation methods) are defined here;
-:mod:`imbalanceseglib.images` and :mod:`imbalanceseglib.performance` import them
+:mod:`imbalanceseglib.images` and :mod:`imbalanceseglib.estimation` import them
 and ``tests/test_torch_free.py`` checks them against the network registry.
+
+:class:`ModelCard` is the typed, read-only view of a validated card (classes with names,
+colours and values; preprocessing, network, calibration, validation and training
+sections): code that runs a model reads the card once into it
+(:attr:`imbalanceseglib.bundle.ModelBundle.model_card`) and passes its sections on.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
     "BundleError", "FORMAT_VERSION", "ARCHITECTURES", "NORMALIZATION_SCHEMES", "CONFIDENCE_SCORES",
     "ESTIMATION_METHODS", "CALIBRATION_METHODS", "TERMINOLOGY_KEYS", "DEFAULT_FEATURES", "validate_card",
-    "network_size_divisor", "patch_size_problem",
+    "check_calibration", "network_size_divisor", "patch_size_problem", "CardClass", "ModelCard",
+    "parse_json", "is_int", "short_repr", "CONTROL_CHARS",
 ]
 
 FORMAT_VERSION = 1
@@ -32,7 +40,7 @@ ARCHITECTURES: Tuple[str, ...] = ("UNet3D", "UNet3DEnsemble")
 DEFAULT_FEATURES: Tuple[int, ...] = (16, 32, 64, 128)
 #: Intensity normalisation schemes :func:`imbalanceseglib.images.normalise_intensities` applies.
 NORMALIZATION_SCHEMES: Tuple[str, ...] = ("none", "percentile_zscore", "fixed_zscore")
-#: Confidence scores and performance-estimation methods of :mod:`imbalanceseglib.performance`.
+#: Confidence scores and performance-estimation methods of :mod:`imbalanceseglib.estimation`.
 CONFIDENCE_SCORES: Tuple[str, ...] = ("mcp", "entropy", "energy", "doctor")
 ESTIMATION_METHODS: Tuple[str, ...] = ("none", "ts", "doc", "atc", "ts-atc")
 
@@ -47,11 +55,13 @@ _MAX_FEATURES = 4096            # channels per level (also enforced by networks.
 _SPACING_RANGE = (1e-3, 1e3)    # mm
 _MAX_PATCH_EDGE = 512
 _MAX_PATCH_VOXELS = 1 << 24     # e.g. 256**3
-#: Calibration methods a card may name (applied by inference.apply_calibration; the
-#: estimation methods are described in imbalanceseglib.performance).
+#: Calibration methods a card may name (read by imbalanceseglib.estimation.estimator_from_card;
+#: the estimation methods are described in imbalanceseglib.estimation).
 CALIBRATION_METHODS = ("none", "temperature") + tuple(m for m in ESTIMATION_METHODS if m != "none")
 _CALIBRATION_RANGES = {"temperature": (1e-6, 1e6), "offset": (-1.0, 1.0), "threshold": (-1e-6, 1.0)}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters, refused in names (card texts here, archive member names in imbalanceseglib.container).
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = CONTROL_CHARS
 
 
 class BundleError(ValueError):
@@ -104,7 +114,9 @@ def _json_depth(obj: Any) -> int:
     return deepest
 
 
-def _parse_json(data: bytes, what: str, label: str) -> Any:
+def parse_json(data: bytes, what: str, label: str) -> Any:
+    """Parse a bundle member as JSON, refusing NaN/Infinity, duplicate keys, huge integers and
+    deep nesting; raise BundleError naming ``what`` (the member) and ``label`` (the file)."""
     try:
         text = data.decode("utf-8")
         obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_parse_float,
@@ -120,8 +132,12 @@ def _parse_json(data: bytes, what: str, label: str) -> Any:
 
 # --- card schema --------------------------------------------------------------
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """A JSON integer (bool is not an integer here)."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+_is_int = is_int
 
 
 def _is_number(v: Any) -> bool:
@@ -139,9 +155,13 @@ def _check_text(v: Any, where: str, allow_empty: bool = False) -> str:
     return v
 
 
-def _short(v: Any, limit: int = 80) -> str:
+def short_repr(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for error messages that quote a value from a file."""
     text = repr(v)
     return text if len(text) <= limit else text[:limit] + "...'"
+
+
+_short = short_repr
 
 
 def _check_color(c: Any, where: str) -> List[float]:
@@ -274,7 +294,10 @@ def _check_terminology(term: Any, where: str) -> None:
         _check_text(term["context"], f"{where} terminology context")
 
 
-def _check_calibration(cal: Any, n_classes: int) -> None:
+def check_calibration(cal: Any, n_classes: int) -> None:
+    """Check a card's ``calibration`` entry for a model with ``n_classes`` classes (raises
+    BundleError): the one check of the entry, made when a card is validated and again by
+    :func:`imbalanceseglib.estimation.estimator_from_card`, which relies on it."""
     if not isinstance(cal, dict):
         raise BundleError(f"model card field 'calibration' must be an object, got {_short(cal)}")
     method = cal.get("method", "none")
@@ -378,5 +401,87 @@ def validate_card(card: Dict[str, Any]) -> Dict[str, Any]:
         if key in pre and not isinstance(pre[key], str):
             raise BundleError(f"preprocessing.{key} must be a string, got {_short(pre[key])}")
     if "calibration" in card and card["calibration"] is not None:
-        _check_calibration(card["calibration"], len(classes))
+        check_calibration(card["calibration"], len(classes))
     return card
+
+
+# --- typed view ---------------------------------------------------------------
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _section(card: Dict[str, Any], key: str) -> Mapping[str, Any]:
+    value = card.get(key)
+    return MappingProxyType(value) if isinstance(value, dict) else _EMPTY
+
+
+@dataclass(frozen=True)
+class CardClass:
+    """One class of a model card: its label value, name, colour (RGB in [0, 1]) and optional
+    coded terminology."""
+
+    value: int
+    name: str
+    color: Tuple[float, float, float]
+    terminology: Optional[Mapping[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Typed, read-only view of a validated model card, made once by whoever runs the model.
+
+    ``classes`` (background first) as :class:`CardClass`; the other sections are read-only
+    mappings of the card's own objects (empty when the card has none; ``calibration`` is
+    ``None`` then, and :func:`imbalanceseglib.estimation.estimator_from_card` builds the
+    estimator from it). ``card`` is the plain dictionary the view was made from (what
+    ``card.json`` holds). Build it with :meth:`from_card` from a card that
+    :func:`validate_card` accepted; it does not check the card again.
+    """
+
+    name: str
+    classes: Tuple[CardClass, ...]
+    network: Mapping[str, Any]
+    preprocessing: Mapping[str, Any]
+    calibration: Optional[Mapping[str, Any]]
+    validation: Mapping[str, Any]
+    training: Mapping[str, Any]
+    card: Mapping[str, Any]
+
+    @classmethod
+    def from_card(cls, card: Dict[str, Any]) -> "ModelCard":
+        classes = tuple(CardClass(value=int(c["value"]), name=c["name"],
+                                  color=tuple(float(v) for v in c.get("color", [0, 0, 0])),  # type: ignore[arg-type]
+                                  terminology=MappingProxyType(c["terminology"]) if "terminology" in c else None)
+                        for c in card["classes"])
+        calibration = card.get("calibration")
+        return cls(name=card["name"], classes=classes, network=_section(card, "network"),
+                   preprocessing=_section(card, "preprocessing"),
+                   calibration=MappingProxyType(calibration) if isinstance(calibration, dict) else None,
+                   validation=_section(card, "validation"), training=_section(card, "training"),
+                   card=MappingProxyType(card))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> List[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def colors(self) -> List[Tuple[float, float, float]]:
+        return [c.color for c in self.classes]
+
+    @property
+    def values(self) -> List[int]:
+        return [c.value for c in self.classes]
+
+    @property
+    def in_channels(self) -> Any:
+        """Input channels the network expects (1 when the card does not say)."""
+        return self.network.get("params", {}).get("in_channels", 1)
+
+    @property
+    def rare_classes(self) -> List[str]:
+        """Names the card's training section lists as rare (``training.rare_classes``)."""
+        return list(self.training.get("rare_classes") or [])

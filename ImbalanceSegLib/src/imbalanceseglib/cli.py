@@ -1,4 +1,9 @@
 """Command line: ``imbalanceseg train | predict | card | evaluate | calibrate | estimate``."""
+# (The docstring above is the --help description.)  Only the standard library is imported until a
+# command runs: --help and argument errors answer without torch, MONAI, SciPy or SimpleITK, and each
+# command imports what it needs (card reads the card without torch; evaluate imports MONAI only for
+# surface Dice).  tests/test_cli_startup.py checks which modules get imported;
+# Testing/Benchmarks/cli_startup.py measures the time.
 
 from __future__ import annotations
 
@@ -45,16 +50,16 @@ def _teller(args: argparse.Namespace, emit):
 def _cmd_train(args: argparse.Namespace) -> int:
     from . import events as ev
     from .data import folder_images, load_training_data, load_unlabeled_data
-    from .training import TrainConfig, prepare_case, prepare_unlabeled_case, train
+    from .train_config import TrainConfig
+    from .training import train
+    from .training_data import prepare_case, prepare_unlabeled_case
 
     emit = _event_writer(args)
     say = _teller(args, emit)
     cfg_path = Path(args.config)
     spec = json.loads(cfg_path.read_text())
     base = Path(args.data_root) if args.data_root else cfg_path.parent
-    config = TrainConfig.from_dict(spec["train"])
-    if args.iterations:
-        config.iterations = args.iterations
+    config = TrainConfig.from_dict({**spec["train"], **({"iterations": args.iterations} if args.iterations else {})})
     say(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
     if emit:
         emit(ev.progress("prepare data", 0.0))
@@ -191,11 +196,8 @@ SCENE_VOLUME_FILE = "volume.nrrd"
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
-    from .images import read_image
-    from .inference import check_model_fits
-
-    # Everything that can be refused is refused before the output folder is touched.
+    # Everything that can be refused is refused before the output folder is touched (and the
+    # argument checks before torch and MONAI are imported).
     if not 0.0 <= args.flag_threshold <= 1.0:
         raise ValueError(f"--flag-threshold must be between 0 and 1, got {args.flag_threshold}")
     tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else None
@@ -209,6 +211,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--scene writes the input volume to {out / SCENE_VOLUME_FILE}, which is the input "
                          "itself; choose another output folder")
     demo = _scene_writer() if args.scene else None
+    from .bundle import load_bundle
+    from .images import read_image
+    from .inference import check_model_fits
+
     bundle = load_bundle(args.model)
     check_model_fits(bundle, modality=args.modality)
     image = read_image(args.input, "input volume")
@@ -276,7 +282,7 @@ def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) 
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
-    from .bundle import read_card
+    from .container import read_card  # the card alone: no torch
 
     card = read_card(args.model)
     if args.json:
@@ -358,11 +364,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _image_folder(folder: str, what: str) -> "Dict[str, Path]":
-    from .evaluation import _case_id
+    from .evaluation import case_id
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"{what} folder {folder!r} does not exist")
-    files = {_case_id(p): p for p in sorted(path.iterdir()) if p.is_file() and _case_id(p) is not None}
+    files = {case_id(p): p for p in sorted(path.iterdir()) if p.is_file() and case_id(p) is not None}
     if not files:
         raise ValueError(f"{what} folder {folder!r} holds no images (.nrrd, .nii, .nii.gz, .mha, .mhd)")
     return files
@@ -371,8 +377,8 @@ def _image_folder(folder: str, what: str) -> "Dict[str, Path]":
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from . import estimation as pe
     from . import events as ev
-    from . import performance as pe
     from .bundle import load_bundle, save_bundle
     from .images import read_image
     from .inference import working_grid_logits
@@ -452,11 +458,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from . import performance as pe
+    from . import estimation as pe
     from .atomic import atomic_path
     from .bundle import load_bundle
     from .images import read_image
-    from .inference import calibration_logits, estimator_for, working_grid_logits
+    from .inference import working_grid_logits
 
     if not 0.0 <= args.flag_threshold <= 1.0:
         raise ValueError(f"--flag-threshold must be between 0 and 1, got {args.flag_threshold}")
@@ -465,13 +471,13 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.rank_by != "worst" and args.rank_by not in fg:
         raise ValueError(f"--rank-by {args.rank_by!r} is not a class of the model; use 'worst' or one of {fg}")
     images = _image_folder(args.images, "image")
-    calibration = bundle.card.get("calibration")
-    estimator = estimator_for(calibration, bundle.num_classes)
+    card = bundle.model_card
+    estimator = pe.estimator_from_card(card.calibration, card.num_classes)
     import torch
     rows, estimates, keys = [], [], []
     for cid, path in images.items():
         logits, _, work = working_grid_logits(read_image(path, f"image {cid}"), bundle, device=args.device)
-        logits = calibration_logits(torch.from_numpy(logits)[None], calibration)[0].numpy()
+        logits = estimator.scale_logits(torch.from_numpy(logits)[None])[0].numpy()
         est = estimator.estimate(logits, bundle.class_names)
         voxel_ml = float(np.prod(work.GetSpacing())) / 1000.0
         estimates.append(est)
@@ -479,8 +485,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         for k, r in enumerate(est.classes):
             if k == 0:
                 continue
-            flag = "review" if r["state"] == "possibly missed" or (
-                r["dice"] is not None and r["dice"] < args.flag_threshold) else ""
+            flag = pe.review_flag(r["state"], r["dice"], args.flag_threshold)
             rows.append([cid, bundle.class_names[k], r["dice"], r["sensitivity"], r["precision"],
                          r["predicted_voxels"] * voxel_ml, r["expected_voxels"] * voxel_ml, r["mean_confidence"],
                          r["state"], flag])
@@ -547,6 +552,8 @@ PREDICT_DESCRIPTION = (
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .estimation import REVIEW_THRESHOLD  # torch-free
+
     parser = argparse.ArgumentParser(prog="imbalanceseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model from a JSON config")
@@ -567,8 +574,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--scene", action="store_true",
                    help="also write the 3D Slicer scene (scene.mrml with the input volume, segmentation, maps and "
                         "tables) and axial/coronal/sagittal PNG snapshots; needs slicer-core")
-    p.add_argument("--flag-threshold", type=float, default=0.7,
-                   help="performance table: flag classes whose estimated Dice is below this (default: 0.7)")
+    p.add_argument("--flag-threshold", type=float, default=REVIEW_THRESHOLD,
+                   help=f"performance table: flag classes whose estimated Dice is below this "
+                        f"(default: {REVIEW_THRESHOLD})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--modality", help="modality of the input (e.g. CT, MR); refused if the model is for another")
     p.add_argument("--tta", help="test-time augmentation, comma-separated (e.g. identity,flip_x); merged per class "
@@ -637,7 +645,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--images", required=True, help="folder of unlabelled images")
     p.add_argument("--csv", help="per-case, per-class estimates (CSV)")
-    p.add_argument("--flag-threshold", type=float, default=0.7, help="flag classes below this estimated Dice")
+    p.add_argument("--flag-threshold", type=float, default=REVIEW_THRESHOLD,
+                   help="flag classes below this estimated Dice")
     p.add_argument("--rank-by", default="worst", help="class name to rank by, or 'worst' (default)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_estimate)

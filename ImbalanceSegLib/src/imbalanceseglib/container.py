@@ -21,17 +21,19 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
-from .card import _CONTROL, FORMAT_VERSION, BundleError, _is_int, _parse_json, _short, validate_card
+from .card import CONTROL_CHARS, FORMAT_VERSION, BundleError, is_int, parse_json, short_repr, validate_card
 
-__all__ = ["BundleError", "BUNDLE_SUFFIX", "FORMAT_NAME", "FORMAT_VERSION", "read_card"]
+__all__ = ["BundleError", "BUNDLE_SUFFIX", "FORMAT_NAME", "FORMAT_VERSION", "MAX_MEMBER_BYTES", "read_card",
+           "read_verified", "open_path", "guarded", "sha256_hex"]
 
 FORMAT_NAME = "imbalanceseg-bundle"
 BUNDLE_SUFFIX = ".imbseg"
 _MEMBERS = ("manifest.json", "card.json", "weights.safetensors")
 
 # --- limits (every one is checked before the corresponding work is done) -----
-_MAX_MEMBER_BYTES = {"manifest.json": 64 << 10, "card.json": 8 << 20, "weights.safetensors": 1 << 30}
-_MAX_FILE_BYTES = sum(_MAX_MEMBER_BYTES.values()) + (64 << 10)
+#: Size limit of each bundle member, in bytes (imbalanceseglib.bundle checks it when writing one).
+MAX_MEMBER_BYTES = {"manifest.json": 64 << 10, "card.json": 8 << 20, "weights.safetensors": 1 << 30}
+_MAX_FILE_BYTES = sum(MAX_MEMBER_BYTES.values()) + (64 << 10)
 _MAX_ENTRIES = 16               # central-directory entries (a bundle has 3; a few more get a clear message)
 _MAX_CENTRAL_DIR_BYTES = 64 << 10
 
@@ -44,7 +46,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _T = TypeVar("_T")
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of ``data`` as 64 lower-case hex digits (as the manifest gives it)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -64,7 +67,7 @@ def _member_name_problem(info: zipfile.ZipInfo) -> Optional[str]:
         return "climbs out of its folder ('..')"
     if len(parts) > 1:
         return "is a path, not a plain name"
-    if _CONTROL.search(name):
+    if CONTROL_CHARS.search(name):
         return "contains control characters"
     return None
 
@@ -99,7 +102,7 @@ def _check_infos(infos: List[zipfile.ZipInfo], cd_offset: int, label: str) -> No
     for info in infos:
         problem = _member_name_problem(info)
         if problem:
-            raise BundleError(f"{label}: archive member name {_short(info.orig_filename)} {problem}; refusing it "
+            raise BundleError(f"{label}: archive member name {short_repr(info.orig_filename)} {problem}; refusing it "
                               "(bundle members are plain names and are never used as file paths)")
     names = [i.filename for i in infos]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -124,9 +127,9 @@ def _check_infos(infos: List[zipfile.ZipInfo], cd_offset: int, label: str) -> No
         if info.compress_type != zipfile.ZIP_STORED:
             raise BundleError(f"{label}: member {name} is compressed (method {info.compress_type}); bundles store "
                               "members uncompressed, so compressed ones are refused (zip-bomb guard)")
-        if info.file_size > _MAX_MEMBER_BYTES[name]:
+        if info.file_size > MAX_MEMBER_BYTES[name]:
             raise BundleError(f"{label}: member {name} declares an implausible size ({info.file_size} bytes, "
-                              f"limit {_MAX_MEMBER_BYTES[name]})")
+                              f"limit {MAX_MEMBER_BYTES[name]})")
         if info.compress_size != info.file_size:
             raise BundleError(f"{label}: member {name} is damaged (stored size {info.compress_size} differs "
                               f"from its size {info.file_size})")
@@ -235,11 +238,11 @@ def _read_members(fh: BinaryIO, size: int, label: str) -> Dict[str, bytes]:
 def _check_manifest(manifest: Any, label: str) -> Dict[str, str]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        raise BundleError(f"{label} is not an ImbalanceSeg model bundle (format {_short(fmt)})")
+        raise BundleError(f"{label} is not an ImbalanceSeg model bundle (format {short_repr(fmt)})")
     version = manifest.get("format_version")
-    if not _is_int(version) or version != FORMAT_VERSION:
+    if not is_int(version) or version != FORMAT_VERSION:
         raise BundleError(
-            f"{label} has bundle format version {_short(version)}; this ImbalanceSegLib reads version {FORMAT_VERSION}")
+            f"{label} has bundle format version {short_repr(version)}; this ImbalanceSegLib reads version {FORMAT_VERSION}")
     sums = manifest.get("sha256")
     if (not isinstance(sums, dict) or set(sums) != {"card.json", "weights.safetensors"}
             or not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in sums.values())):
@@ -256,14 +259,14 @@ def read_card(path: Union[str, Path]) -> Dict[str, Any]:
     The whole container is checked (ZIP structure, manifest, both checksums) and the
     card validated; the weights are not parsed, so PyTorch is not needed.
     """
-    return _open_path(Path(path), lambda fh, size, label: _guarded(label, _read_card_checked, fh, size, label))
+    return open_path(Path(path), lambda fh, size, label: guarded(label, _read_card_checked, fh, size, label))
 
 
 def _read_card_checked(fh: BinaryIO, size: int, label: str) -> Dict[str, Any]:
-    return _read_verified(fh, size, label)[2]
+    return read_verified(fh, size, label)[2]
 
 
-def _open_path(path: Path, read: Callable[[BinaryIO, int, str], _T]) -> _T:
+def open_path(path: Path, read: Callable[[BinaryIO, int, str], _T]) -> _T:
     """Open a bundle file for reading and pass (file, size, file name) to ``read``."""
     if not path.exists():
         raise BundleError(f"model bundle not found: {path}")
@@ -282,7 +285,7 @@ def _open_path(path: Path, read: Callable[[BinaryIO, int, str], _T]) -> _T:
 _UNEXPECTED = "unexpected internal error while reading it"
 
 
-def _guarded(label: str, work: Callable[..., _T], *args: Any) -> _T:
+def guarded(label: str, work: Callable[..., _T], *args: Any) -> _T:
     """Run ``work(*args)``, turning any exception other than BundleError into one."""
     try:
         return work(*args)
@@ -293,15 +296,15 @@ def _guarded(label: str, work: Callable[..., _T], *args: Any) -> _T:
                           "the file is damaged or not a model bundle") from exc
 
 
-def _read_verified(fh: BinaryIO, size: int, label: str) -> Tuple[Dict[str, bytes], Dict[str, str], Dict[str, Any]]:
+def read_verified(fh: BinaryIO, size: int, label: str) -> Tuple[Dict[str, bytes], Dict[str, str], Dict[str, Any]]:
     """Members, manifest checksums and validated card of a bundle (weights checked by checksum only)."""
     members = _read_members(fh, size, label)
-    manifest = _parse_json(members["manifest.json"], "manifest.json", label)
+    manifest = parse_json(members["manifest.json"], "manifest.json", label)
     sums = _check_manifest(manifest, label)
     for name in ("card.json", "weights.safetensors"):
-        if _sha256(members[name]) != sums[name]:
+        if sha256_hex(members[name]) != sums[name]:
             raise BundleError(f"{label}: checksum of {name} does not match the manifest (damaged or tampered)")
-    card = _parse_json(members["card.json"], "card.json", label)
+    card = parse_json(members["card.json"], "card.json", label)
     try:
         validate_card(card)
     except BundleError as exc:

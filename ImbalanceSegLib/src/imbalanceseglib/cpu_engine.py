@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .networks import UNet3D, UNet3DEnsemble, _ConvBlock
+from .networks import ConvBlock, UNet3D, UNet3DEnsemble
 
 _CL = torch.channels_last_3d
 Engine = Callable[[torch.Tensor], torch.Tensor]
@@ -52,7 +52,7 @@ def measured_faster_here() -> bool:
 
 
 def _supported_block(block: nn.Module) -> bool:
-    if type(block) is not _ConvBlock or len(block) != 6:
+    if type(block) is not ConvBlock or len(block) != 6:
         return False
     convs, norms, acts = (block[0], block[3]), (block[1], block[4]), (block[2], block[5])
     return (all(type(c) is nn.Conv3d and c.kernel_size == (3, 3, 3) and c.groups == 1

@@ -1,5 +1,11 @@
 """Per-class evaluation of segmentations that is right for small, empty and image-wide structures.
 
+Orchestration of :mod:`imbalanceseglib.metrics` per case and per folder, with the
+edge-case policies below. The metric definitions (and their papers: Metrics
+Reloaded, Maier-Hein et al. 2024, for overlap, HD95 and ASSD; Nikolov et al.
+2021 for surface Dice; Guo et al. 2017 and Mehta et al. 2022 for calibration
+and QU-BraTS) live in that package.
+
 All values are per class and in physical units (voxel spacing honoured; arrays
 in (z, y, x) order take spacing in the same order, images take it from ITK).
 
@@ -7,7 +13,7 @@ Metrics
 -------
 * Overlap: Dice, IoU, sensitivity, precision, reference/predicted volume (mm^3),
   relative volume error (V_pred - V_ref) / V_ref.
-* Boundary (definitions in :mod:`imbalanceseglib.surface`): HD, HD95 (larger of
+* Boundary (definitions in :mod:`imbalanceseglib.metrics.surface`): HD, HD95 (larger of
   the two directed 95th percentiles of border-voxel distances), ASSD (mean of the
   pooled directed distances), as Metrics Reloaded and MONAI compute them; and
   normalised surface Dice at a tolerance in mm on DeepMind's surface elements.
@@ -63,8 +69,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-from . import surface
-from .metrics import overlap_from_counts
+from .metrics import surface
+from .metrics.overlap import overlap_from_counts
 from .atomic import atomic_write_text
 
 POLICIES = ("normal", "both_empty", "reference_empty", "prediction_empty", "image_wide", "single_voxel")
@@ -426,7 +432,7 @@ def write_csv(rows: Sequence[Dict[str, Any]], path: Union[str, Path]) -> Path:
 IMAGE_SUFFIXES = (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd")
 
 
-def _case_id(path: Path) -> Optional[str]:
+def case_id(path: Path) -> Optional[str]:
     name = path.name
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -439,12 +445,12 @@ def _index_folder(folder: Path) -> Dict[str, Path]:
     out: Dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if p.is_file():
-            cid = _case_id(p)
+            cid = case_id(p)
             if cid is not None:
                 out[cid] = p
         elif p.is_dir():
             for q in sorted(p.iterdir()):
-                if q.is_file() and _case_id(q) == "labels":
+                if q.is_file() and case_id(q) == "labels":
                     out[p.name] = q
                     break
     return out
@@ -452,11 +458,11 @@ def _index_folder(folder: Path) -> Dict[str, Path]:
 
 def _probability_files(label_file: Path) -> List[Path]:
     """``probability_XX.*`` files beside a ``<case>/labels.*`` prediction, in class order."""
-    if _case_id(label_file) != "labels":
+    if case_id(label_file) != "labels":
         return []
     files = [q for q in label_file.parent.iterdir()
-             if q.is_file() and (_case_id(q) or "").startswith("probability_")]
-    return sorted(files, key=lambda q: int(_case_id(q).split("_")[1]))
+             if q.is_file() and (case_id(q) or "").startswith("probability_")]
+    return sorted(files, key=lambda q: int(case_id(q).split("_")[1]))
 
 
 def _read_probability(path: Path, cid: str) -> np.ndarray:
@@ -480,7 +486,7 @@ def _evaluate_case(cid: str, ref_path: Path, pred_path: Optional[Path], *, label
     """One case of :func:`evaluate_folders`: (CaseResult, (calibration report, QU-BraTS rows) or None)."""
     import SimpleITK as sitk
 
-    from . import calibration_metrics as cm
+    from .metrics import calibration as cm
     from .images import read_image
 
     ref_img = read_image(ref_path, f"reference {cid}")
@@ -502,7 +508,7 @@ def _evaluate_case(cid: str, ref_path: Path, pred_path: Optional[Path], *, label
     rep = cm.calibration_report(probs, ref_arr, res.spacing, pred=pred_arr, n_bins=n_bins,
                                 radius_mm=near_radius_mm)
     qu_rows: List[Dict[str, Any]] = []
-    unc_file = next((q for q in sorted(pred_path.parent.glob("uncertainty.*")) if _case_id(q)), None)
+    unc_file = next((q for q in sorted(pred_path.parent.glob("uncertainty.*")) if case_id(q)), None)
     if unc_file is not None:
         unc = sitk.GetArrayFromImage(read_image(unc_file, f"uncertainty map {unc_file.name}"))
         for c in res.classes:
@@ -599,7 +605,7 @@ def evaluate_folders(pred_dir: Union[str, Path], ref_dir: Union[str, Path], out_
     A negative label is an error. Any error while evaluating a case names the case and
     its files.
     """
-    from . import calibration_metrics as cm
+    from .metrics import calibration as cm
 
     pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
     if labels is not None:

@@ -7,7 +7,14 @@ applies the card's calibration, and returns per-class probabilities, the label
 map and a normalised-entropy uncertainty map on the *input* grid, plus the
 label-free per-class performance estimate (``performance``) computed from the
 logits on the working grid with the card's calibration (plain confidence when
-the card has none; see :mod:`imbalanceseglib.performance`).
+the card has none; see :mod:`imbalanceseglib.estimation`). The card is read once
+into its typed view (:attr:`~imbalanceseglib.bundle.ModelBundle.model_card`) and its
+calibration once into an estimator (:func:`imbalanceseglib.estimation.estimator_from_card`).
+
+Uncertainty is the Shannon entropy of the class probabilities divided by its
+maximum, u = -sum_c p_c log p_c / log C, in [0, 1]. Optional test-time
+augmentation with per-class merging is :mod:`imbalanceseglib.tta` (Li et al.,
+IEEE TMI 2023).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,8 +30,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .bundle import BundleError, ModelBundle
-from .performance import METHODS as ESTIMATION_METHODS
-from .performance import CaseEstimate, PerformanceEstimator
+from .estimation import CaseEstimate, PerformanceEstimator, estimator_from_card
 from .images import (ImageError, available_memory_bytes, check_image, check_same_geometry, format_bytes,
                      image_from_array, needs_resampling, normalise_intensities, orientation_code, resample_to_spacing,
                      resampled_size, to_canonical)
@@ -70,45 +76,17 @@ def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
     return (ent / math.log(c)).astype(np.float32)
 
 
-def estimator_for(calibration: Optional[Dict[str, Any]], num_classes: int) -> PerformanceEstimator:
-    """The performance estimator a card's calibration entry describes (plain confidence
-    for no entry, ``none`` and the per-channel ``temperature`` entry, whose logits
-    :func:`calibration_logits` scales first)."""
-    method = (calibration or {}).get("method", "none")
-    if method in ("none", "temperature"):
-        return PerformanceEstimator(method="none", num_classes=num_classes)
-    if method in ESTIMATION_METHODS:
-        return PerformanceEstimator.from_card(calibration, num_classes)
-    raise BundleError(f"unknown calibration method {method!r} in the model card")
-
-
-def calibration_logits(logits: torch.Tensor, calibration: Optional[Dict[str, Any]]) -> torch.Tensor:
-    """Logits as the estimator sees them: divided by the card's ``temperature`` entry
-    (one value, or one per class channel), unchanged otherwise."""
-    if (calibration or {}).get("method") != "temperature":
-        return logits
-    t = calibration["temperature"]
-    if isinstance(t, (list, tuple)):
-        if len(t) != logits.shape[1]:
-            raise BundleError(f"calibration has {len(t)} temperatures for {logits.shape[1]} classes")
-        tt = torch.tensor(t, dtype=logits.dtype, device=logits.device).view(1, -1, *([1] * (logits.ndim - 2)))
-    else:
-        tt = float(t)
-    return logits / tt
-
-
-def apply_calibration(logits: torch.Tensor, calibration: Optional[Dict[str, Any]]) -> torch.Tensor:
+def apply_calibration(logits: torch.Tensor, calibration: Optional[Mapping[str, Any]]) -> torch.Tensor:
     """Turn logits (N, C, ...) into probabilities following the card's calibration entry.
 
     ``{"method": "none"}`` (or no entry) is the plain softmax; ``temperature``
     divides the logits by one temperature, or by one per class channel when a list
     is given; ``ts``/``doc``/``atc``/``ts-atc`` give the calibrated distribution of
-    :meth:`PerformanceEstimator.calibrated_probabilities`.
+    :meth:`PerformanceEstimator.calibrated_probabilities`. (The entry is read by
+    :func:`~imbalanceseglib.estimation.estimator_from_card`; to apply it to many pieces, build
+    the estimator once and call its :meth:`~PerformanceEstimator.probabilities`.)
     """
-    method = (calibration or {}).get("method", "none")
-    if method in ("none", "temperature"):
-        return torch.softmax(calibration_logits(logits, calibration), dim=1)
-    return estimator_for(calibration, logits.shape[1]).calibrated_probabilities(logits)
+    return estimator_from_card(calibration, logits.shape[1]).probabilities(logits)
 
 
 def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -176,20 +154,21 @@ def check_model_fits(bundle: ModelBundle, modality: Optional[str] = None,
     ``modality``: e.g. "CT" or "MR"; compared with the first word of the card's modality.
     ``class_names``: classes the caller needs; each must be in the model card.
     """
-    card_modality = str(bundle.card["preprocessing"].get("modality", "")).strip()
+    card = bundle.model_card
+    card_modality = str(card.preprocessing.get("modality", "")).strip()
     if modality and card_modality:
         want, have = modality.split()[0].upper(), card_modality.split()[0].upper()
         if want != have:
-            raise BundleError(f"model {bundle.card['name']!r} is for {card_modality} images, "
+            raise BundleError(f"model {card.name!r} is for {card_modality} images, "
                               f"but the input is {modality}")
     if class_names:
-        missing = [c for c in class_names if c not in bundle.class_names]
+        missing = [c for c in class_names if c not in card.class_names]
         if missing:
-            raise BundleError(f"model {bundle.card['name']!r} does not segment {missing}; "
-                              f"it knows {bundle.class_names[1:]}")
+            raise BundleError(f"model {card.name!r} does not segment {missing}; "
+                              f"it knows {card.class_names[1:]}")
 
 
-def _preprocess(image: sitk.Image, pre: Dict[str, Any]):
+def _preprocess(image: sitk.Image, pre: Mapping[str, Any]):
     """Input -> (original float32, canonical, working grid image, resampled?, normalised array)."""
     original = sitk.Cast(image, sitk.sitkFloat32)
     canonical = to_canonical(original)
@@ -211,7 +190,7 @@ def working_grid_logits(image: sitk.Image, bundle: ModelBundle, labels: Optional
     if bundle.network is None:
         raise BundleError("bundle was loaded without weights; use load_bundle()")
     check_image(image, "input volume", min_size=2)
-    pre = bundle.preprocessing
+    pre = bundle.model_card.preprocessing
     original, canonical, work, resampled, volume = _preprocess(image, pre)
     roi = pre.get("patch_size") or [min(s, 96) for s in volume.shape]
     logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap, sw_batch_size=sw_batch_size,
@@ -236,7 +215,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     ``memory_limit_bytes`` (default: the memory the OS reports as available).
 
     ``tta``: test-time augmentation transforms (e.g. ``("identity", "flip_x")``, see
-    :func:`imbalanceseglib.augment.tta_logits`), merged per class: ``tta_merge`` is one
+    :func:`imbalanceseglib.tta.tta_logits`), merged per class: ``tta_merge`` is one
     rule or one per class (``"mean"``/``"max"``); by default ``"max"`` for the classes
     the card lists as rare (``training.rare_classes``) and ``"mean"`` otherwise.  The
     log of the merged probabilities then takes the place of the logits (calibration and
@@ -246,17 +225,18 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     if bundle.network is None:
         raise BundleError("bundle was loaded without weights; use load_bundle()")
     check_image(image, "input volume", min_size=2)
+    card = bundle.model_card  # read once; everything below takes its sections
     need = estimate_memory_bytes(image.GetSize(), image.GetSpacing(),
-                                 bundle.preprocessing.get("target_spacing"), bundle.num_classes)
+                                 card.preprocessing.get("target_spacing"), card.num_classes)
     limit = memory_limit_bytes if memory_limit_bytes is not None else available_memory_bytes()
     if limit is not None and need > limit:
         raise ImageError(f"input volume {'x'.join(map(str, image.GetSize()))} needs about "
-                         f"{format_bytes(need)} to segment with {bundle.num_classes} classes, but only "
+                         f"{format_bytes(need)} to segment with {card.num_classes} classes, but only "
                          f"{format_bytes(limit)} is available; crop or downsample it first")
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
-    pre = bundle.preprocessing
-    in_ch = bundle.card["network"].get("params", {}).get("in_channels", 1)
+    pre = card.preprocessing
+    in_ch = card.in_channels
     if in_ch != 1:
         raise BundleError(f"model expects {in_ch} input channels; ImbalanceSeg passes one volume")
     progress("preprocess", 0.0)
@@ -267,10 +247,10 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     t1 = time.perf_counter()
     roi = pre.get("patch_size") or [min(s, 96) for s in volume.shape]
     if tta:
-        from .augment import rare_class_merge, tta_logits
-        rare = set(bundle.card.get("training", {}).get("rare_classes") or [])
-        merge = tta_merge or rare_class_merge(bundle.num_classes, {i for i, n in enumerate(bundle.class_names)
-                                                                    if n in rare})
+        from .tta import rare_class_merge, tta_logits
+        rare = set(card.rare_classes)
+        merge = tta_merge or rare_class_merge(card.num_classes, {i for i, n in enumerate(card.class_names)
+                                                                  if n in rare})
         merged = tta_logits(lambda v: sliding_window_logits(bundle.network, v, roi, overlap=overlap,
                                                             sw_batch_size=sw_batch_size, device=device,
                                                             progress=progress)[0],
@@ -279,15 +259,14 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     else:
         logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap,
                                        sw_batch_size=sw_batch_size, device=device, progress=progress)
-    calibration = bundle.card.get("calibration")
-    probs_t = apply_calibration(logits, calibration)[0]
+    estimator = estimator_from_card(card.calibration, card.num_classes)
+    probs_t = estimator.probabilities(logits)[0]
     probs = probs_t.numpy().astype(np.float32, copy=False)
     timings["network"] = time.perf_counter() - t1
 
     t_est = time.perf_counter()
     progress("estimate", 0.0)
-    estimator = estimator_for(calibration, bundle.num_classes)
-    performance = estimator.estimate(calibration_logits(logits, calibration)[0].numpy(), bundle.class_names)
+    performance = estimator.estimate(estimator.scale_logits(logits)[0].numpy(), card.class_names)
     voxel_ml = float(np.prod(work.GetSpacing())) / 1000.0
     for row in performance.classes:
         row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
@@ -298,17 +277,17 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
 
     t2 = time.perf_counter()
     progress("postprocess", 0.0)
-    probs = _to_input_grid(probs, work, canonical, original, resampled)
+    probs = to_input_grid(probs, work, canonical, original, resampled)
     labels = np.argmax(probs, axis=0).astype(np.uint8)
     uncertainty = normalised_entropy(probs)
     timings["postprocess"] = time.perf_counter() - t2
     progress("postprocess", 1.0)
     return Prediction(probabilities=probs, labels=labels, uncertainty=uncertainty, reference=original,
-                      class_names=bundle.class_names, timings=timings, performance=performance,
+                      class_names=card.class_names, timings=timings, performance=performance,
                       estimator=estimator)
 
 
-def _to_input_grid(probs: np.ndarray, work: sitk.Image, canonical: sitk.Image, original: sitk.Image,
+def to_input_grid(probs: np.ndarray, work: sitk.Image, canonical: sitk.Image, original: sitk.Image,
                    resampled: bool) -> np.ndarray:
     """Map per-class probabilities from the working grid back to the input grid."""
     code = orientation_code(original)

@@ -1,5 +1,10 @@
 """Segmentation losses selectable by name from a training config.
 
+Papers and equations: soft Dice + cross-entropy (nnU-Net's default pair), the
+Dice reduction of Tilborghs, Bertels et al. (2022, below), and the asymmetric
+focal / large-margin losses of Li, Kamnitsas & Glocker (IEEE TMI 2021), whose
+equations are in :class:`RareClassFocalLoss` and :class:`RareClassLargeMarginLoss`.
+
 Every loss built here is called as ``loss(logits, target, class_weights=None)``:
 
 * ``logits``: (N, C, ...) raw network outputs;
@@ -20,7 +25,12 @@ Names (:data:`LOSS_NAMES`):
   per-call class weights;
 * ``asym_focal`` and ``asym_large_margin`` - the asymmetric losses of Li,
   Kamnitsas & Glocker ("Analyzing overfitting under class imbalance in neural
-  networks for image segmentation", IEEE TMI 2020), see :class:`AsymmetricLoss`.
+  networks for image segmentation", IEEE TMI 40(3), 2021, early access 2020):
+  :class:`RareClassFocalLoss` and :class:`RareClassLargeMarginLoss`, which treat
+  the rare classes (:mod:`imbalanceseglib.rare`) differently from the others.
+  They are *not* MONAI's ``AsymmetricFocalLoss`` / ``AsymmetricUnifiedFocalLoss``
+  (Yeung et al., "Unified Focal loss", 2021/2022), a different method.  The
+  names in configs and model cards stay ``asym_focal`` / ``asym_large_margin``.
 
 How the Dice part reduces decides what empty or missing labels do (Tilborghs,
 Bertels et al., "The Dice loss in the context of missing or empty labels",
@@ -43,6 +53,8 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 from torch import nn
 
+from .rare import RARE_FRACTION, resolve_rare_mask
+
 LOSS_NAMES = ("ce", "dice", "dice_ce", "generalized_dice", "focal", "tversky", "soft_dice",
               "asym_focal", "asym_large_margin")
 
@@ -59,40 +71,6 @@ DEFAULT_LOSS: Dict[str, Any] = {
     "class_weights": None,
 }
 _EXTRA_KEYS = {"gamma", "margin", "rare_classes", "rare_threshold", "alpha", "beta"}
-
-
-def resolve_rare_mask(class_names: Sequence[str], voxel_fractions: Optional[Sequence[float]] = None,
-                      rare_classes: Optional[Sequence[Any]] = None, threshold: float = 0.01) -> torch.Tensor:
-    """Boolean (C,) mask of the classes treated as under-represented.
-
-    ``rare_classes`` (names or indices) chooses them explicitly; otherwise every
-    foreground class whose voxel fraction in the training data is below
-    ``threshold``.  The background (index 0) is never rare.
-    """
-    names = list(class_names)
-    mask = torch.zeros(len(names), dtype=torch.bool)
-    if rare_classes is not None:
-        unknown = []
-        for item in rare_classes:
-            if isinstance(item, str):
-                if item not in names[1:]:
-                    unknown.append(item)
-                else:
-                    mask[names.index(item)] = True
-            elif isinstance(item, int) and not isinstance(item, bool) and 0 < item < len(names):
-                mask[item] = True
-            else:
-                unknown.append(item)
-        if unknown:
-            raise ValueError(f"rare_classes {unknown} are not foreground classes; known: {names[1:]}")
-        return mask
-    if voxel_fractions is None:
-        raise ValueError("the rare-class mask needs the classes' voxel fractions or explicit rare_classes")
-    if len(voxel_fractions) != len(names):
-        raise ValueError(f"{len(voxel_fractions)} voxel fractions for {len(names)} classes")
-    for k in range(1, len(names)):
-        mask[k] = float(voxel_fractions[k]) < float(threshold)
-    return mask
 
 
 def soft_target(target: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
@@ -190,26 +168,36 @@ class DiceCE(_SegLoss):
         return total
 
 
-class AsymmetricLoss(_SegLoss):
-    """Asymmetric focal / large-margin loss (Li, Kamnitsas & Glocker, TMI 2020).
+class _RareClassLoss(_SegLoss):
+    """Cross-entropy + Dice that treat rare voxels and classes asymmetrically (Li, Kamnitsas & Glocker).
 
-    A voxel is *rare* when its target puts more than half its mass on rare classes
-    (for integer labels: its label is rare).
+    Shared implementation of :class:`RareClassFocalLoss` (``asym_focal``) and
+    :class:`RareClassLargeMarginLoss` (``asym_large_margin``), which differ only
+    in their default ``gamma``, ``margin`` and ``lambda_dice``
+    (:attr:`defaults`, applied by :func:`build_loss`).  ``rare_mask``: (C,)
+    booleans from :func:`imbalanceseglib.rare.resolve_rare_mask`.
 
-    * Cross-entropy part: the focal factor ``(1 - p_t)^gamma`` multiplies the
-      loss only at frequent voxels; rare voxels keep the plain cross-entropy, so
-      the network is not allowed to stop learning from rare examples it already
-      fits (``p_t`` is the predicted probability of the target, ``sum_c t_c p_c``
-      for soft targets).  At rare voxels a margin ``margin`` is subtracted from
-      the true-class logit (``z_c - margin * t_c`` for the rare classes c) before
-      the softmax: the additive large-margin softmax, applied to rare voxels only.
-    * Dice part (``lambda_dice``, default 1 for ``asym_focal``, 0 for
-      ``asym_large_margin``): each frequent class's Dice loss ``L_c = 1 - D_c`` is
-      modulated focally, ``L_c * L_c^gamma``, so well-segmented frequent classes
-      contribute less; rare classes keep ``L_c``.
+    A voxel ``i`` is *rare* (``r_i = 1``) when its target puts more than half its
+    mass on rare classes (for integer labels: its label is rare).  With logits
+    ``z_i``, target ``t_i`` (one-hot or soft), class weights ``w_c``, rare-class
+    indicator ``R_c`` and ``p_t,i = sum_c t_ic softmax(z_i)_c``::
 
-    ``gamma = 0`` and ``margin = 0`` give exactly ``lambda_ce * CE + lambda_dice * Dice``.
+        CE   = mean_i  m_i * sum_c -w_c t_ic log softmax(z_i - s_i)_c
+        m_i  = 1 if r_i else (1 - p_t,i) ** gamma          (focal factor on frequent voxels only)
+        s_ic = margin * t_ic * R_c * r_i                   (additive margin on rare voxels' rare logits)
+        Dice = weighted mean_c  L_c * (L_c ** gamma if not R_c else 1),   L_c = 1 - Dice_c
+        loss = lambda_ce * CE + lambda_dice * Dice
+
+    So the network is not allowed to stop learning from rare examples it
+    already fits (no focal down-weighting there), rare voxels must beat the
+    other classes by ``margin`` in logit space (large-margin softmax), and
+    well-segmented frequent classes contribute less to the Dice part (the focal
+    factor ``L_c ** gamma`` is detached: a weight).  ``gamma = 0`` and
+    ``margin = 0`` give exactly ``lambda_ce * CE + lambda_dice * Dice``.
     """
+
+    #: Settings :func:`build_loss` fills in when the config leaves them out.
+    defaults: Dict[str, float] = {}
 
     def __init__(self, cfg: Dict[str, Any], rare_mask: torch.Tensor):
         super().__init__(cfg)
@@ -247,6 +235,32 @@ class AsymmetricLoss(_SegLoss):
         return total
 
 
+class RareClassFocalLoss(_RareClassLoss):
+    """``asym_focal``: the asymmetric focal loss of Li, Kamnitsas & Glocker (IEEE TMI 2021).
+
+    The focal factor ``(1 - p_t) ** gamma`` (and ``L_c ** gamma`` in the Dice
+    part) acts on frequent voxels and classes only; rare ones keep the plain
+    loss (equations in :class:`_RareClassLoss`).  Defaults ``gamma=2``,
+    ``margin=0``, ``lambda_dice`` as configured (1).  Not MONAI's
+    ``AsymmetricFocalLoss`` (Yeung et al.), a different method.
+    """
+
+    defaults = {"gamma": 2.0, "margin": 0.0}
+
+
+class RareClassLargeMarginLoss(_RareClassLoss):
+    """``asym_large_margin``: the asymmetric large-margin loss of Li, Kamnitsas & Glocker (IEEE TMI 2021).
+
+    At rare voxels the true (rare) class's logit is lowered by ``margin`` before
+    the softmax, ``softmax(z - margin * t)``, so those voxels must be classified
+    with a margin; frequent voxels keep the plain cross-entropy (equations in
+    :class:`_RareClassLoss`).  Defaults ``margin=2``, ``gamma=0`` and
+    ``lambda_dice=0`` unless the config sets it.
+    """
+
+    defaults = {"margin": 2.0, "gamma": 0.0, "lambda_dice": 0.0}
+
+
 class _MonaiWrapped(nn.Module):
     """A MONAI loss on one-hot/soft targets; per-call class weights are not supported."""
 
@@ -267,7 +281,7 @@ def build_loss(settings: Optional[Dict[str, Any]] = None, class_names: Optional[
 
     The asymmetric losses need the rare-class mask: ``settings["rare_classes"]``
     (names; needs ``class_names``) or the classes' ``voxel_fractions`` with
-    ``settings["rare_threshold"]`` (default 0.01).
+    ``settings["rare_threshold"]`` (default :data:`imbalanceseglib.rare.RARE_FRACTION`, 0.01).
     """
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(DEFAULT_LOSS) - _EXTRA_KEYS)
@@ -307,8 +321,6 @@ def build_loss(settings: Optional[Dict[str, Any]] = None, class_names: Optional[
         else:
             raise ValueError(f"loss {name!r} needs the class names (and voxel fractions) to know the rare classes")
     rare = resolve_rare_mask(class_names, voxel_fractions, cfg.get("rare_classes"),
-                             float(cfg.get("rare_threshold", 0.01)))
-    if name == "asym_focal":
-        return AsymmetricLoss(dict(cfg, gamma=cfg.get("gamma", 2.0), margin=cfg.get("margin", 0.0)), rare)
-    return AsymmetricLoss(dict(cfg, margin=cfg.get("margin", 2.0), gamma=cfg.get("gamma", 0.0),
-                               lambda_dice=settings.get("lambda_dice", 0.0)), rare)
+                             float(cfg.get("rare_threshold", RARE_FRACTION)))
+    loss_class = RareClassFocalLoss if name == "asym_focal" else RareClassLargeMarginLoss
+    return loss_class(dict(cfg, **{k: settings.get(k, v) for k, v in loss_class.defaults.items()}), rare)

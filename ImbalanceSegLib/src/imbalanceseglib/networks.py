@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-class _ConvBlock(nn.Sequential):
+class ConvBlock(nn.Sequential):
     """Two (conv3x3x3 -> instance norm -> leaky ReLU) layers; the first may stride."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
@@ -50,13 +50,13 @@ class UNet3D(nn.Module):
         self.encoders = nn.ModuleList()
         cin = self.in_channels
         for level, f in enumerate(self.features):
-            self.encoders.append(_ConvBlock(cin, f, stride=1 if level == 0 else 2))
+            self.encoders.append(ConvBlock(cin, f, stride=1 if level == 0 else 2))
             cin = f
         self.upsamplers = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for f_skip, f_deep in zip(reversed(self.features[:-1]), reversed(self.features[1:])):
             self.upsamplers.append(nn.ConvTranspose3d(f_deep, f_skip, 2, stride=2, bias=False))
-            self.decoders.append(_ConvBlock(2 * f_skip, f_skip))
+            self.decoders.append(ConvBlock(2 * f_skip, f_skip))
         self.head = nn.Conv3d(self.features[0], self.out_channels, 1)
         # Activation checkpointing (training only; see set_activation_checkpointing).
         self.checkpointing = False

@@ -1,7 +1,7 @@
 """Named training methods: the presets ``TrainConfig.method`` selects.
 
 Plain data, free of torch, so that a user interface can list the methods before
-PyTorch is installed; :mod:`imbalanceseglib.training` applies them.
+PyTorch is installed; :class:`imbalanceseglib.train_config.TrainConfig` applies them.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_write_text
+from .estimation import REVIEW_THRESHOLD, review_flag
 from .images import write_image
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -189,10 +190,11 @@ PERFORMANCE_COLUMNS: List[Dict[str, str]] = [
 PERFORMANCE_COLUMN_NAMES = [c["name"] for c in PERFORMANCE_COLUMNS]
 
 
-def performance_rows(prediction: Any, flag_threshold: float = 0.7) -> List[Dict[str, Any]]:
+def performance_rows(prediction: Any, flag_threshold: float = REVIEW_THRESHOLD) -> List[Dict[str, Any]]:
     """Per foreground class of ``prediction`` (its ``performance`` estimate): a row of the
     performance table, flagged "review" when the estimated Dice is below ``flag_threshold``
-    or the class is possibly missed (as the module's ``ImbalanceSegLogic.performanceRows``)."""
+    or the class is possibly missed (:func:`imbalanceseglib.estimation.review_flag`, as the
+    module's ``ImbalanceSegLogic.performanceRows``)."""
     if prediction.performance is None:
         raise ValueError("the prediction carries no performance estimate")
     rows = []
@@ -200,8 +202,7 @@ def performance_rows(prediction: Any, flag_threshold: float = 0.7) -> List[Dict[
         if c == 0:
             continue
         dice = est["dice"]
-        flag = "review" if (est["state"] == "possibly missed"
-                            or (dice is not None and dice < flag_threshold)) else ""
+        flag = review_flag(est["state"], dice, flag_threshold)
         rows.append({"Segment": prediction.class_names[c], "Estimated Dice": dice,
                      "Estimated sensitivity": est["sensitivity"], "Estimated precision": est["precision"],
                      "Volume": est.get("predicted_ml"), "Expected volume": est.get("expected_ml"),

@@ -24,7 +24,8 @@ precision and thread count in a process. All give the same logits up to float ro
 engine is also checked against the module on one random window first). The estimate, the
 calibrated maps, the labels and the uncertainty of each finished slab come from one fused pass
 where the calibration allows it
-(:meth:`~imbalanceseglib.performance.EstimateAccumulator.add_with_maps`).
+(:meth:`~imbalanceseglib.estimation.EstimateAccumulator.add_with_maps`); the card's calibration is
+read once per run into one estimator (:func:`~imbalanceseglib.estimation.estimator_from_card`).
 """
 
 from __future__ import annotations
@@ -491,8 +492,9 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     The volume must already be on the model's grid and in its orientation for the bounded-memory
     path; otherwise it is resampled first (whole volume, float32).
     """
+    from .estimation import estimator_from_card
     from .images import check_image, needs_resampling, normalise_intensities, resample_to_spacing, to_canonical
-    from .inference import apply_calibration, calibration_logits, estimator_for, _to_input_grid
+    from .inference import to_input_grid
 
     progress = progress or _noop
     if storage not in STORAGE:
@@ -501,10 +503,11 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
         from .bundle import BundleError
         raise BundleError("bundle was loaded without weights; use load_bundle()")
     check_image(image, "input volume", min_size=2)
+    card = bundle.model_card  # read once; everything below takes its sections
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     progress("preprocess", 0.0)
-    pre = bundle.preprocessing
+    pre = card.preprocessing
     # no reoriented copy when the axes already run L, P, S (a big volume is usually read so)
     canonical = image if _is_canonical(image) else to_canonical(image)
     resampled = needs_resampling(canonical, pre.get("target_spacing"))
@@ -521,10 +524,9 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     timings["preprocess"] = time.perf_counter() - t0
     progress("preprocess", 1.0)
 
-    c = bundle.num_classes
+    c = card.num_classes
     shape = volume.shape
-    calibration = bundle.card.get("calibration")
-    estimator = estimator_for(calibration, c)
+    estimator = estimator_from_card(card.calibration, c)  # once per run, not per slab
     acc = estimator.accumulator(c)
     store_dtype = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}[storage]
     files: Dict[str, Path] = {}
@@ -548,13 +550,13 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
         t = time.perf_counter()
         # One pass for the estimate, the maps, the labels and the uncertainty where the
         # calibration allows it (EstimateAccumulator.add_with_maps), two passes otherwise.
-        scaled = calibration_logits(logits[None], calibration)[0]
+        scaled = estimator.scale_logits(logits[None])[0]
         fused = acc.add_with_maps(scaled)
         if fused is not None:
             p, lab, ent = fused
         else:
             acc.add(scaled)
-            p = apply_calibration(logits[None], calibration)[0]
+            p = estimator.probabilities(logits[None])[0]
             lab = torch.argmax(p, dim=0)
             ent = (-(p * torch.log(p.clamp_min(1e-12))).sum(0) / log_c).clamp(0, 1)
         dz = p.shape[1]
@@ -576,7 +578,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     timings["sliding_window_total"] = time.perf_counter() - t1
 
     progress("estimate", 0.0)
-    performance = acc.result(bundle.class_names)
+    performance = acc.result(card.class_names)
     voxel_ml = float(np.prod(geometry.GetSpacing())) / 1000.0
     for row in performance.classes:
         row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
@@ -593,7 +595,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
         work_ref.SetSpacing(geometry.GetSpacing())
         work_ref.SetDirection(geometry.GetDirection())
         dec = np.stack([decode(probs_out[k], storage) for k in range(c)])
-        dec = _to_input_grid(dec, work_ref, to_canonical(image), image, resampled)
+        dec = to_input_grid(dec, work_ref, to_canonical(image), image, resampled)
         probs_out = encode(torch.from_numpy(dec), storage)
         labels_out = np.argmax(dec, axis=0).astype(np.uint8 if c <= 256 else np.uint16)
         ent = -(dec * np.log(np.clip(dec, 1e-12, None))).sum(0) / log_c
@@ -607,6 +609,6 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
         if isinstance(arr, np.memmap):
             arr.flush()
     return CompactPrediction(stored=probs_out, storage=storage, labels=labels_out, uncertainty_stored=unc_out,
-                             reference=reference, class_names=bundle.class_names, timings=timings,
+                             reference=reference, class_names=card.class_names, timings=timings,
                              performance=performance, estimator=estimator, files=files, execution=execution)
 

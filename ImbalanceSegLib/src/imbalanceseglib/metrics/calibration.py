@@ -1,9 +1,15 @@
 """Calibration and uncertainty metrics for per-voxel class probabilities.
 
+Implements the binned expected calibration error and reliability diagrams of Guo
+et al. (On calibration of modern neural networks, ICML 2017; ECE of Naeini et al.
+2015), the class-wise ECE of Kull et al. (NeurIPS 2019) and the QU-BraTS
+uncertainty score of Mehta et al. (MELBA 2022), with the formulas below.
+
 Expected calibration error (ECE), equal-width bins
 -------------------------------------------------
 Bins are [0, 1/B), [1/B, 2/B), ..., [(B-1)/B, 1] (a confidence of exactly 1 falls
-in the last bin). ECE = sum_b (n_b / N) |accuracy_b - confidence_b|.
+in the last bin). ECE = sum_b (n_b / N) |accuracy_b - confidence_b| (Guo et al.
+2017, with n_b voxels in bin b out of N).
 
 * **global**: confidence = the largest class probability, correct = (arg-max
   class == reference class);
@@ -45,7 +51,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from scipy import ndimage
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 from .surface import as_spacing, bounding_box
 
 DEFAULT_BINS = 15

@@ -1,5 +1,9 @@
 """Surface distances between binary masks, in millimetres, computed on bounding boxes.
 
+Implements HD, HD95 and ASSD as Metrics Reloaded defines them (Maier-Hein et al.,
+Nature Methods 2024), and the normalised surface Dice of Nikolov et al. (J Med
+Internet Res 2021), with the formulas below.
+
 Definitions (one published definition each, stated here and used everywhere):
 
 * **Border voxels** (Metrics Reloaded; MONAI ``get_mask_edges``): the voxels of a
@@ -39,8 +43,8 @@ voxel of both masks lies inside that box, so the distances are exact. Nearest
 neighbours are found with a k-d tree over the border points, or with an exact
 Euclidean distance transform when the box is small compared with the surface.
 
-Empty masks are *not* handled here (the functions raise ``ValueError``); the
-evaluation module applies the documented edge-case policy before calling them.
+Empty masks are *not* handled here (the functions raise ``ValueError``);
+:mod:`imbalanceseglib.evaluation` applies the documented edge-case policy before calling them.
 """
 
 from __future__ import annotations

@@ -1,61 +1,60 @@
-"""Class weights that follow training, and asymmetric regularisers for rare classes.
+"""Class weights that follow training: DisW, DifW (DHC) and CDifW (Double-Mix).
 
-Three families of tools for segmentation with badly imbalanced classes:
+Papers and equations implemented (``C`` classes, class 0 the background):
 
-* **Class weights that change during training** (for a weighted cross-entropy
-  and/or Dice loss):
+* :class:`DistributionWeights` ("DisW"; DHC's *distribution-aware debiased
+  weighting*, DistDW: Wang & Li, "DHC: Dual-debiased Heterogeneous Co-training
+  framework for class-imbalanced semi-supervised medical image segmentation",
+  MICCAI 2023, Sec. 2).  From voxel counts ``n_c``::
 
-  - :class:`DistributionWeights` ("DisW", distribution-aware weights of DHC:
-    Wang & Li, "DHC: Dual-debiased Heterogeneous Co-training framework for
-    class-imbalanced semi-supervised medical image segmentation", MICCAI 2023).
-    Rare classes weigh more, through the logarithm of how many times rarer
-    than the most frequent class they are.  Initialised from the labelled
-    set's voxel counts and then moved, by an exponential moving average (EMA),
-    towards the weights of each batch's (pseudo-)label counts.
-  - :class:`DifficultyWeights` ("DifW", difficulty-aware weights of DHC).
-    Classes whose Dice is low, and classes that are being *unlearned* (Dice
-    falling) rather than learned (Dice rising), weigh more.
-  - :class:`ConfidenceDifficultyWeights` ("CDifW", Zhang, Hayashi, Oda & Mori,
-    "Double-mix pseudo-label framework: enhancing semi-supervised segmentation
-    on category-imbalanced CT volumes", IJCARS 2024/2025): DifW multiplied by
-    a per-class confidence term that is larger for classes the network is
-    unsure about.
+      w_c = C * log(r_c) / max_k log(r_k),   r_c = (max_k n_k + eps) / (n_c + eps)
+      w  <- m * w + (1 - m) * w_batch        (EMA over batches, DHC: m = 0.99)
 
-  The weight objects hold their whole state in a few lists of Python floats:
-  ``state_dict()`` is JSON-serialisable (no pickles) and ``load_state_dict``
-  restores it exactly, so a resumed run computes bit-identical weights.  They
-  take *aggregated statistics* (voxel counts, per-class Dice, per-class
-  confidence) rather than tensors of voxels, and the helpers that compute those
-  statistics (:func:`class_voxel_counts`, :func:`per_class_batch_dice`,
-  :func:`per_class_confidence`) return additive sums, so data-parallel training
-  can all-reduce (sum) the sums over processes and feed every process the same
-  statistics; every process then holds the same weights.
+  Rare classes weigh more, through the logarithm of how many times rarer than
+  the most frequent class they are.
 
-* **Asymmetric mixup** (:func:`asymmetric_mixup`) and
-* **asymmetric adversarial training** (:func:`asymmetric_adversarial_input`)
-  from Li, Kamnitsas & Glocker, "Analyzing overfitting under class imbalance
-  in neural networks for image segmentation", IEEE TMI 2021 (MICCAI 2019
-  version: "Overfitting of neural nets under class imbalance").  Networks
-  overfit the few voxels of rare classes, whose logits then shift towards the
-  decision boundary on unseen images; the asymmetric variants regularise the
-  rare classes only (keeping their labels hard in mixup, and perturbing the
-  input in the direction that hurts them most).
+* :class:`DifficultyWeights` ("DifW"; DHC's *difficulty-aware debiased
+  weighting*, DiffDW, same section).  From each batch's per-class Dice
+  ``d_c`` (learned / unlearned steps ``Δ_c log(d_c / d'_c)`` of the Dice change
+  ``Δ_c`` since the last update, accumulated by an EMA over about ``tau``
+  iterations)::
+
+      w_c = ((unlearn_c + eps) / (learn_c + eps)) ** alpha * dicew_c,
+      dicew_c = EMA of (1 - d_c),   weights = C * w / max_k w_k
+
+  Classes whose Dice is low, and classes that are being unlearned (Dice
+  falling) rather than learned, weigh more.
+
+* :class:`ConfidenceDifficultyWeights` ("CDifW"; Zhang, Hayashi, Oda & Mori,
+  "Double-mix pseudo-label framework: enhancing semi-supervised segmentation
+  on category-imbalanced CT volumes", IJCARS 2024/2025): DifW times a
+  per-class confidence term ``u_k = ((1 - c_k + eps) / (max_j (1 - c_j) + eps))
+  ** alpha`` (``c_k`` the mean probability of class k over its labelled voxels),
+  folded into an EMA, normalised to a largest weight of C.
+
+The full update rules are in each class's docstring.
+
+The weight objects hold their whole state in a few lists of Python floats:
+``state_dict()`` is JSON-serialisable (no pickles) and ``load_state_dict``
+restores it exactly, so a resumed run computes bit-identical weights.  They
+take *aggregated statistics* (voxel counts, per-class Dice, per-class
+confidence) rather than tensors of voxels, and the helpers that compute those
+statistics (:func:`class_voxel_counts`, :func:`per_class_batch_dice`,
+:func:`per_class_confidence`) return additive sums, so data-parallel training
+can all-reduce (sum) the sums over processes and feed every process the same
+statistics; every process then holds the same weights.
 
 Conventions follow the rest of the library: logits are ``(N, C, *spatial)``,
-integer labels ``(N, 1, *spatial)`` (``(N, *spatial)`` is accepted too), class
-0 is the background, and ``rare_mask`` is a length-``C`` sequence (or tensor)
-of booleans marking the rare classes.
+integer labels ``(N, 1, *spatial)`` (``(N, *spatial)`` is accepted too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 __all__ = [
     "ClassConfidence",
@@ -63,9 +62,8 @@ __all__ = [
     "ConfidenceDifficultyWeights",
     "DifficultyWeights",
     "DistributionWeights",
-    "asymmetric_adversarial_input",
-    "asymmetric_mixup",
     "class_voxel_counts",
+    "label_indices",
     "per_class_batch_dice",
     "per_class_confidence",
 ]
@@ -120,8 +118,13 @@ def _mask(values: Any, num_classes: int, name: str) -> torch.Tensor:
     return t.clone()
 
 
-def _labels(target: torch.Tensor, ref: torch.Tensor | None, num_classes: int, name: str = "target") -> torch.Tensor:
-    """Integer labels (N, *spatial) from (N, 1, *spatial) or (N, *spatial); checks the range."""
+def label_indices(target: torch.Tensor, ref: torch.Tensor | None, num_classes: int,
+                  name: str = "target") -> torch.Tensor:
+    """Integer labels (N, *spatial) from (N, 1, *spatial) or (N, *spatial); checks the range.
+
+    ``ref`` (logits or images, (N, C, *spatial)) fixes the expected shape.  Also used by
+    :mod:`imbalanceseglib.perturbations`.
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor")
     if target.is_floating_point():
@@ -233,7 +236,7 @@ def class_voxel_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     ``logits.argmax(1)``.  Counts are additive: all-reduce them across processes.
     """
     num_classes = _check_num_classes(num_classes)
-    lab = _labels(labels, None, num_classes, "labels")
+    lab = label_indices(labels, None, num_classes, "labels")
     return torch.bincount(lab.reshape(-1), minlength=num_classes).to(device="cpu", dtype=torch.float64)
 
 
@@ -249,7 +252,7 @@ def per_class_batch_dice(logits: torch.Tensor, target: torch.Tensor, *, soft: bo
     if logits.dim() < 3:
         raise ValueError("logits must be (N, C, *spatial)")
     c = logits.shape[1]
-    lab = _labels(target, logits, c)
+    lab = label_indices(target, logits, c)
     with torch.no_grad():
         if soft:
             prob = torch.softmax(logits.detach().float(), dim=1)
@@ -281,7 +284,7 @@ def per_class_confidence(logits: torch.Tensor, target: torch.Tensor | None = Non
     with torch.no_grad():
         prob = torch.softmax(logits.detach().float(), dim=1)
         if target is not None:
-            lab = _labels(target, logits, c)
+            lab = label_indices(target, logits, c)
             p_true = prob.gather(1, lab.unsqueeze(1))[:, 0]
             idx, val = lab.reshape(-1), p_true.reshape(-1).double()
         else:
@@ -627,198 +630,3 @@ class ConfidenceDifficultyWeights:
             raise ValueError(f"pending_updates must be in [0, {self.fold_every}), got {pending}")
         self.difficulty.load_state_dict(state["difficulty"])
         self._conf, self._acc_sum, self._acc_n, self._pending = conf, acc_sum, acc_n, pending
-
-
-# --------------------------------------------------------------------------- #
-# Asymmetric mixup (Li, Kamnitsas & Glocker)
-# --------------------------------------------------------------------------- #
-
-
-def _rare_tensor(rare_mask: Any, device: torch.device) -> torch.Tensor:
-    if isinstance(rare_mask, torch.Tensor):
-        r = rare_mask.detach().reshape(-1)
-    else:
-        r = torch.as_tensor(np.asarray(rare_mask)).reshape(-1)
-    if r.numel() < 2:
-        raise ValueError("rare_mask must have one boolean per class (at least 2 classes)")
-    if r.dtype != torch.bool:
-        if not bool(((r == 0) | (r == 1)).all()):
-            raise ValueError(f"rare_mask must hold booleans, got {r.tolist()}")
-        r = r != 0
-    return r.to(device)
-
-
-def asymmetric_mixup(x_a: torch.Tensor, y_a: torch.Tensor, x_b: torch.Tensor, y_b: torch.Tensor,
-                     rare_mask: Sequence[bool] | torch.Tensor, alpha: float = 0.3, margin: float = 0.5,
-                     rng: np.random.Generator | int | None = None, *,
-                     lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mixup that keeps the labels of rare classes hard (Li, Kamnitsas & Glocker, TMI).
-
-    ``lam ~ Beta(alpha, alpha)`` is drawn once for the batch from ``rng`` (a
-    ``numpy.random.Generator``, or a seed; pass ``lam`` to set it yourself).
-    ``lam`` is used as drawn (image a is *not* forced to dominate: neither the
-    paper's code nor plain mixup takes ``max(lam, 1 - lam)``; the authors'
-    released code instead draws ``Beta(alpha, alpha) * (1 - margin)``, which you
-    can reproduce by passing ``lam``).
-
-    * image: ``x_mix = lam * x_a + (1 - lam) * x_b``
-    * target, per voxel, with ``w_a = lam`` and ``w_b = 1 - lam``:
-
-      - if ``y_a`` is a rare class and ``w_a > margin`` (and not also ``y_b``
-        rare with ``w_b > margin``): ``onehot(y_a)``, the hard rare label;
-      - symmetrically, if ``y_b`` is rare and ``w_b > margin`` (and not ``y_a``
-        likewise): ``onehot(y_b)``;
-      - otherwise (non-rare voxels, rare voxels whose image weighs ``<= margin``,
-        and the case where both qualify, possible only for ``margin < 0.5``):
-        the usual soft target ``w_a * onehot(y_a) + w_b * onehot(y_b)``.
-
-      The strict ``>`` follows the authors' code.  Every target sums to 1.  (The
-      authors' code drops every voxel whose mixed target is not one-hot from
-      the loss; here they keep the soft mixup target.)
-
-    ``x_a``/``x_b``: float ``(N, Cin, *spatial)``; ``y_a``/``y_b``: integer
-    labels ``(N, 1, *spatial)`` or ``(N, *spatial)``; ``rare_mask``: one boolean
-    per class (its length is the number of classes C).  Returns ``(x_mix,
-    y_soft (N, C, *spatial) in x's float dtype, lam)``.
-    """
-    if x_a.shape != x_b.shape:
-        raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
-    if not x_a.is_floating_point() or not x_b.is_floating_point():
-        raise TypeError("images must be floating point tensors")
-    if x_a.dim() < 3:
-        raise ValueError("images must be (N, Cin, *spatial)")
-    margin = float(margin)
-    if not 0.0 <= margin <= 1.0:
-        raise ValueError(f"margin must be in [0, 1], got {margin!r}")
-    rare = _rare_tensor(rare_mask, x_a.device)
-    c = rare.numel()
-    la = _labels(y_a, x_a, c, "y_a").to(x_a.device)
-    lb = _labels(y_b, x_b, c, "y_b").to(x_a.device)
-    if lam is None:
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        lam = float(gen.beta(alpha, alpha))
-    lam = float(lam)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam!r}")
-    wa, wb = lam, 1.0 - lam
-    x_mix = wa * x_a + wb * x_b
-    dtype = x_a.dtype
-    oh_a = F.one_hot(la, c).movedim(-1, 1).to(dtype)
-    oh_b = F.one_hot(lb, c).movedim(-1, 1).to(dtype)
-    soft = wa * oh_a + wb * oh_b
-    keep_a = rare[la] & (wa > margin)
-    keep_b = rare[lb] & (wb > margin)
-    only_a = (keep_a & ~keep_b).unsqueeze(1)
-    only_b = (keep_b & ~keep_a).unsqueeze(1)
-    y_soft = torch.where(only_a, oh_a, torch.where(only_b, oh_b, soft))
-    return x_mix, y_soft, lam
-
-
-# --------------------------------------------------------------------------- #
-# Asymmetric adversarial training (Li, Kamnitsas & Glocker)
-# --------------------------------------------------------------------------- #
-
-
-def _unit_per_sample(d: torch.Tensor) -> torch.Tensor:
-    """``d / ||d||_2`` per sample (over all non-batch dims), in float64; zero stays zero."""
-    flat = d.detach().to(torch.float64).reshape(d.shape[0], -1)
-    scale = flat.abs().amax(1, keepdim=True)          # rescale first: no under/overflow in the squares
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    flat = flat / scale
-    norm = flat.norm(dim=1, keepdim=True)
-    unit = torch.where(norm > 0, flat / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(flat))
-    return unit.reshape(d.shape)
-
-
-def asymmetric_adversarial_input(network: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                                 rare_mask: Sequence[bool] | torch.Tensor, epsilon: float = 10.0,
-                                 xi: float = 1e-6, loss: str = "ce", *,
-                                 generator: torch.Generator | None = None,
-                                 network_mode: str = "eval") -> torch.Tensor:
-    """One-step adversarial input that targets the rare classes only (Li, Kamnitsas & Glocker, TMI).
-
-    As in the authors' code, a random direction ``d`` (standard normal, scaled
-    to L2 norm ``xi`` per sample) is added to the input, the loss on the
-    **voxels whose label is a rare class** is evaluated at ``x + d``, and its
-    gradient ``g`` with respect to the input gives the perturbation::
-
-        r_adv = epsilon * g / ||g||_2        (per sample, over channels and voxels)
-        x_adv = x + r_adv                    (detached)
-
-    so each sample's perturbation has L2 norm ``epsilon``, in units of the
-    (normalised) image intensities; the per-voxel size is about
-    ``epsilon / sqrt(voxels per sample)`` (the authors' 3D U-Net used
-    ``epsilon=10``, the default, on whole patches).  Train on ``x_adv`` with
-    the usual loss in a following step.
-
-    ``loss="ce"`` (default, the paper's choice): cross-entropy against the true
-    labels, summed over rare-class voxels.  ``loss="kl"``: virtual adversarial
-    (VAT-like) KL divergence between the predictions at ``x`` and ``x + d``,
-    summed over rare-class voxels; it needs ``xi`` large enough that ``x + d``
-    differs from ``x`` in the network's precision (e.g. ``xi`` about
-    ``1e-3 * sqrt(voxels per sample)`` for float32), else the gradient is zero.
-
-    Samples whose gradient is zero get no perturbation; in
-    ``network_mode="eval"`` that includes every sample without rare voxels
-    (with batch statistics such a sample can still be reached through the
-    others).  A batch without any rare voxel is returned unchanged (a detached
-    copy of ``x``), without running the network.
-
-    ``network_mode="eval"`` (default) runs the network in eval mode (no dropout,
-    per-sample batch-norm statistics, so each sample's direction depends on that
-    sample only); ``"train"`` runs it in train mode as the authors did (batch
-    statistics), restoring every buffer afterwards so batch-norm running
-    statistics do not move.  The network's train/eval mode is restored, and no
-    gradient is left in (or added to) its parameters' ``.grad``: the input
-    gradient comes from :func:`torch.autograd.grad`.  ``generator`` seeds the
-    random start.
-    """
-    if loss not in ("ce", "kl"):
-        raise ValueError(f"loss must be 'ce' or 'kl', got {loss!r}")
-    if network_mode not in ("eval", "train"):
-        raise ValueError(f"network_mode must be 'eval' or 'train', got {network_mode!r}")
-    if not x.is_floating_point() or x.dim() < 3:
-        raise ValueError("x must be a floating point tensor (N, Cin, *spatial)")
-    epsilon, xi = float(epsilon), float(xi)
-    if not epsilon >= 0 or not xi >= 0:
-        raise ValueError("epsilon and xi must be >= 0")
-    rare = _rare_tensor(rare_mask, x.device)
-    c = rare.numel()
-    lab = _labels(y, x, c, "y").to(x.device)
-    rare_vox = rare[lab]
-    x = x.detach()
-    if not bool(rare_vox.any()) or epsilon == 0.0:
-        return x.clone()
-
-    was_training = network.training
-    saved = [b.detach().clone() for b in network.buffers()] if network_mode == "train" else None
-    try:
-        network.train(network_mode == "train")
-        d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
-            else torch.randn(x.shape, device=x.device, dtype=x.dtype)
-        d = (xi * _unit_per_sample(d)).to(x.dtype).requires_grad_(True)
-        with torch.enable_grad():
-            if loss == "kl":
-                with torch.no_grad():
-                    logp_clean = torch.log_softmax(network(x).float(), dim=1)
-            logits = network(x + d).float()
-            if logits.shape[1] != c or tuple(logits.shape[2:]) != tuple(lab.shape[1:]):
-                raise ValueError(f"network output {tuple(logits.shape)} does not match {c} classes and the "
-                                 f"label shape {tuple(lab.shape)}")
-            if loss == "ce":
-                per_voxel = F.cross_entropy(logits, lab, reduction="none")
-            else:
-                logq = torch.log_softmax(logits, dim=1)
-                per_voxel = (logp_clean.exp() * (logp_clean - logq)).sum(1)
-            objective = (per_voxel * rare_vox.to(per_voxel.dtype)).sum()
-            (grad,) = torch.autograd.grad(objective, d)
-    finally:
-        network.train(was_training)
-        if saved is not None:
-            with torch.no_grad():
-                for b, s in zip(network.buffers(), saved):
-                    b.copy_(s)
-    r_adv = (epsilon * _unit_per_sample(grad)).to(x.dtype)
-    return (x + r_adv).detach()

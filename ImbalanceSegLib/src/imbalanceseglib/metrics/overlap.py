@@ -1,4 +1,12 @@
-"""Overlap metrics used by training, the model card and the module's table.
+"""Overlap metrics from per-class confusion counts (training, the model card, the module's table).
+
+Definitions (per class c, one-vs-rest counts TP, FP, FN over all voxels):
+
+* Dice = 2 TP / (2 TP + FP + FN) (Dice 1945; Sorensen 1948);
+* IoU = TP / (TP + FP + FN) (Jaccard 1912);
+* sensitivity (recall) = TP / (TP + FN); precision = TP / (TP + FP);
+
+as Metrics Reloaded defines them (Maier-Hein et al., Nature Methods 2024).
 
 Empty-structure policy (one place, used everywhere): when a class is absent from
 both the reference and the prediction, Dice, sensitivity and precision are

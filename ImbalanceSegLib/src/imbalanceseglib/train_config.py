@@ -1,0 +1,228 @@
+"""Training configuration: :class:`TrainConfig`, the named methods it applies, and the
+semi-supervised settings, validated in one place.
+
+``TrainConfig.from_dict`` fills the fields a JSON config leaves out from the named method
+(:data:`~imbalanceseglib.presets.METHOD_PRESETS`, torch-free) and validates the result with
+:meth:`TrainConfig.validate`, the only place a training method name, the class weighting,
+the augmentation and the semi-supervised settings are checked.  Everything downstream (the
+command line, the Slicer module, the trainers in :mod:`imbalanceseglib.training` and
+:mod:`imbalanceseglib.semi_supervised`) takes the validated config: :meth:`TrainConfig.validated`
+checks again only a config whose fields changed since it was last validated.
+
+Importing this module needs neither torch nor MONAI; validating a config imports the
+class-weight, augmentation and loss modules it checks against.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .presets import METHOD_PRESETS
+from .rare import RARE_FRACTION
+
+__all__ = ["METHOD_PRESETS", "SEMI_DEFAULTS", "SEMI_METHODS", "TrainConfig", "make_class_weighter",
+           "semi_supervised_settings"]
+
+# --------------------------------------------------------------------------- semi-supervised settings
+
+SEMI_METHODS = ("none", "cps", "double_mix")
+
+#: ``TrainConfig.semi_supervised`` defaults (see :mod:`imbalanceseglib.semi_supervised`).
+SEMI_DEFAULTS: Dict[str, Any] = {
+    "method": "none",
+    "weights_a": {"method": "none"},
+    "weights_b": {"method": "none"},
+    "unsup_weight": 0.1,
+    "rampup": 0.4,
+    "mix_weight": 0.5,
+    "mix_start": 0.1,
+    "ema_decay": 0.99,
+    "unlabeled_batch_size": None,
+}
+
+
+def _filled_semi_settings(config_entry: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return {**copy.deepcopy(SEMI_DEFAULTS), **dict(config_entry or {})}
+
+
+def semi_supervised_settings(config_entry: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The semi-supervised settings with defaults filled in, validated (ValueError names the key)."""
+    entry = dict(config_entry or {})
+    unknown = sorted(set(entry) - set(SEMI_DEFAULTS))
+    if unknown:
+        raise ValueError(f"semi_supervised: unknown settings {unknown}; known: {sorted(SEMI_DEFAULTS)}")
+    s = _filled_semi_settings(entry)
+    if s["method"] not in SEMI_METHODS:
+        raise ValueError(f"semi_supervised.method must be one of {', '.join(SEMI_METHODS)}, got {s['method']!r}")
+    for key, lo, hi in (("unsup_weight", 0.0, 1e3), ("rampup", 0.0, 1.0), ("mix_weight", 0.0, 1e3),
+                        ("mix_start", 0.0, 1.0), ("ema_decay", 0.0, 1.0)):
+        v = s[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= float(v) <= hi:
+            raise ValueError(f"semi_supervised.{key} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    ub = s["unlabeled_batch_size"]
+    if ub is not None and (isinstance(ub, bool) or not isinstance(ub, int) or ub < 1):
+        raise ValueError(f"semi_supervised.unlabeled_batch_size must be a positive integer, got {ub!r}")
+    for key in ("weights_a", "weights_b"):
+        if not isinstance(s[key], dict) or "method" not in s[key]:
+            raise ValueError(f"semi_supervised.{key} must be a class weighting such as {{'method': 'disw'}}, "
+                             f"got {s[key]!r}")
+    return s
+
+
+# --------------------------------------------------------------------------- class weighting
+
+
+def make_class_weighter(settings: Dict[str, Any], n_classes: int):
+    """DisW / DifW / CDifW weighter from ``TrainConfig.class_weighting`` (None for ``none``)."""
+    opts = {k: v for k, v in settings.items() if k != "method"}
+    method = settings.get("method", "none")
+    if method == "none":
+        return None
+    from .class_weights import ConfidenceDifficultyWeights, DifficultyWeights, DistributionWeights  # needs torch
+    if method == "disw":
+        return DistributionWeights(n_classes, **opts)
+    if method == "difw":
+        return DifficultyWeights(n_classes, **opts)
+    if method == "cdifw":
+        return ConfidenceDifficultyWeights(n_classes, **opts)
+    raise ValueError(f"unknown class weighting {method!r}")
+
+
+# --------------------------------------------------------------------------- the config
+
+
+def _default_loss() -> Dict[str, Any]:
+    from .losses import DEFAULT_LOSS  # needs torch and MONAI: imported when a config is made
+    return dict(DEFAULT_LOSS)
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    classes: List[Dict[str, Any]]
+    target_spacing: List[float]
+    patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])
+    features: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    normalization: Dict[str, Any] = field(default_factory=lambda: {
+        "scheme": "percentile_zscore", "lower_percentile": 0.5, "upper_percentile": 99.5})
+    loss: Dict[str, Any] = field(default_factory=_default_loss)
+    iterations: int = 1000
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    # Fraction of patches centred on a foreground voxel of a class drawn uniformly
+    # among the classes present in the case, so rare classes are seen as often as large ones.
+    foreground_fraction: float = 0.67
+    seed: int = 0
+    val_every: int = 250
+    checkpoint_every: int = 50
+    log_every: int = 25
+    num_threads: int = 0
+    description: str = ""
+    modality: str = "MR T1"
+    # Imbalance-aware methods (see METHOD_PRESETS; ``method`` is recorded in the model card).
+    method: str = "dice_ce"
+    rare_classes: Optional[List[str]] = None   # names; None: every foreground class under rare_threshold
+    rare_threshold: float = RARE_FRACTION
+    class_weighting: Dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    mixup: Dict[str, Any] = field(default_factory=lambda: {"probability": 0.0, "alpha": 0.3, "margin": 0.5})
+    adversarial: Dict[str, Any] = field(default_factory=lambda: {"probability": 0.0, "epsilon": 10.0,
+                                                                 "weight": 1.0})
+    augmentation: Dict[str, Any] = field(default_factory=lambda: {"default": "none", "rare": "none"})
+    # Semi-supervised training (imbalanceseglib.semi_supervised); method "none" is supervised.
+    semi_supervised: Dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    # Recompute block activations in the backward pass (less memory for large patches).
+    activation_checkpointing: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """Config from JSON, validated; a ``method`` naming a preset fills the fields the dict leaves out."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields: {unknown}")
+        d = copy.deepcopy(d)
+        for key, value in METHOD_PRESETS.get(d.get("method", "dice_ce"), {}).items():
+            d.setdefault(key, copy.deepcopy(value))  # an unknown method is refused by validate()
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check every field (ValueError naming it); the one place a training method name is checked."""
+        if self.method not in METHOD_PRESETS:
+            raise ValueError(f"unknown training method {self.method!r}; known: {', '.join(METHOD_PRESETS)}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
+        if len(self.classes) < 2:
+            raise ValueError("config.classes must list the background and at least one foreground class")
+        for i, c in enumerate(self.classes):
+            if c.get("value") != i:
+                raise ValueError(f"config.classes[{i}] must have value {i}")
+        if len(self.patch_size) != 3 or any(p % 2 ** (len(self.features) - 1) for p in self.patch_size):
+            raise ValueError(f"patch_size {self.patch_size} must be 3 sizes divisible by {2 ** (len(self.features) - 1)}")
+        from .card import patch_size_problem  # the rule the model card is read with (one home)
+        problem = patch_size_problem(list(self.patch_size), {"arch": "UNet3D", "params": {"features": self.features}})
+        if problem:
+            raise ValueError(problem.replace("preprocessing.patch_size", "patch_size"))
+        if self.iterations < 1 or self.batch_size < 1:
+            raise ValueError("iterations and batch_size must be positive")
+        names = [c["name"] for c in self.classes]
+        if self.rare_classes is not None:
+            bad = [n for n in self.rare_classes if n not in names[1:]]
+            if bad:
+                raise ValueError(f"rare_classes {bad} are not foreground classes of the config ({names[1:]})")
+        if not 0.0 < float(self.rare_threshold) < 1.0:
+            raise ValueError(f"rare_threshold must be a voxel fraction in (0, 1), got {self.rare_threshold!r}")
+        cw = self.class_weighting.get("method", "none")
+        if cw not in ("none", "disw", "difw", "cdifw"):
+            raise ValueError(f"class_weighting.method must be none, disw, difw or cdifw, got {cw!r}")
+        try:
+            make_class_weighter(self.class_weighting, len(self.classes))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"class_weighting {self.class_weighting!r}: {exc}") from None
+        for key, cfg in (("mixup", self.mixup), ("adversarial", self.adversarial)):
+            p = cfg.get("probability", 0.0)
+            if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{key}.probability must be in [0, 1], got {p!r}")
+        from .augment import policy_from_config  # needs torch
+        for key in ("default", "rare"):
+            policy_from_config(self.augmentation.get(key, "none"))  # raises naming the bad key
+        ss = semi_supervised_settings(self.semi_supervised)
+        for key in ("weights_a", "weights_b"):
+            try:
+                make_class_weighter(ss[key], len(self.classes))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"semi_supervised.{key} {ss[key]!r}: {exc}") from None
+        if ss["method"] != "none" and self.class_weighting.get("method", "none") != "none":
+            raise ValueError("semi-supervised training weights each network through semi_supervised.weights_a/"
+                             "weights_b; leave class_weighting at 'none'")
+        if ss["method"] != "none" and (self.mixup.get("probability", 0.0) or self.adversarial.get("probability", 0.0)):
+            raise ValueError("asymmetric mixup and adversarial training are supervised-only; "
+                             "turn them off for semi-supervised training")
+        object.__setattr__(self, "_validated_as", self._fingerprint())
+
+    def validated(self) -> "TrainConfig":
+        """This config, for a trainer: validated again only if a field changed since :meth:`validate`
+        last passed (a config from :meth:`from_dict` is not checked twice)."""
+        if getattr(self, "_validated_as", None) != self._fingerprint():
+            self.validate()
+        return self
+
+    def _fingerprint(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=repr)
+
+    @property
+    def is_semi_supervised(self) -> bool:
+        return self.semi_supervised.get("method", "none") != "none"
+
+    @property
+    def semi_settings(self) -> Dict[str, Any]:
+        """``semi_supervised`` with the defaults filled in (validated with the config)."""
+        return _filled_semi_settings(self.semi_supervised)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,283 @@
+"""The loop scaffold both trainers run, and the pieces they share.
+
+The supervised trainer (:func:`imbalanceseglib.training.train`) and the semi-supervised one
+(cross pseudo supervision, Chen et al., CVPR 2021, and Double-Mix, Zhang et al., IJCARS 2024:
+:func:`imbalanceseglib.semi_supervised.train_semi_supervised`) build their network(s), loss and
+patch samplers and supply one training step; :class:`TrainingLoop` does the rest the same way
+for both:
+
+* AdamW and nnU-Net's polynomial learning-rate decay, and the seeded numpy generator the
+  patches are drawn from;
+* resume from ``checkpoint.pt`` (:mod:`imbalanceseglib.checkpoints`, refused for another config);
+* every ``log_every`` iterations a history entry, a log line and an ``iteration`` event;
+  every ``val_every`` the per-class validation Dice (:func:`validation_step`); every
+  ``checkpoint_every`` a checkpoint and an ``artifact`` event (:mod:`imbalanceseglib.events`);
+* at the end the model bundle with its card (:func:`training_card`) and a ``bundle`` event.
+
+Under torchrun (``ctx``) only rank 0 validates and writes; the others wait at barriers.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import distributed as dd
+from . import events as ev
+from .augment import ClassSpecificAugmenter, policy_from_config
+from .bundle import BUNDLE_SUFFIX, save_bundle
+from .checkpoints import (CHECKPOINT_FILE, checkpoint_state, config_fingerprint, restore_checkpoint,
+                          resume_checkpoint, save_checkpoint)
+from .class_weights import (ConfidenceDifficultyWeights, DifficultyWeights, DistributionWeights,
+                            class_voxel_counts as batch_voxel_counts, per_class_batch_dice, per_class_confidence)
+from .inference import sliding_window_logits
+from .losses import build_loss
+from .metrics import overlap_metrics
+from .rare import resolve_rare_mask
+from .train_config import TrainConfig
+from .training_data import Case
+
+__all__ = ["LogFn", "TrainingLoop", "begin_run", "build_augmenter", "build_training_loss", "evaluate_cases",
+           "quiet", "training_card", "update_class_weighter", "validation_step"]
+
+LogFn = Callable[[str], None]
+
+
+def quiet(message: str) -> None:
+    """A log function that drops everything (the ranks other than 0 under torchrun)."""
+
+
+def evaluate_cases(network: torch.nn.Module, cases: Sequence[Case], config: TrainConfig) -> Dict[str, Any]:
+    """Per-class Dice/sensitivity/precision (mean over cases where defined)."""
+    n_cls = len(config.classes)
+    per_case = []
+    for case in cases:
+        logits = sliding_window_logits(network, case.image, config.patch_size, overlap=0.5)
+        pred = logits[0].argmax(0).numpy().astype(np.uint8)
+        per_case.append(overlap_metrics(pred, case.labels, n_cls))
+    summary: Dict[str, Any] = {}
+    for c in range(1, n_cls):
+        entry: Dict[str, Any] = {}
+        for key in ("dice", "sensitivity", "precision"):
+            vals = [m[c][key] for m in per_case if m[c][key] is not None]
+            entry[key] = float(np.mean(vals)) if vals else None
+            entry[f"{key}_std"] = float(np.std(vals)) if vals else None
+        entry["cases_defined"] = sum(1 for m in per_case if m[c]["dice"] is not None)
+        summary[config.classes[c]["name"]] = entry
+    return {"per_class": summary, "cases": len(cases)}
+
+
+def validation_step(network, val_cases: Sequence[Case], config: TrainConfig, done: int,
+                    history: List[Dict[str, Any]], log: Callable[[str], None], label: str = "val dice",
+                    events: Optional[ev.EventFn] = None) -> None:
+    """Per-class validation Dice during training: appended to ``history``, logged, and sent as a
+    ``validation`` event (:mod:`imbalanceseglib.events`) when ``events`` is given."""
+    network.eval()
+    metrics = evaluate_cases(network, val_cases, config)
+    network.train()
+    history.append({"iteration": done, "val": metrics["per_class"]})
+    log(f"  {label}: " + "  ".join(f"{k}={v['dice']:.3f}" if v["dice"] is not None else f"{k}=absent"
+                                   for k, v in metrics["per_class"].items()))
+    if events is not None:
+        events(ev.validation(done, {k: v["dice"] for k, v in metrics["per_class"].items()}))
+
+
+def update_class_weighter(weighter, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Feed one batch (detached logits, integer labels (N,1,...)) to a weighter."""
+    if isinstance(weighter, DistributionWeights):
+        weighter.update(batch_voxel_counts(labels, logits.shape[1]))
+    elif isinstance(weighter, ConfidenceDifficultyWeights):
+        weighter.update(per_class_batch_dice(logits, labels), per_class_confidence(logits, labels))
+    elif isinstance(weighter, DifficultyWeights):
+        weighter.update(per_class_batch_dice(logits, labels))
+
+
+def build_training_loss(config: TrainConfig, names: List[str], fractions: List[float]):
+    """The configured loss, the rare class names and the rare mask (from the training voxel fractions)."""
+    rare_mask = resolve_rare_mask(names, fractions, config.rare_classes, config.rare_threshold)
+    rare_names = [n for n, r in zip(names, rare_mask.tolist()) if r]
+    loss_settings = dict(config.loss)
+    if loss_settings.get("name", "").startswith("asym"):
+        loss_settings.setdefault("rare_classes", rare_names)
+    return build_loss(loss_settings, names, fractions), rare_names, rare_mask
+
+
+def build_augmenter(config: TrainConfig, rare_mask: torch.Tensor) -> Optional[ClassSpecificAugmenter]:
+    aug = config.augmentation
+    if aug.get("default", "none") == "none" and aug.get("rare", "none") == "none":
+        return None
+    return ClassSpecificAugmenter(policy_from_config(aug.get("default", "none")),
+                                  policy_from_config(aug.get("rare", "none")),
+                                  [i for i, r in enumerate(rare_mask.tolist()) if r],
+                                  spacing=tuple(reversed(config.target_spacing)))
+
+
+def training_card(config: TrainConfig, network_entry: Dict[str, Any], validation: Dict[str, Any],
+                  rare_names: List[str], voxel_counts: np.ndarray, n_train: int, n_val: int, total_time: float,
+                  history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The model card written at the end of training."""
+    return {
+        "name": config.name,
+        "description": config.description,
+        "network": network_entry,
+        "classes": config.classes,
+        "preprocessing": {"modality": config.modality, "target_spacing": list(config.target_spacing),
+                          "patch_size": list(config.patch_size), "normalization": config.normalization,
+                          "orientation": "LPS"},
+        "calibration": {"method": "none"},
+        "validation": validation,
+        "training": {
+            "method": config.method,
+            "loss": config.loss.get("name", "dice_ce"),
+            "rare_classes": rare_names,
+            "seconds_per_iteration": round(total_time / max(1, config.iterations), 4),
+            "config": config.to_dict(),
+            "class_voxel_fractions": dict(zip([c["name"] for c in config.classes],
+                                              (voxel_counts / voxel_counts.sum()).tolist())),
+            "train_cases": n_train, "val_cases": n_val,
+            "wall_time_s": round(total_time, 1), "history": history,
+            "software": {"imbalanceseglib": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+        },
+    }
+
+
+def begin_run(config: TrainConfig, out_dir: Path) -> Path:
+    """Create the output folder, set the thread count and seed torch (before any network is built)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    return out_dir
+
+
+# A training step: iteration index (from 0) -> the losses of that step, averaged into the log.
+StepFn = Callable[[int], Dict[str, float]]
+# Log report: (iterations done, mean losses since the last report, elapsed seconds, "<rate> it/s  eta <m> min")
+# -> (history entry, which must hold "loss", and log line).
+ReportFn = Callable[[int, Dict[str, float], float, str], Tuple[Dict[str, Any], str]]
+
+
+class TrainingLoop:
+    """Optimizer, schedule, generator, resume, cadence of logs/validation/checkpoints, bundle.
+
+    ``teachers`` (with ``with_teachers``) are the semi-supervised trainer's EMA teachers: their
+    state is checkpointed (``{}`` when None) and restored with the rest.
+    """
+
+    def __init__(self, config: TrainConfig, network: torch.nn.Module, out_dir: Path, val_cases: Sequence[Case], *,
+                 log: LogFn = print, events: Optional[ev.EventFn] = None, ctx: Optional[dd.DistContext] = None,
+                 teachers: Optional[torch.nn.Module] = None, with_teachers: bool = False):
+        self.config = config
+        self.network = network
+        self.out_dir = Path(out_dir)
+        self.val_cases = val_cases
+        self.log, self.events = log, events
+        self.ctx = ctx if ctx is not None else dd.DistContext()
+        self.teachers, self.with_teachers = teachers, with_teachers
+        self.optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: (1 - it / config.iterations) ** 0.9)  # nnU-Net's polynomial decay
+        self.rng = np.random.default_rng(config.seed)
+        self.history: List[Dict[str, Any]] = []
+        self.start_it = 0
+        self.elapsed_before = 0.0
+        self.ckpt_path = self.out_dir / CHECKPOINT_FILE
+        self.config_json = config_fingerprint(config)
+        self.last_checkpoint: Optional[int] = None
+        self._t_start = time.perf_counter()
+
+    def resume(self, load_class_weights: Callable[[Any], None]) -> bool:
+        """Continue from ``checkpoint.pt`` if there is one (refused for another config); the stored
+        class weighter state(s) go to ``load_class_weights``. Returns whether it resumed."""
+        if not self.ckpt_path.exists():
+            return False
+        ck = resume_checkpoint(self.ckpt_path, self.config_json)
+        self.history, self.start_it, self.elapsed_before, weights = restore_checkpoint(
+            ck, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng,
+            teachers=self.teachers)
+        load_class_weights(weights)
+        self.log(f"resuming from {self.ckpt_path} at iteration {self.start_it}/{self.config.iterations}")
+        return True
+
+    def kept(self) -> str:
+        """What a failed step leaves behind, for its error message."""
+        return (f"the checkpoint of iteration {self.last_checkpoint} in {self.ckpt_path} is kept"
+                if self.last_checkpoint is not None else "no checkpoint had been written yet")
+
+    def checkpoint(self, iteration: int, elapsed: float, class_weights: Callable[[], Any]) -> None:
+        if not self.ctx.is_main:
+            dd.barrier(self.ctx)
+            return
+        save_checkpoint(self.ckpt_path, checkpoint_state(
+            network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng,
+            history=self.history, iteration=iteration, elapsed=elapsed, config_json=self.config_json,
+            class_weights=class_weights(), teachers=self.teachers, with_teachers=self.with_teachers))
+        dd.barrier(self.ctx)
+
+    def run(self, step: StepFn, report: ReportFn, class_weights: Callable[[], Any],
+            val_label: str = "val dice") -> None:
+        """Iterations ``start_it`` .. ``config.iterations``: ``step`` each, then the cadences."""
+        cfg = self.config
+        t_start = self._t_start = time.perf_counter()
+        running: Dict[str, List[float]] = {}
+        self.last_checkpoint = self.start_it if self.ckpt_path.exists() else None
+        self.network.train()
+        for it in range(self.start_it, cfg.iterations):
+            for key, value in step(it).items():
+                running.setdefault(key, []).append(value)
+            done = it + 1
+            elapsed = self.elapsed_before + time.perf_counter() - t_start
+            if done % cfg.log_every == 0 or done == cfg.iterations:
+                rate = (done - self.start_it) / max(1e-9, time.perf_counter() - t_start)
+                speed = f"{rate:.2f} it/s  eta {(cfg.iterations - done) / max(rate, 1e-9) / 60:.1f} min"
+                entry, line = report(done, {k: float(np.mean(v)) for k, v in running.items()}, elapsed, speed)
+                self.history.append(entry)
+                self.log(line)
+                if self.events is not None:
+                    self.events(ev.iteration(done, cfg.iterations, entry["loss"]))
+                running = {}
+            if self.val_cases and self.ctx.is_main and (done % cfg.val_every == 0 or done == cfg.iterations):
+                validation_step(self.network, self.val_cases, cfg, done, self.history, self.log, label=val_label,
+                                events=self.events)
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                self.checkpoint(done, elapsed, class_weights)
+                self.last_checkpoint = done
+                if self.events is not None:
+                    self.events(ev.artifact("checkpoint", self.ckpt_path))
+
+    def finish(self, network_entry: Dict[str, Any], rare_names: List[str], voxel_counts: np.ndarray, n_train: int,
+               extra_card: Optional[Dict[str, Any]] = None,
+               training_extra: Optional[Dict[str, Any]] = None) -> Path:
+        """Validate, write ``<out_dir>/<name>.imbseg`` (card: :func:`training_card`, with
+        ``training_extra`` in its ``training`` entry and ``extra_card`` on top) and return its path."""
+        cfg = self.config
+        self.network.eval()
+        bundle_path = self.out_dir / f"{cfg.name}{BUNDLE_SUFFIX}"
+        if not self.ctx.is_main:
+            dd.barrier(self.ctx)  # rank 0 writes the bundle
+            return bundle_path
+        validation = (evaluate_cases(self.network, self.val_cases, cfg) if self.val_cases
+                      else {"per_class": {}, "cases": 0})
+        total_time = self.elapsed_before + time.perf_counter() - self._t_start
+        card = training_card(cfg, network_entry, validation, rare_names, voxel_counts, n_train, len(self.val_cases),
+                             total_time, self.history)
+        if self.ctx.active:
+            card["training"]["processes"] = self.ctx.world
+        card["training"].update(training_extra or {})
+        if extra_card:
+            card.update(copy.deepcopy(extra_card))
+        path = save_bundle(bundle_path, card, self.network)
+        if self.events is not None:
+            self.events(ev.artifact("bundle", path))
+        dd.barrier(self.ctx)
+        return path

@@ -747,19 +747,10 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def performanceRows(prediction, flagThreshold: float = REVIEW_THRESHOLD) -> List[Dict[str, Any]]:
-        """Per foreground class: the label-free estimate of ``prediction.performance`` and a review flag."""
-        rows = []
-        for c, est in enumerate(prediction.performance.classes):
-            if c == 0:
-                continue
-            dice = est["dice"]
-            flag = review_flag(est["state"], dice, flagThreshold)
-            rows.append({"Segment": prediction.class_names[c], "Estimated Dice": dice,
-                         "Estimated sensitivity": est["sensitivity"], "Estimated precision": est["precision"],
-                         "Volume": est.get("predicted_ml"), "Expected volume": est.get("expected_ml"),
-                         "Mean confidence": est["mean_confidence"], "State": est["state"], "Flag": flag,
-                         "Threshold": "argmax"})
-        return rows
+        """Per foreground class: the label-free estimate of ``prediction.performance`` and a review flag
+        (the rows ``imbalanceseg predict`` writes: :func:`imbalanceseglib.segfile.performance_rows`)."""
+        from imbalanceseglib.segfile import performance_rows
+        return performance_rows(prediction, flagThreshold)
 
     @staticmethod
     def formatPerformanceRows(rows: List[Dict[str, Any]], trueDice: Optional[Dict[str, Optional[float]]] = None) -> str:

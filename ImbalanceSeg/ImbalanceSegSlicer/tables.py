@@ -4,6 +4,8 @@ as Slicer's SegmentStatistics tables carry them."""
 
 from __future__ import annotations
 
+from imbalanceseglib.segfile import PERFORMANCE_COLUMNS  # one definition, shared with predict's files
+
 TABLE_COLUMNS = [
     {"name": "Segment", "type": "string", "description": "Class name from the model card"},
     {"name": "Voxel count", "type": "int", "unit": "voxels", "description": "Voxels assigned to the class"},
@@ -27,31 +29,6 @@ TABLE_COLUMNS = [
 #: Row keys in table column order.
 ROW_KEYS = [c["name"] for c in TABLE_COLUMNS]
 
-PERFORMANCE_COLUMNS = [
-    {"name": "Segment", "type": "string", "description": "Class name from the model card"},
-    {"name": "Estimated Dice", "type": "double", "unit": "",
-     "description": "Dice estimated without a reference from the calibrated probabilities "
-                    "(empty: class estimated absent)"},
-    {"name": "Estimated sensitivity", "type": "double", "unit": "",
-     "description": "Expected true positives over the expected reference volume (includes the expected misses "
-                    "inside other classes' segments)"},
-    {"name": "Estimated precision", "type": "double", "unit": "",
-     "description": "Expected true positives over the segment volume (empty: no voxels)"},
-    {"name": "Volume", "type": "double", "unit": "ml", "description": "Segment volume on the model's grid"},
-    {"name": "Expected volume", "type": "double", "unit": "ml",
-     "description": "Sum of the calibrated probability of the class over the volume"},
-    {"name": "Mean confidence", "type": "double", "unit": "",
-     "description": "Mean calibrated probability of the class over its segment"},
-    {"name": "State", "type": "string", "unit": "",
-     "description": "predicted; absent (no voxels, expected volume under half a voxel); possibly missed "
-                    "(no voxels but an expected volume of at least half a voxel)"},
-    {"name": "Flag", "type": "string", "unit": "",
-     "description": "review: estimated Dice below the flag threshold, or possibly missed"},
-    {"name": "Threshold", "type": "string", "unit": "",
-     "description": "argmax (most probable class) or the probability threshold set for the class in Review. "
-                    "A row whose segment differs from the argmax segment is re-estimated from the calibrated "
-                    "probabilities (expected Dice, sensitivity, precision)"},
-]
 PERFORMANCE_KEYS = [c["name"] for c in PERFORMANCE_COLUMNS]
 #: Table attribute keeping the label-free estimator's rows (argmax segments), restored when a
 #: class's segment returns to its argmax form.

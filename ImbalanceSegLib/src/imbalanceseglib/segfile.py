@@ -163,15 +163,16 @@ def write_segmentation_nrrd(label_image: sitk.Image, classes: Sequence[Dict[str,
 # ---------------------------------------------------------------------------
 # Performance estimate table
 # ---------------------------------------------------------------------------
-#: The module's performance table (``ImbalanceSegSlicer.tables.PERFORMANCE_COLUMNS``), which the
-#: library cannot import: name, type, unit. A test keeps the two equal.
+#: The performance table's columns (name, type, unit, description), shared by the files written
+#: here and the Slicer module's table node (``ImbalanceSegSlicer.tables`` imports them).
 PERFORMANCE_COLUMNS: List[Dict[str, str]] = [
     {"name": "Segment", "type": "string", "unit": "", "description": "Class name from the model card"},
     {"name": "Estimated Dice", "type": "double", "unit": "",
      "description": "Dice estimated without a reference from the calibrated probabilities "
                     "(empty: class estimated absent)"},
     {"name": "Estimated sensitivity", "type": "double", "unit": "",
-     "description": "Expected true positives over the expected reference volume"},
+     "description": "Expected true positives over the expected reference volume (includes the expected misses "
+                    "inside other classes' segments)"},
     {"name": "Estimated precision", "type": "double", "unit": "",
      "description": "Expected true positives over the segment volume (empty: no voxels)"},
     {"name": "Volume", "type": "double", "unit": "ml", "description": "Segment volume on the model's grid"},
@@ -185,7 +186,9 @@ PERFORMANCE_COLUMNS: List[Dict[str, str]] = [
     {"name": "Flag", "type": "string", "unit": "",
      "description": "review: estimated Dice below the flag threshold, or possibly missed"},
     {"name": "Threshold", "type": "string", "unit": "",
-     "description": "argmax (most probable class) or a probability threshold set for the class"},
+     "description": "argmax (most probable class) or the probability threshold set for the class in Review. "
+                    "A row whose segment differs from the argmax segment is re-estimated from the calibrated "
+                    "probabilities (expected Dice, sensitivity, precision)"},
 ]
 PERFORMANCE_COLUMN_NAMES = [c["name"] for c in PERFORMANCE_COLUMNS]
 

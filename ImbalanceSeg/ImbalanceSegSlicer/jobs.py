@@ -472,10 +472,11 @@ class TrainingJob(_ProcessJob):
         if self.dataFolder is not None:
             if self.pairs or self.validationPairs:
                 raise ValueError("train either on scene segmentations or on a data folder, not both")
-            for sub in ("images", "labels"):
+            for sub in (() if (self.dataFolder / "dataset.json").is_file() else ("images", "labels")):
                 if not (self.dataFolder / sub).is_dir():
                     raise FileNotFoundError(f"data folder {self.dataFolder} has no '{sub}' folder "
-                                            "(expected images/, labels/ and classes.json)")
+                                            "(expected images/, labels/ and classes.json, or dataset.json "
+                                            "of the nnU-Net v2 or MSD layout)")
         elif not self.pairs:
             raise ValueError("choose at least one (volume, segmentation) pair to train on")
         self.config.validated()  # checks again only a config changed since it was validated
@@ -486,8 +487,8 @@ class TrainingJob(_ProcessJob):
         self._tmp = Path(tempfile.mkdtemp(prefix="imbalanceseg-train-"))
         try:
             if self.dataFolder is not None:
-                data: Dict[str, Any] = {"kind": "folders", "images": str(self.dataFolder / "images"),
-                                        "labels": str(self.dataFolder / "labels")}
+                # Any layout imbalanceseglib.datasets reads; label values mapped to the config's classes.
+                data: Dict[str, Any] = {"kind": "dataset", "folder": str(self.dataFolder)}
                 if (self.dataFolder / "val_images").is_dir() and (self.dataFolder / "val_labels").is_dir():
                     data["val_images"] = str(self.dataFolder / "val_images")
                     data["val_labels"] = str(self.dataFolder / "val_labels")

@@ -635,40 +635,33 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     def trainingConfigFromFolder(self, folder: os.PathLike, method: str = "dice_ce", iterations: int = 2000,
                                  name: str = "my_model", modality: str = "", patchSize: int = 64):
-        """A training config for a data folder: ``classes.json`` (a list of ``{"value", "name", "color"}``;
-        background 0 is added when absent), ``images/`` and ``labels/`` with the same file names.
-        Target spacing: the median spacing of the images (read from their headers)."""
+        """A training config for a data folder in any layout :func:`imbalanceseglib.datasets.open_dataset`
+        reads: ``images/``, ``labels/`` and ``classes.json`` (a list of ``{"value", "name", "color"}`` or
+        a mapping ``{"0": "background", ...}``; background 0 is added when absent), the nnU-Net v2 raw
+        layout or the MSD layout. Label values need not be consecutive: the classes get indices 0, 1, 2,
+        ... and keep their ``label_value``. The first labelled case's label map is checked against the
+        classes here (the training job checks every case). ``modality``: the given one, else the
+        layout's, else empty. Target spacing: the median spacing of the images (read from their headers)."""
         import SimpleITK as sitk
-        folder = Path(folder)
-        spec = folder / "classes.json"
-        if not spec.is_file():
-            raise FileNotFoundError(f"{spec} not found: a data folder needs classes.json with the class names")
+        from imbalanceseglib.datasets import DatasetError, open_dataset
+        ds = open_dataset(Path(folder))
+        labelled = ds.labelled_cases()
+        if not labelled:
+            raise FileNotFoundError(f"no labelled cases in {ds.folder}")
         try:
-            classes = json.loads(spec.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{spec} is not valid JSON ({exc})") from exc
-        if not isinstance(classes, list) or not all(isinstance(c, dict) and "name" in c and "value" in c
-                                                    for c in classes):
-            raise ValueError(f"{spec} must be a list of objects with 'value' and 'name'")
-        classes = [{"value": int(c["value"]), "name": str(c["name"]), "color": c.get("color", [0.5, 0.5, 0.5])}
-                   for c in classes]
-        if not any(c["value"] == 0 for c in classes):
-            classes.insert(0, {"value": 0, "name": "Background", "color": [0, 0, 0]})
-        classes.sort(key=lambda c: c["value"])
-        if [c["value"] for c in classes] != list(range(len(classes))):
-            raise ValueError(f"{spec}: class values must be 0, 1, 2, ... without gaps, "
-                             f"got {[c['value'] for c in classes]}")
-        images = sorted(p for p in (folder / "images").glob("*") if p.is_file()) if (folder / "images").is_dir() else []
-        if not images:
-            raise FileNotFoundError(f"no images in {folder / 'images'}")
+            ds.read_labels(labelled[0])
+        except DatasetError as exc:
+            raise ValueError(f"{exc} (class values need not be 0, 1, 2, ... without gaps, but the classes must "
+                             "list every label value the label maps hold)") from exc
         spacings, sizes = [], []
-        for p in images:
+        for case in ds.cases:
             reader = sitk.ImageFileReader()
-            reader.SetFileName(str(p))
+            reader.SetFileName(str(case.image))
             reader.ReadImageInformation()
             spacings.append(reader.GetSpacing())
             sizes.append(reader.GetSize())
-        return self._trainConfig(name, classes, spacings, sizes, method, iterations, modality, patchSize)
+        return self._trainConfig(name, ds.config_classes(), spacings, sizes, method, iterations,
+                                 modality or ds.modality, patchSize)
 
     def updateTrainingPlot(self, history: Sequence[Dict[str, Any]], classNames: Sequence[str],
                            chartNode=None, name: str = "ImbalanceSeg training"):

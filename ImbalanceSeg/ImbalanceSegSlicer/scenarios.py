@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import SimpleITK as sitk
 
 DEMO_MODEL_NAME = "demo_brain.imbseg"
 

@@ -362,6 +362,7 @@ def validate_card(card: Dict[str, Any]) -> Dict[str, Any]:
     if len(classes) > _MAX_CLASSES:
         raise BundleError(f"model card lists {len(classes)} classes; at most {_MAX_CLASSES} are supported")
     seen_names = set()
+    seen_label_values: set = set()
     for i, cls in enumerate(classes):
         if not isinstance(cls, dict) or not isinstance(cls.get("name"), str) or not cls["name"].strip():
             raise BundleError(f"class #{i} needs a non-empty 'name'")
@@ -372,9 +373,19 @@ def validate_card(card: Dict[str, Any]) -> Dict[str, Any]:
         if cls["name"] in seen_names:
             raise BundleError(f"class name {cls['name']!r} appears twice")
         seen_names.add(cls["name"])
+        if "label_value" in cls:  # the value the training label maps used (non-consecutive labels)
+            lv = cls["label_value"]
+            if not _is_int(lv) or not 0 <= lv <= 65535:
+                raise BundleError(f"class #{i} ({cls['name']!r}) label_value must be an integer in "
+                                  f"[0, 65535], got {_short(lv)}")
+            if lv in seen_label_values:
+                raise BundleError(f"class #{i} ({cls['name']!r}) label_value {lv} appears twice")
+            seen_label_values.add(lv)
         _check_color(cls.get("color", [0, 0, 0]), f"class {cls['name']!r}")
         if "terminology" in cls:
             _check_terminology(cls["terminology"], f"class {cls['name']!r}")
+    if seen_label_values and len(seen_label_values) != len(classes):
+        raise BundleError("model card: 'label_value' must be given for every class or for none")
     _check_network(card["network"], len(classes))
     pre = card["preprocessing"]
     if not isinstance(pre, dict):
@@ -424,6 +435,12 @@ class CardClass:
     name: str
     color: Tuple[float, float, float]
     terminology: Optional[Mapping[str, Any]] = None
+    label_value: Optional[int] = None  # the original label value, when training data used another
+
+    @property
+    def output_value(self) -> int:
+        """The label value outputs use: ``label_value`` when the card records one, else ``value``."""
+        return self.value if self.label_value is None else self.label_value
 
 
 @dataclass(frozen=True)
@@ -451,7 +468,8 @@ class ModelCard:
     def from_card(cls, card: Dict[str, Any]) -> "ModelCard":
         classes = tuple(CardClass(value=int(c["value"]), name=c["name"],
                                   color=tuple(float(v) for v in c.get("color", [0, 0, 0])),  # type: ignore[arg-type]
-                                  terminology=MappingProxyType(c["terminology"]) if "terminology" in c else None)
+                                  terminology=MappingProxyType(c["terminology"]) if "terminology" in c else None,
+                                  label_value=int(c["label_value"]) if "label_value" in c else None)
                         for c in card["classes"])
         calibration = card.get("calibration")
         return cls(name=card["name"], classes=classes, network=_section(card, "network"),
@@ -475,6 +493,11 @@ class ModelCard:
     @property
     def values(self) -> List[int]:
         return [c.value for c in self.classes]
+
+    @property
+    def output_values(self) -> List[int]:
+        """Label values predictions are written with (the training data's original values)."""
+        return [c.output_value for c in self.classes]
 
     @property
     def in_channels(self) -> Any:

@@ -49,7 +49,7 @@ def _teller(args: argparse.Namespace, emit):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from . import events as ev
-    from .data import folder_images, load_training_data, load_unlabeled_data
+    from .data import config_classes_from_data, folder_images, load_training_data, load_unlabeled_data
     from .train_config import TrainConfig
     from .training import train
     from .training_data import prepare_case, prepare_unlabeled_case
@@ -59,12 +59,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg_path = Path(args.config)
     spec = json.loads(cfg_path.read_text())
     base = Path(args.data_root) if args.data_root else cfg_path.parent
-    config = TrainConfig.from_dict({**spec["train"], **({"iterations": args.iterations} if args.iterations else {})})
+    if args.data:  # a data folder in any supported layout replaces the config's data section
+        spec["data"] = {"kind": "dataset", "folder": str(Path(args.data).resolve())}
+    train_spec = dict(spec.get("train") or {})
+    if "classes" not in train_spec:
+        classes, modality = config_classes_from_data(spec.get("data") or {}, base)
+        train_spec["classes"] = classes
+        shown = [c["name"] + (f" (label value {c['label_value']})" if "label_value" in c else "") for c in classes]
+        say(f"[train] classes from the data folder: {', '.join(shown)}", flush=True)
+        if "modality" not in train_spec:
+            train_spec["modality"] = modality
+            say(f"[train] modality: {modality}" if modality else
+                "[train] modality: the data folder does not state it; left empty in the model card "
+                "(set \"modality\" in the config to record it)", flush=True)
+    config = TrainConfig.from_dict({**train_spec, **({"iterations": args.iterations} if args.iterations else {})})
     say(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
     if emit:
         emit(ev.progress("prepare data", 0.0))
     t0 = time.perf_counter()
-    train_pairs, val_pairs = load_training_data(spec["data"], base, log=lambda s: say(s, flush=True))
+    train_pairs, val_pairs = load_training_data(spec["data"], base, log=lambda s: say(s, flush=True),
+                                                classes=config.classes)
     train_cases = [prepare_case(i, l, config, n) for i, l, n in train_pairs]
     val_cases = [prepare_case(i, l, config, n) for i, l, n in val_pairs]
     unlabeled = load_unlabeled_data(spec["data"], base, log=lambda s: say(s, flush=True))
@@ -226,6 +240,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise
 
 
+def _original_label_values(classes, label_image):
+    """(classes with each ``value`` the original label value, label map with those values), or
+    (classes, None) when the model was trained on the label values 0, 1, 2, ... themselves."""
+    import SimpleITK as sitk
+
+    from .datasets import card_label_values, indices_to_label_values
+
+    values = card_label_values(classes)
+    if values == list(range(len(classes))):
+        return classes, None
+    out = [{**{k: v for k, v in c.items() if k != "label_value"}, "value": lv, "index": c["value"]}
+           for c, lv in zip(classes, values)]
+    img = sitk.GetImageFromArray(indices_to_label_values(sitk.GetArrayViewFromImage(label_image), values))
+    img.CopyInformation(label_image)
+    return out, img
+
+
 def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) -> int:
     import numpy as np
     import SimpleITK as sitk
@@ -266,10 +297,14 @@ def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) 
         for i, name in enumerate(pred.class_names):
             write_image(pred.probability_image(i), out / f"probability_{i:02d}.nrrd")
         write_image(pred.uncertainty_image(), out / "uncertainty.nrrd")
-    atomic_write_text(out / "classes.json", json.dumps(bundle.classes, indent=2))
+    out_classes, out_labels = _original_label_values(bundle.classes, pred.label_image())
+    if out_labels is not None:  # trained on non-consecutive label values: write those values back
+        write_image(out_labels, out / "labels.nrrd")
+    atomic_write_text(out / "classes.json", json.dumps(out_classes, indent=2))
     # What Slicer opens directly: the segmentation with the card's named, coloured segments, and
     # the label-free performance estimate with the module's columns.
-    write_segmentation_nrrd(pred.label_image(), bundle.classes, out / SEGMENTATION_FILE)
+    write_segmentation_nrrd(out_labels if out_labels is not None else pred.label_image(), out_classes,
+                            out / SEGMENTATION_FILE)
     write_performance_table(performance_rows(pred, args.flag_threshold), out / PERFORMANCE_FILE)
     written = [SEGMENTATION_FILE, PERFORMANCE_FILE]
     if demo is not None:
@@ -306,10 +341,16 @@ def _cell(value: Optional[float], spec: str) -> str:
 
 
 def _read_classes(path: str) -> "Dict[int, str]":
-    """``--classes``: a JSON list of {value, name}; any problem names the file."""
+    """``--classes``: a JSON list of {value, name}, or a mapping {"0": "background", "1": ...}
+    (label value to name, as a data folder's classes.json); any problem names the file."""
     try:
         classes = json.loads(Path(path).read_text())
-        names = {int(c["value"]): str(c["name"]) for c in classes}
+        if isinstance(classes, dict):
+            from .datasets import parse_classes
+            names = {c.label_value: c.name for c in parse_classes(classes, f"--classes {path}")
+                     if str(c.label_value) in classes}
+        else:
+            names = {int(c["value"]): str(c["name"]) for c in classes}
     except OSError as exc:
         raise ValueError(f"--classes {path}: cannot be read ({exc.strerror or exc})") from exc
     except (ValueError, TypeError, KeyError) as exc:
@@ -379,7 +420,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from . import estimation as pe
     from . import events as ev
+    import SimpleITK as sitk
+
     from .bundle import load_bundle, save_bundle
+    from .datasets import card_label_values, label_values_to_indices, open_dataset
     from .images import read_image
     from .inference import working_grid_logits
 
@@ -389,8 +433,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve() and not args.force:
         raise ValueError("--out is the input model; write the calibrated bundle to a new file (or pass --force)")
     bundle = load_bundle(src)
-    images = _image_folder(args.images, "image")
-    labels = _image_folder(args.labels, "label")
+    values = card_label_values(bundle.classes)
+    mapped = values != list(range(len(values)))  # the model was trained on other label values
+    if args.data:
+        ds = open_dataset(Path(args.data))
+        if ds.label_values != values:
+            raise ValueError(f"--data {args.data}: its label values {ds.label_values} are not the model's {values}")
+        images = {c.case_id: c.image for c in ds.labelled_cases()}
+        labels = {c.case_id: c.label for c in ds.labelled_cases()}
+        mapped = True
+        say(f"[calibrate] {ds.describe()}", flush=True)
+    elif args.images and args.labels:
+        images = _image_folder(args.images, "image")
+        labels = _image_folder(args.labels, "label")
+    else:
+        raise ValueError("give --data FOLDER, or --images and --labels")
     missing = sorted(set(images) - set(labels))
     if missing:
         raise ValueError(f"no label map for case(s) {', '.join(missing)} in {args.labels}")
@@ -403,6 +460,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     for cid, img_path in images.items():
         img = read_image(img_path, f"image {cid}")
         lab = read_image(labels[cid], f"label map {cid}")
+        if mapped:  # original label values -> the model's class indices
+            idx = sitk.GetImageFromArray(label_values_to_indices(
+                sitk.GetArrayViewFromImage(lab), values, f"case {cid!r} ({labels[cid]})"))
+            idx.CopyInformation(lab)
+            lab = idx
         logits, lab_arr, _ = working_grid_logits(img, bundle, lab, device=args.device)
         if lab_arr.max() >= bundle.num_classes:
             raise ValueError(f"label map {cid} holds value {int(lab_arr.max())}, but the model has "
@@ -461,6 +523,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from . import estimation as pe
     from .atomic import atomic_path
     from .bundle import load_bundle
+    from .datasets import is_dataset_folder, open_dataset
     from .images import read_image
     from .inference import working_grid_logits
 
@@ -470,7 +533,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     fg = bundle.class_names[1:]
     if args.rank_by != "worst" and args.rank_by not in fg:
         raise ValueError(f"--rank-by {args.rank_by!r} is not a class of the model; use 'worst' or one of {fg}")
-    images = _image_folder(args.images, "image")
+    if is_dataset_folder(Path(args.images)):  # a data folder: its test and training images
+        ds = open_dataset(Path(args.images))
+        images = {c.case_id: c.image for c in ds.test_cases + ds.cases}
+    else:
+        images = _image_folder(args.images, "image")
     card = bundle.model_card
     estimator = pe.estimator_from_card(card.calibration, card.num_classes)
     import torch
@@ -537,7 +604,8 @@ EVALUATE_DESCRIPTION = (
     "stderr naming the label and the cases that hold it; a requested label found in no case (no reference, "
     "no prediction) gets a warning too, and both_empty rows (Dice undefined), since a rare class can be "
     "absent from a small test set. It is an error (exit status 2, nothing written) when --labels holds a "
-    "value that --classes does not list or a negative one, or --classes is not a list of {value, name}. "
+    "value that --classes does not list or a negative one, or --classes is neither a list of {value, name} "
+    "nor a mapping {\"0\": \"background\", ...}. "
     "Every error met while evaluating a case names the case and its files.")
 
 
@@ -548,7 +616,20 @@ PREDICT_DESCRIPTION = (
     "performance table, with its .schema.tsv), labels.nrrd, probability_XX.nrrd per class, uncertainty.nrrd "
     "and classes.json. With --scene also scene.mrml (opens in Slicer with File > Add Data), volume.nrrd, "
     "class_table.tsv and axial/coronal/sagittal.png. A failed run removes the output folder again if it "
-    "created it and it is still empty.")
+    "created it and it is still empty. A model trained on non-consecutive label values writes those "
+    "values in labels.nrrd, the .seg.nrrd and classes.json (each class's \"index\" is its probability map).")
+
+
+TRAIN_DESCRIPTION = (
+    "Train a model from a JSON config ({\"train\": {...}, \"data\": {...}}). Data: a data folder in the "
+    "layout you have (--data, or \"data\": {\"kind\": \"dataset\", \"folder\": DIR}): images/ labels/ "
+    "classes.json (a list of {value, name, color} or a mapping {\"0\": \"background\", ...}), the "
+    "nnU-Net v2 raw layout (dataset.json, imagesTr/<case>_0000.nii.gz, labelsTr/; single channel) or the "
+    "Medical Segmentation Decathlon layout (dataset.json with 'training'). A train section without "
+    "\"classes\" takes them, and the modality, from the data folder (the modality is left empty when "
+    "the folder does not state it). Label values need not be consecutive (e.g. 0, 2, 5): the model trains "
+    "on 0, 1, 2, records the values in its card, and predict writes the original values back. "
+    "Float-coded integer labels (2.0) are accepted; other values are an error naming the case and file.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -556,9 +637,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="imbalanceseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model from a JSON config")
+    p = sub.add_parser("train", help="train a model from a JSON config", description=TRAIN_DESCRIPTION)
     p.add_argument("config")
     p.add_argument("--out", required=True, help="output folder (checkpoint and bundle)")
+    p.add_argument("--data", help="data folder to train on instead of the config's data section: "
+                                  "images/ labels/ classes.json, nnU-Net v2 raw (dataset.json, imagesTr/, "
+                                  "labelsTr/) or Medical Segmentation Decathlon (dataset.json with 'training'); "
+                                  "classes and modality come from it when the config's train section has none")
     p.add_argument("--data-root", help="folder that data paths in the config are relative to (default: the config's folder)")
     p.add_argument("--iterations", type=int, help="override the number of iterations")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
@@ -612,7 +697,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--labels", type=int, nargs="+",
                    help="label values to evaluate (default: the non-zero values of --classes, else every "
                         "non-zero label found in the maps)")
-    p.add_argument("--classes", help="JSON list of {value, name} (e.g. a bundle's classes.json): class names, "
+    p.add_argument("--classes", help="JSON list of {value, name} (e.g. a bundle's or prediction's classes.json) "
+                                     "or a mapping {\"0\": \"background\", \"1\": ...}: class names, "
                                      "and the labels to evaluate unless --labels is given")
     p.add_argument("--metrics", default="overlap,distance,nsd,detection",
                    help="comma-separated metric groups (default: %(default)s)")
@@ -630,8 +716,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("calibrate", help="fit calibration on labelled validation cases and write a new bundle")
     p.add_argument("--model", required=True)
-    p.add_argument("--images", required=True, help="folder of validation images (<case>.nrrd/.nii.gz/...)")
-    p.add_argument("--labels", required=True, help="folder of their label maps (same case names)")
+    p.add_argument("--images", help="folder of validation images (<case>.nrrd/.nii.gz/...)")
+    p.add_argument("--labels", help="folder of their label maps (same case names; the original label values "
+                                    "when the model was trained on non-consecutive ones)")
+    p.add_argument("--data", help="instead of --images/--labels: a data folder (images/ labels/ classes.json, "
+                                  "nnU-Net v2 raw or MSD) whose labelled cases are the validation cases")
     p.add_argument("--method", default="ts-atc", choices=["none", "ts", "doc", "atc", "ts-atc"])
     p.add_argument("--global", dest="global_", action="store_true",
                    help="one parameter for all classes instead of one per class")
@@ -643,7 +732,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=_cmd_calibrate)
     p = sub.add_parser("estimate", help="estimate per-class performance of unlabelled scans and rank them")
     p.add_argument("--model", required=True)
-    p.add_argument("--images", required=True, help="folder of unlabelled images")
+    p.add_argument("--images", required=True, help="folder of unlabelled images, or a data folder (nnU-Net v2 "
+                                                   "raw, MSD, images/ + classes.json): its test and training images")
     p.add_argument("--csv", help="per-case, per-class estimates (CSV)")
     p.add_argument("--flag-threshold", type=float, default=REVIEW_THRESHOLD,
                    help="flag classes below this estimated Dice")

@@ -122,7 +122,7 @@ class TrainConfig:
     log_every: int = 25
     num_threads: int = 0
     description: str = ""
-    modality: str = "MR T1"
+    modality: str = ""  # never assumed: from the config, the dataset.json, or left empty (any modality)
     # Imbalance-aware methods (see METHOD_PRESETS; ``method`` is recorded in the model card).
     method: str = "dice_ce"
     rare_classes: Optional[List[str]] = None   # names; None: every foreground class under rare_threshold
@@ -144,6 +144,14 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown training config fields: {unknown}")
+        import dataclasses
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+                   and f.name not in d]
+        if missing:
+            hint = (" (imbalanceseg train takes the classes from a data folder: --data, or a data section "
+                    "naming a folder with classes.json or dataset.json)" if "classes" in missing else "")
+            raise ValueError(f"training config lacks the required field(s) {missing}{hint}")
         d = copy.deepcopy(d)
         for key, value in METHOD_PRESETS.get(d.get("method", "dice_ce"), {}).items():
             d.setdefault(key, copy.deepcopy(value))  # an unknown method is refused by validate()

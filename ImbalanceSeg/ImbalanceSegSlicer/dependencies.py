@@ -74,6 +74,9 @@ def installed_version(module: str, distribution: str) -> Optional[str]:
 def problems(requirements: Optional[Dict[str, Tuple[str, str]]] = None,
              version_of: Callable[[str, str], Optional[str]] = installed_version) -> List[Problem]:
     """Missing or outdated packages, in the order of ``requirements``."""
+    # Packages pip installed a moment ago (another process): Python's documentation asks for
+    # this before finding modules created after the interpreter started.
+    importlib.invalidate_caches()
     out = []
     for module, (dist, minimum) in (requirements or REQUIREMENTS).items():
         have = version_of(module, dist)

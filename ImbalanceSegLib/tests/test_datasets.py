@@ -253,7 +253,8 @@ def test_shared_chaos_data_reads_when_present():
     """Reads ../shared/data/chaos_mr_t2 (float-coded labels) when this checkout has it."""
     root = Path(__file__).resolve().parents[3] / "shared" / "data" / "chaos_mr_t2"
     if not root.is_dir():
-        pytest.skip(f"{root} is absent (not in CI): the synthetic float-coded label test covers the rule")
+        pytest.skip(f"{root} is absent (the shared data sets sit beside the checkout): the synthetic float-coded "
+                    "label test covers the rule")
     ds = open_dataset(root)
     labelled = ds.labelled_cases()
     assert labelled

@@ -186,13 +186,16 @@ def strip_cxx_comments(text: str) -> str:
 def cxx_function_body(text: str, qualified: str) -> Optional[str]:
     """Body of ``qualified(...)`` (e.g. ``vtkMRMLColorTableNode::GetTypeAsString``)."""
     m = re.search(re.escape(qualified) + r"\s*\([^)]*\)\s*(?:const)?\s*\{", text)
-    if not m:
-        return None
-    depth, i = 1, m.end()
+    return braced_body(text, m.end()) if m else None
+
+
+def braced_body(text: str, start: int) -> str:
+    """The text from ``start`` (just after an opening brace) to its matching closing brace."""
+    depth, i = 1, start
     while depth and i < len(text):
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         i += 1
-    return text[m.end():i - 1]
+    return text[start:i - 1]
 
 
 # --------------------------------------------------------------------------- designer widgets
@@ -267,11 +270,7 @@ def qt_class_api(text: str, cls: str) -> Optional[dict]:
     m = re.search(r"class\s+(?:\w+_EXPORT\s+)?" + cls + r"\s*:\s*public\s+([\w:]+)[^{]*\{", text)
     if not m:
         return None
-    depth, i = 1, m.end()
-    while depth and i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        i += 1
-    body = text[m.end():i - 1]
+    body = braced_body(text, m.end())
     api = {"base": m.group(1).split("::")[-1], "slots": set(), "invokables": set(), "properties": set(),
            "signals": set()}
     section = "private"

@@ -2,6 +2,7 @@ import os
 
 import pytest
 from moduletest_helpers import SPHERE_A
+from moduletest_helpers import render_or_skip as _render
 from vtkmodules.vtkIOImage import vtkPNGReader
 
 from ImbalanceSegSlicer import rendering as R
@@ -17,15 +18,6 @@ def _png_size(path):
     reader.Update()
     dims = reader.GetOutput().GetDimensions()
     return dims[0], dims[1]
-
-
-def _render(*args, **kwargs):
-    try:
-        return R.render_slice_snapshots(*args, **kwargs)
-    except RuntimeError as exc:
-        if "libosmesa6" in str(exc):
-            pytest.skip(str(exc))
-        raise
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from moduletest_helpers import oblique_direction
+from moduletest_helpers import render_or_skip as _render
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkIOImage import vtkPNGReader
 
@@ -48,15 +49,6 @@ def _near(arr, rgb, tolerance=40):
 def _box(mask, box):
     x0, y0, x1, y1 = box
     return mask[y0:y1 + 1, x0:x1 + 1]
-
-
-def _render(*args, **kwargs):
-    try:
-        return R.render_slice_snapshots(*args, **kwargs)
-    except RuntimeError as exc:
-        if "libosmesa6" in str(exc):
-            pytest.skip(str(exc))
-        raise
 
 
 def _case(scene, direction):

@@ -8,8 +8,9 @@ fails). Cancel or a failure leaves the scene exactly as it was. The widget calls
 a Qt timer; scripts and tests call :meth:`SegmentationJob.wait`.
 
 Both jobs read the same structured event stream from their child (:mod:`imbalanceseglib.events`:
-JSON lines ``progress``, ``iteration``, ``validation``, ``artifact``, ``log``, ``done``,
-``error``), through one reader, :meth:`_ProcessJob._events`; other lines only go to ``log``.
+JSON lines ``progress``, ``iteration``, ``validation``, ``artifact``, ``log``, ``warning``,
+``done``, ``error``), through one reader, :meth:`_ProcessJob._events`; other lines only go to
+``log``; ``warning`` events (e.g. the classes a training run never learned) are kept in ``warnings``.
 Cancel stops the child's whole process tree: its process group on POSIX, ``taskkill /T`` on
 Windows (where the child is started without a console window).
 """
@@ -143,6 +144,7 @@ class _ProcessJob:
         self.state = CREATED
         self.error: Optional[str] = None
         self.log: List[str] = []
+        self.warnings: List[dict] = []  # the child's ``warning`` events, in order (kept across phases)
         self._proc: Optional[subprocess.Popen] = None
         self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self._stderr: List[str] = []
@@ -185,8 +187,9 @@ class _ProcessJob:
         """The events the child sent since the last call (:mod:`imbalanceseglib.events`), in order.
 
         The one place where the child's output is read: ``log`` events and lines that are not
-        events go to ``log``; ``done`` and ``error`` are remembered for the end (``error`` also
-        sets ``error``). Every event is returned, so the job can follow the kinds it shows."""
+        events go to ``log``; ``warning`` events to ``warnings`` (their message is in the child's
+        log already); ``done`` and ``error`` are remembered for the end (``error`` also sets
+        ``error``). Every event is returned, so the job can follow the kinds it shows."""
         events = []
         for line in self._new_lines():
             event = parse_event(line)
@@ -197,6 +200,8 @@ class _ProcessJob:
             kind = event["event"]
             if kind == "log":
                 self.log.append(str(event.get("message", "")))
+            elif kind == "warning":
+                self.warnings.append(event)
             elif kind == "done":
                 self._done_event = event
             elif kind == "error":
@@ -403,7 +408,8 @@ class TrainingJob(_ProcessJob):
     ``--events``: ``history`` holds the loss (``iteration`` events) and validation Dice
     (``validation`` events) as they come (for the live plot); ``bundlePath`` is set by the
     bundle's ``artifact`` event, ``checkpointPath`` by the checkpoints'; ``progressStage`` and
-    ``progressFraction`` follow ``progress`` events (data preparation, calibration). The scene
+    ``progressFraction`` follow ``progress`` events (data preparation, calibration); ``warnings``
+    holds the trainer's ``warning`` events (classes never learned or not checked). The scene
     is never changed.
     """
 

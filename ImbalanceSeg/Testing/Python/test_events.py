@@ -47,17 +47,22 @@ def test_event_lines_are_strict_json_and_round_trip():
     write(ev.iteration(3, 10, float("nan")))
     write(ev.validation(3, {"A": 0.5, "B": None}))
     write(ev.artifact("bundle", "/x/y.imbseg"))
+    write(ev.warning("never_learned", "[train] never learned: B", ("B",)))
     assert all(t.endswith("\n") and t.count("\n") == 1 for t in writer_out)
     parsed = [ev.parse_event(t) for t in writer_out]
     assert parsed == [{"event": "iteration", "iteration": 3, "total": 10, "loss": None},
                       {"event": "validation", "iteration": 3, "dice": {"A": 0.5, "B": None}},
-                      {"event": "artifact", "kind": "bundle", "path": "/x/y.imbseg"}]
+                      {"event": "artifact", "kind": "bundle", "path": "/x/y.imbseg"},
+                      {"event": "warning", "kind": "never_learned", "message": "[train] never learned: B",
+                       "classes": ["B"]}]
     assert ev.parse_event("iter 4/600 loss 0.8") is None and ev.parse_event('{"no": "event"}') is None
     assert ev.parse_event("{broken") is None and ev.parse_event("[1, 2]") is None
     with pytest.raises(ValueError, match="unknown event kind"):
         write({"event": "whatever"})
     with pytest.raises(ValueError, match="artifact kind"):
         ev.artifact("picture", "/x.png")
+    with pytest.raises(ValueError, match="warning kind"):
+        ev.warning("gloomy", "?")
 
 
 def _folders(tmp_path, synthetic, val=True):
@@ -143,8 +148,12 @@ def test_trainers_send_events_only_when_asked(synthetic, tmp_path):
     got = []
     path = train(config, cases, cases, tmp_path / "semi", unlabeled_cases=unlabelled, log=lambda s: None,
                  events=got.append)
-    assert [e["event"] for e in got] == ["iteration", "validation", "artifact", "artifact"]
-    assert got[0]["iteration"] == 2 and math.isfinite(got[0]["loss"]) and got[-1] == ev.artifact("bundle", path)
+    # after the bundle, a warning event for each class the final validation shows never learned
+    kinds = [e["event"] for e in got]
+    assert kinds[:4] == ["iteration", "validation", "artifact", "artifact"] and set(kinds[4:]) <= {"warning"}
+    assert got[0]["iteration"] == 2 and math.isfinite(got[0]["loss"]) and got[3] == ev.artifact("bundle", path)
+    never = load_bundle(path).card["training"]["never_learned"]
+    assert [e["classes"] for e in got[4:] if e["kind"] == "never_learned"] == ([never] if never else [])
     history = load_bundle(path).card["training"]["history"]
     assert got[0]["loss"] == history[0]["loss"]
     # events=None (the default): the same training, nothing sent, same weights

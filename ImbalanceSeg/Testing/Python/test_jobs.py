@@ -113,11 +113,16 @@ def test_one_reader_turns_the_child_output_into_events():
     for line in ['{"event": "progress", "stage": "network", "fraction": 0.5}', "plain text from a library",
                  '{"event": "log", "message": "[train] step 3"}', '{"no": "event"}', "   ",
                  '{"event": "iteration", "iteration": 3, "total": 9, "loss": 0.25}',
+                 '{"event": "warning", "kind": "never_learned", "message": "[train] never learned: B", '
+                 '"classes": ["B"]}',
                  '{"event": "error", "type": "BundleError", "message": "damaged"}', '{"event": "done"}', None]:
         job._lines.put(line)
     events = job._events()
-    assert [e["event"] for e in events] == ["progress", "log", "iteration", "error", "done"]
+    assert [e["event"] for e in events] == ["progress", "log", "iteration", "warning", "error", "done"]
     assert job.log == ["plain text from a library", "[train] step 3", '{"no": "event"}']
+    # warnings are kept for the end (the trainer wrote the same line to its log already)
+    assert job.warnings == [{"event": "warning", "kind": "never_learned", "message": "[train] never learned: B",
+                             "classes": ["B"]}]
     assert job.error == "BundleError: damaged" and job._done_event == {"event": "done"} and job._eof
 
 

@@ -209,7 +209,7 @@ class _FakeTrainingJob:
     def __init__(self):
         from ImbalanceSegSlicer.jobs import RUNNING
         self.state, self.phase, self.iteration, self.total, self.error = RUNNING, "train", 0, 10, None
-        self.history, self.bundlePath = [], None
+        self.history, self.bundlePath, self.warnings = [], None, []
 
     fraction = property(lambda self: self.iteration / self.total)
 
@@ -255,9 +255,14 @@ def test_closing_the_scene_during_training_keeps_the_plot_and_reports_completion
     bundle = tmp_path / "m.imbseg"
     bundle.write_bytes(b"")
     job.state, job.bundlePath = DONE, bundle
+    job.warnings = [{"event": "warning", "kind": "never_learned", "classes": ["B"],
+                     "message": "[train] never learned: B (validation Dice 0.000 at iteration 10). Try: more iterations."}]
     widget._timer.fire()
     assert widget._trainJob is None and not widget._timer.active
-    assert widget.ui.trainStatusLabel.text.startswith(f"Model written: {bundle}")
+    # the status says which class was never learned, under the model written
+    assert widget.ui.trainStatusLabel.text == (f"Model written: {bundle} (selected in the model list).\n"
+                                               "Never learned: B (validation Dice 0.000 at iteration 10). "
+                                               "Try: more iterations.")
 
 
 def test_run_settings_go_to_the_parameter_node_and_are_remembered(slicer_app):

@@ -11,9 +11,15 @@ is a JSON object whose ``"event"`` names its kind:
 ``validation``    ``iteration``, ``dice`` ({class name: Dice, or null where the class is absent})
 ``artifact``      ``kind`` (``"bundle"`` or ``"checkpoint"``), ``path`` (the file written)
 ``log``           ``message`` (one human-readable log line)
+``warning``       ``kind`` (one of :data:`WARNING_KINDS`), ``message`` (one human-readable line, which
+                  the producer also writes to its log), ``classes`` (the class names it is about)
 ``done``          the command finished; may carry extra fields (e.g. ``timings``)
 ``error``         ``type`` (exception class name), ``message``
 ================  =============================================================================
+
+Warnings (``warning``) so far come at the end of training: ``never_learned`` names the foreground
+classes whose validation Dice at the end is 0 and says what to try; ``not_checked`` the classes
+that could not be checked (no validation cases, or none containing the class).
 
 Producers take an ``events`` callback (``Callable[[dict], None]``, default None: no events);
 :class:`JsonLinesWriter` is the one that writes them as JSON lines. Non-finite numbers are
@@ -27,13 +33,14 @@ import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, TextIO
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, TextIO
 
 Event = Dict[str, Any]
 EventFn = Callable[[Event], None]
 
-KINDS = ("progress", "iteration", "validation", "artifact", "log", "done", "error")
+KINDS = ("progress", "iteration", "validation", "artifact", "log", "warning", "done", "error")
 ARTIFACT_KINDS = ("bundle", "checkpoint")
+WARNING_KINDS = ("never_learned", "not_checked")
 
 
 def progress(stage: str, fraction: float) -> Event:
@@ -57,6 +64,12 @@ def artifact(kind: str, path) -> Event:
 
 def log(message: str) -> Event:
     return {"event": "log", "message": str(message)}
+
+
+def warning(kind: str, message: str, classes: Sequence[str] = ()) -> Event:
+    if kind not in WARNING_KINDS:
+        raise ValueError(f"warning kind must be one of {WARNING_KINDS}, got {kind!r}")
+    return {"event": "warning", "kind": kind, "message": str(message), "classes": [str(c) for c in classes]}
 
 
 def done(**fields: Any) -> Event:

@@ -59,7 +59,7 @@ from .losses import weighted_ce
 from .networks import build_network, set_activation_checkpointing
 from .train_config import TrainConfig, make_class_weighter
 from .training_data import Case, PatchSampler, check_training_data
-from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss,
+from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, named_weights,
                             update_class_weighter)
 
 # --------------------------------------------------------------------------- building blocks
@@ -149,8 +149,10 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
                           val_cases: Sequence[Case], out_dir: Path, resume: bool = True, log: LogFn = print,
                           extra_card: Optional[Dict[str, Any]] = None, events: Optional[ev.EventFn] = None) -> Path:
     """Two-network semi-supervised training (see the module docstring); writes
-    ``<out_dir>/<name>.imbseg`` and returns its path.  Checkpoints, resume and ``events``
-    (iteration, validation, checkpoint and bundle events) as :func:`imbalanceseglib.training.train`."""
+    ``<out_dir>/<name>.imbseg`` and returns its path.  Checkpoints, resume, ``events``
+    (iteration, validation, checkpoint, bundle and warning events) and the summary of classes
+    never learned as :func:`imbalanceseglib.training.train`; the progress line names each class
+    weight of network A and of network B (``weights A Background=0.05 ...; B Background=1.00 ...``)."""
     ss = config.validated().semi_settings
     if ss["method"] == "none":
         raise ValueError("semi_supervised.method is 'none': use imbalanceseglib.training.train")
@@ -252,9 +254,11 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
         for tag, w in zip("ab", weighters):
             if w is not None:
                 entry[f"class_weights_{tag}"] = [round(float(v), 4) for v in w.weights]
+        weights = "; ".join(f"{tag.upper()} {named_weights(names, entry[f'class_weights_{tag}'])}"
+                            for tag in "ab" if f"class_weights_{tag}" in entry)
         line = (f"iter {done:>6}/{config.iterations}  loss {entry['loss']:.4f} (sup {entry['sup']:.4f}, cps "
                 f"{entry['cps']:.4f} x {ramp:.3f}" + (f", mix {entry['mix']:.4f}" if use_mix else "") +
-                f")  {speed}")
+                f")  {speed}" + (f"  weights {weights}" if weights else ""))
         return entry, line
 
     loop.run(step, report, class_weights=lambda: [w.state_dict() if w is not None else None for w in weighters],

@@ -36,8 +36,8 @@ from .perturbations import asymmetric_adversarial_input, asymmetric_mixup
 from .train_config import METHOD_PRESETS, TrainConfig, make_class_weighter  # noqa: F401  (re-exported)
 from .training_data import (Case, PatchSampler, check_training_data, make_case, prepare_case,  # noqa: F401
                             prepare_unlabeled_case)
-from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, quiet,
-                            update_class_weighter)
+from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, named_weights,
+                            quiet, update_class_weighter)
 
 __all__ = ["METHOD_PRESETS", "Case", "PatchSampler", "TrainConfig", "make_case", "prepare_case",
            "prepare_unlabeled_case", "train"]
@@ -54,7 +54,10 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
 
     ``events`` (optional, see :mod:`imbalanceseglib.events`) receives an ``iteration`` event
     with each logged loss, a ``validation`` event with each validation Dice, an ``artifact``
-    event for each checkpoint and for the bundle; under torchrun only rank 0 sends them."""
+    event for each checkpoint and for the bundle, and at the end a ``warning`` event for the
+    classes never learned (validation Dice 0) or not checked (no validation cases with them;
+    :func:`imbalanceseglib.training_loop.learning_check`); under torchrun only rank 0 sends them.
+    The progress line names each class weight (``weights Background=0.05 Ball=0.31 ...``)."""
     config = config.validated()
     if config.is_semi_supervised:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -139,7 +142,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         if weighter is not None:
             entry["class_weights"] = [round(float(w), 4) for w in weighter.weights]
         line = (f"iter {done:>6}/{config.iterations}  loss {mean['loss']:.4f}  {speed}"
-                + (f"  weights {' '.join(f'{w:.2f}' for w in entry['class_weights'])}" if weighter is not None else ""))
+                + (f"  weights {named_weights(names, entry['class_weights'])}" if weighter is not None else ""))
         return entry, line
 
     loop.run(step, report, class_weights=lambda: weighter.state_dict() if weighter is not None else None)

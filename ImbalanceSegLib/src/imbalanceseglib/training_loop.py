@@ -12,7 +12,10 @@ for both:
 * every ``log_every`` iterations a history entry, a log line and an ``iteration`` event;
   every ``val_every`` the per-class validation Dice (:func:`validation_step`); every
   ``checkpoint_every`` a checkpoint and an ``artifact`` event (:mod:`imbalanceseglib.events`);
-* at the end the model bundle with its card (:func:`training_card`) and a ``bundle`` event.
+* at the end the model bundle with its card (:func:`training_card`) and a ``bundle`` event, then
+  the plain summary of :func:`learning_check`: which classes the final validation shows were never
+  learned (Dice 0) and what to try, as a log line and a ``warning`` event, also recorded in the
+  card (``training.never_learned``).
 
 Under torchrun (``ctx``) only rank 0 validates and writes; the others wait at barriers.
 """
@@ -45,7 +48,7 @@ from .train_config import TrainConfig
 from .training_data import Case
 
 __all__ = ["LogFn", "TrainingLoop", "begin_run", "build_augmenter", "build_training_loss", "evaluate_cases",
-           "quiet", "training_card", "update_class_weighter", "validation_step"]
+           "learning_check", "named_weights", "quiet", "training_card", "update_class_weighter", "validation_step"]
 
 LogFn = Callable[[str], None]
 
@@ -55,7 +58,8 @@ def quiet(message: str) -> None:
 
 
 def evaluate_cases(network: torch.nn.Module, cases: Sequence[Case], config: TrainConfig) -> Dict[str, Any]:
-    """Per-class Dice/sensitivity/precision (mean over cases where defined)."""
+    """Per-class Dice/sensitivity/precision (mean over cases where defined), and the voxels of each
+    class in the references and in the predictions, summed over the cases."""
     n_cls = len(config.classes)
     per_case = []
     for case in cases:
@@ -70,6 +74,8 @@ def evaluate_cases(network: torch.nn.Module, cases: Sequence[Case], config: Trai
             entry[key] = float(np.mean(vals)) if vals else None
             entry[f"{key}_std"] = float(np.std(vals)) if vals else None
         entry["cases_defined"] = sum(1 for m in per_case if m[c]["dice"] is not None)
+        entry["reference_voxels"] = int(sum(m[c]["reference_voxels"] for m in per_case))
+        entry["predicted_voxels"] = int(sum(m[c]["predicted_voxels"] for m in per_case))
         summary[config.classes[c]["name"]] = entry
     return {"per_class": summary, "cases": len(cases)}
 
@@ -87,6 +93,116 @@ def validation_step(network, val_cases: Sequence[Case], config: TrainConfig, don
                                    for k, v in metrics["per_class"].items()))
     if events is not None:
         events(ev.validation(done, {k: v["dice"] for k, v in metrics["per_class"].items()}))
+
+
+def named_weights(names: Sequence[str], weights) -> str:
+    """``Background=0.05 Liver=0.31 Right kidney=1.20``: each class weight after its class name
+    (the progress line of the class-weighted methods)."""
+    return " ".join(f"{name}={float(w):.2f}" for name, w in zip(names, weights))
+
+
+# Rare-class methods the summary suggests (names of METHOD_PRESETS).
+_SUGGESTED_SUPERVISED = ("asym_combined", "cdifw")
+_SUGGESTED_SEMI_SUPERVISED = ("double_mix", "cps_weighted")
+
+
+def _uses_rare_mask(config: TrainConfig) -> bool:
+    """Whether the rare-class mask changes anything (asymmetric loss, mixup, adversarial or augmentation)."""
+    aug = config.augmentation
+    return (str(config.loss.get("name", "")).startswith("asym") or float(config.mixup.get("probability", 0.0)) > 0
+            or float(config.adversarial.get("probability", 0.0)) > 0
+            or aug.get("rare", "none") != aug.get("default", "none"))
+
+
+def _listed(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def learning_check(config: TrainConfig, validation: Dict[str, Any], history: Sequence[Dict[str, Any]],
+                   rare_names: Sequence[str], voxel_counts: np.ndarray) -> Dict[str, Any]:
+    """Which foreground classes the final model never learned, said plainly, with what to try.
+
+    A class is *never learned* when its validation Dice at the end of training
+    (``validation``, from :func:`evaluate_cases`) is 0: in every validation case where it is
+    defined, not one voxel of it was found (never predicted, or predicted only outside the
+    reference). Low but non-zero Dice is not flagged. A class in no validation case (Dice
+    undefined) cannot be checked, and without validation cases nothing can: both are said
+    too. ``history`` (the validations during training) adds the best earlier Dice of a class
+    that was learned and lost; ``voxel_counts`` (the training data) its share of the voxels.
+
+    Returns ``{"never_learned": [names] or None (not checked: no validation cases), "warnings":
+    [{"kind", "classes", "message"}], "message": one line saying which classes were learned when
+    none was flagged and at least one was checked, else None}``; each warning is what an
+    :func:`imbalanceseglib.events.warning` event carries (kinds :data:`imbalanceseglib.events.WARNING_KINDS`).
+    The methods suggested are names of :data:`imbalanceseglib.presets.METHOD_PRESETS`; the
+    settings, fields of :class:`~imbalanceseglib.train_config.TrainConfig`."""
+    names = [c["name"] for c in config.classes[1:]]
+    if not validation.get("cases"):
+        return {"never_learned": None, "message": None, "warnings": [{
+            "kind": "not_checked", "classes": names,
+            "message": "[train] not checked whether every class was learned: there were no validation cases. Add "
+                       "some (val_images/val_labels or val_folder in the config's data section; validation "
+                       "segmentations in 3D Slicer), or evaluate the model on labelled cases afterwards "
+                       "(imbalanceseg predict, then imbalanceseg evaluate)."}]}
+    per_class = validation.get("per_class", {})
+    total = float(np.sum(voxel_counts)) or 1.0
+    fraction = {c["name"]: float(voxel_counts[i]) / total for i, c in enumerate(config.classes)}
+    never, absent, details = [], [], []
+    for name in names:
+        entry = per_class.get(name) or {}
+        dice = entry.get("dice")
+        if dice is None:
+            absent.append(name)
+            continue
+        if dice > 0.0:
+            continue
+        never.append(name)
+        facts = [f"validation Dice 0.000 at iteration {config.iterations}"]
+        predicted = entry.get("predicted_voxels")
+        if predicted == 0:
+            facts.append("never predicted")
+        elif predicted:
+            facts.append(f"predicted only outside its reference ({predicted} voxels)")
+        earlier = [(h["iteration"], h["val"][name]["dice"]) for h in history
+                   if isinstance(h.get("val"), dict) and (h["val"].get(name) or {}).get("dice")]
+        if earlier:
+            it, best = max(earlier, key=lambda e: e[1])
+            facts.append(f"it had Dice {best:.3f} at iteration {it}")
+        facts.append(f"{100 * fraction.get(name, 0.0):.2g}% of the training voxels")
+        details.append(f"{name} ({'; '.join(facts)})")
+    warnings = []
+    if never:
+        suggested = _SUGGESTED_SEMI_SUPERVISED if config.is_semi_supervised else _SUGGESTED_SUPERVISED
+        others = " or ".join(f'"{m}"' for m in suggested if m != config.method)
+        weighted = any(w.get("method", "none") != "none" for w in (
+            config.class_weighting, config.semi_settings["weights_a"], config.semi_settings["weights_b"]))
+        tips = [f"{'another' if weighted or _uses_rare_mask(config) else 'a'} rare-class method (method {others})"]
+        not_rare = [n for n in never if n not in rare_names]
+        if _uses_rare_mask(config) and not_rare:
+            tips.append(f"naming {_listed(not_rare)} in rare_classes (the rare classes now: "
+                        f"{', '.join(rare_names) or 'none'})")
+        tips.append(f"more iterations (this run: {config.iterations})")
+        if float(config.foreground_fraction) < 1.0:
+            tips.append(f"a larger foreground_fraction (now {float(config.foreground_fraction):g})")
+        tips.append(f"check that {'it is' if len(never) == 1 else 'they are'} labelled the same way in the "
+                    "training and the validation cases")
+        warnings.append({"kind": "never_learned", "classes": never,
+                         "message": f"[train] never learned: {', '.join(details)}. Try: "
+                                    f"{', '.join(tips[:-1])}, or {tips[-1]}."})
+    if absent:
+        warnings.append({"kind": "not_checked", "classes": absent,
+                         "message": f"[train] not checked whether {_listed(absent)} "
+                                    f"{'was' if len(absent) == 1 else 'were'} learned: in no validation case "
+                                    "(and never predicted there). Add validation cases that contain "
+                                    f"{'it' if len(absent) == 1 else 'them'}."})
+    learned = [n for n in names if n not in absent]
+    message = None
+    if learned and not never:
+        message = (f"[train] every class was learned (validation Dice above 0 at iteration {config.iterations})."
+                   if not absent else
+                   f"[train] learned: {_listed(learned)} (validation Dice above 0 at iteration {config.iterations}).")
+    return {"never_learned": never, "warnings": warnings, "message": message}
 
 
 def update_class_weighter(weighter, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -259,7 +375,10 @@ class TrainingLoop:
                extra_card: Optional[Dict[str, Any]] = None,
                training_extra: Optional[Dict[str, Any]] = None) -> Path:
         """Validate, write ``<out_dir>/<name>.imbseg`` (card: :func:`training_card`, with
-        ``training_extra`` in its ``training`` entry and ``extra_card`` on top) and return its path."""
+        ``training_extra`` in its ``training`` entry and ``extra_card`` on top) and return its path;
+        then say which classes were never learned (:func:`learning_check`: log lines and ``warning``
+        events; the names in the card's ``training.never_learned``, null without validation cases).
+        Also when a resumed run had nothing left to do."""
         cfg = self.config
         self.network.eval()
         bundle_path = self.out_dir / f"{cfg.name}{BUNDLE_SUFFIX}"
@@ -274,10 +393,18 @@ class TrainingLoop:
         if self.ctx.active:
             card["training"]["processes"] = self.ctx.world
         card["training"].update(training_extra or {})
+        check = learning_check(cfg, validation, self.history, rare_names, voxel_counts)
+        card["training"]["never_learned"] = check["never_learned"]
         if extra_card:
             card.update(copy.deepcopy(extra_card))
         path = save_bundle(bundle_path, card, self.network)
         if self.events is not None:
             self.events(ev.artifact("bundle", path))
+        if check["message"]:
+            self.log(check["message"])
+        for warning in check["warnings"]:
+            self.log(warning["message"])
+            if self.events is not None:
+                self.events(ev.warning(warning["kind"], warning["message"], warning["classes"]))
         dd.barrier(self.ctx)
         return path

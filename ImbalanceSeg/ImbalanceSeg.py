@@ -73,8 +73,10 @@ class ImbalanceSeg(ScriptedLoadableModule):
             "entropy) and a per-class table of volumes and mean confidence, compared with a reference "
             "segmentation when one is given.")
         self.parent.acknowledgementText = (
-            "Demo data: Colin27 T1 (Holmes et al. 1998) with the AAL atlas (Tzourio-Mazoyer et al. 2002), "
-            "as distributed by Debian's mricron-data package. See Resources/Demo/SOURCES.md.")
+            "Demo model and case: Medical Segmentation Decathlon Task04 hippocampus (Antonelli et al., "
+            "Nat Commun 2022; Simpson et al. 2019), CC BY-SA 4.0. Whole-head example: Colin27 T1 (Holmes et al. "
+            "1998) with the AAL atlas (Tzourio-Mazoyer et al. 2002), as distributed by Debian's mricron-data "
+            "package. See Resources/Demo/SOURCES.md.")
         if IN_SLICER_APP:
             slicer.app.connect("startupCompleted()", registerSampleData)
 

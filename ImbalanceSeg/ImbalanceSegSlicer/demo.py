@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/demo", help="output folder (default: output/demo)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--case", default=None,
+                        help="demo case: hippocampus (default; a model trained on 200 real patients, a held-out "
+                             "patient) or brain (whole head, synthetic-cohort model)")
     parser.add_argument("--no-snapshots", action="store_true", help="skip the PNG rendering")
     args = parser.parse_args(argv)
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
@@ -133,14 +136,14 @@ def main(argv=None) -> int:
 
     from ImbalanceSegSlicer.logic import ImbalanceSegLogic
     from ImbalanceSegSlicer import scene as sc
-    from ImbalanceSegSlicer.scenarios import load_demo_case, repository_paths
+    from ImbalanceSegSlicer.scenarios import DEFAULT_DEMO_CASE, load_demo_case, repository_paths
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timer = StepTimer()
     t_all = time.perf_counter()
-    paths = repository_paths()
+    paths = repository_paths(args.case or DEFAULT_DEMO_CASE)
     scene = timer.run("create MRML scene (slicer-core)", sc.create_scene)
     volume, reference = timer.run("load demo volume and reference", load_demo_case, scene, paths)
     logic = ImbalanceSegLogic(scene)
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
                        device=args.device, progress=progress_bar)
 
     written: Dict[str, List[Path]] = {}
-    names = demo_file_names("DemoBrainT1")
+    names = demo_file_names(paths["node_name"])
 
     def save_all():
         written["data"] = save_result_files(scene, volume, result, out, names, reference=reference)
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         if k.startswith("inference."):
             print(f"    {v:8.2f} s    {k}")
     print(f"    {total:8.2f} s  total")
-    print(f"\nOpen {out / 'DemoBrainT1.mrml'} in 3D Slicer (File > Add Data) to inspect the results.")
+    print(f"\nOpen {out / names['scene']} in 3D Slicer (File > Add Data) to inspect the results.")
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import slicer
 from imbalanceseglib.estimation import REVIEW_THRESHOLD, review_flag  # torch-free
 
-from .paths import bundled_models_dir
+from .paths import DEFAULT_BUNDLED_MODEL, bundled_models_dir
 from .tables import (ESTIMATOR_ROWS_ATTRIBUTE, PERFORMANCE_COLUMNS, PERFORMANCE_KEYS, ROW_KEYS,
                      TABLE_COLUMNS)
 
@@ -80,8 +80,9 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         from imbalanceseglib.container import BUNDLE_SUFFIX
         models: List[Path] = []
         for folder in (bundled_models_dir(), *map(Path, extraFolders)):
-            if folder.is_dir():
-                models.extend(sorted(folder.glob(f"*{BUNDLE_SUFFIX}")))
+            if folder.is_dir():  # the default bundled model first, then by name
+                models.extend(sorted(folder.glob(f"*{BUNDLE_SUFFIX}"),
+                                     key=lambda p: (p.name != DEFAULT_BUNDLED_MODEL, p.name)))
         return models
 
     def loadModel(self, path: os.PathLike):

@@ -29,6 +29,10 @@ def _resource_dir(name: str) -> Path:
     return MODULE_DIR / "Resources" / name
 
 
+#: The bundled model the panel offers first (the demo model trained on real patients).
+DEFAULT_BUNDLED_MODEL = "demo_hippocampus.imbseg"
+
+
 def bundled_models_dir() -> Path:
     """Folder of the models that ship with the extension."""
     return _resource_dir("Models")
@@ -44,11 +48,17 @@ def icon_path() -> Path:
 
 
 def sample_data_sources() -> List[Dict[str, Any]]:
-    """What the module adds to Slicer's Sample Data module: the demo T1 volume (shipped with the
-    extension, so nothing is downloaded). Its reference segmentation, with class names, is loaded
-    by ``ImbalanceSegSlicer.scenarios.load_demo_case``."""
+    """What the module adds to Slicer's Sample Data module: the demo volumes (shipped with the
+    extension, so nothing is downloaded): a held-out hippocampus patient (MSD Task04) and the
+    whole-head Colin27 T1. Their reference segmentations, with class names, are loaded by
+    ``ImbalanceSegSlicer.scenarios.load_demo_case``."""
     demo = demo_data_dir()
-    return [{"category": "ImbalanceSeg", "sampleName": "ImbalanceSegDemoBrainT1",
+    return [{"category": "ImbalanceSeg", "sampleName": "ImbalanceSegDemoHippocampus",
+             "thumbnailFileName": str(icon_path()),
+             "uris": (demo / "demo_hippocampus_image.nii.gz").as_uri(),
+             "fileNames": "ImbalanceSegDemoHippocampus.nii.gz",
+             "nodeNames": "DemoHippocampus", "loadFileType": "VolumeFile"},
+            {"category": "ImbalanceSeg", "sampleName": "ImbalanceSegDemoBrainT1",
              "thumbnailFileName": str(icon_path()),
              "uris": (demo / "demo_t1.nrrd").as_uri(), "fileNames": "ImbalanceSegDemoBrainT1.nrrd",
              "nodeNames": "DemoBrainT1", "loadFileType": "VolumeFile"}]

@@ -11,34 +11,50 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 
-DEMO_MODEL_NAME = "demo_brain.imbseg"
+#: The demo cases that ship with the extension. ``hippocampus`` is the main job's: a model
+#: trained on 200 real patients (MSD Task04) and a held-out patient it never saw.
+#: ``brain`` is a whole-head example with a very rare class (amygdala, 0.04 % of the voxels)
+#: whose model was trained on synthetic variants of that one subject only.
+DEMO_CASES: Dict[str, Dict[str, str]] = {
+    "hippocampus": {"volume": "demo_hippocampus_image.nii.gz", "labels": "demo_hippocampus_labels.nii.gz",
+                    "classes": "demo_hippocampus_classes.json", "model": "demo_hippocampus.imbseg",
+                    "node": "DemoHippocampus"},
+    "brain": {"volume": "demo_t1.nrrd", "labels": "demo_labels.nrrd", "classes": "classes.json",
+              "model": "demo_brain.imbseg", "node": "DemoBrainT1"},
+}
+DEFAULT_DEMO_CASE = "hippocampus"
+DEMO_MODEL_NAME = DEMO_CASES[DEFAULT_DEMO_CASE]["model"]
 
 
-def repository_paths() -> Dict[str, Path]:
+def repository_paths(case: str = DEFAULT_DEMO_CASE) -> Dict[str, Any]:
+    """Files of one demo case (volume, labels, classes, model) and its volume node's name."""
     from ImbalanceSegSlicer.paths import bundled_models_dir, demo_data_dir
-    demo = demo_data_dir()
-    return {"volume": demo / "demo_t1.nrrd", "labels": demo / "demo_labels.nrrd",
-            "classes": demo / "classes.json", "model": bundled_models_dir() / DEMO_MODEL_NAME}
+    if case not in DEMO_CASES:
+        raise ValueError(f"unknown demo case {case!r}; demo cases: {', '.join(DEMO_CASES)}")
+    files, demo = DEMO_CASES[case], demo_data_dir()
+    return {"volume": demo / files["volume"], "labels": demo / files["labels"], "classes": demo / files["classes"],
+            "model": bundled_models_dir() / files["model"], "node_name": files["node"], "case": case}
 
 
-def load_demo_case(scene, paths: Optional[Dict[str, Path]] = None):
+def load_demo_case(scene, paths: Optional[Dict[str, Any]] = None):
     """Add the demo volume and its reference segmentation to ``scene``; return both nodes."""
     from imbalanceseglib.images import read_image
     from ImbalanceSegSlicer import scene as sc
 
     paths = paths or repository_paths()
-    volume = sc.volume_node_from_sitk(scene, read_image(paths["volume"], "demo volume"), "DemoBrainT1")
-    classes = json.loads(paths["classes"].read_text())
+    name = paths.get("node_name", "DemoVolume")
+    volume = sc.volume_node_from_sitk(scene, read_image(paths["volume"], "demo volume"), name)
+    classes = json.loads(Path(paths["classes"]).read_text())
     fg = [c for c in classes if c["value"] > 0]
     reference = sc.segmentation_from_labelmap(scene, read_image(paths["labels"], "demo labels"), volume, fg,
-                                              "DemoBrainT1 reference")
+                                              f"{name} reference")
     return volume, reference
 
 
-def run_demo_scenario(scene, device: str = "cpu", progress=None) -> Dict[str, Any]:
+def run_demo_scenario(scene, device: str = "cpu", progress=None, case: str = DEFAULT_DEMO_CASE) -> Dict[str, Any]:
     from ImbalanceSegSlicer.logic import ImbalanceSegLogic
 
-    paths = repository_paths()
+    paths = repository_paths(case)
     volume, reference = load_demo_case(scene, paths)
     logic = ImbalanceSegLogic(scene)
     bundle = logic.loadModel(paths["model"])
@@ -69,7 +85,8 @@ def run_review_scenario(scene, demo: Optional[Dict[str, Any]] = None) -> Dict[st
     demo = demo or run_demo_scenario(scene)
     logic = ImbalanceSegLogic(scene)
     seg = demo["result"].segmentationNode
-    smallest = demo["class_names"][-1]  # the demo's classes run from large to small
+    fractions = demo["bundle"].card["training"]["class_voxel_fractions"]
+    smallest = min(demo["class_names"][1:], key=lambda n: (fractions[n], n))  # the rarest class in training
     regions = logic.leastConfidentRegions(seg, smallest, count=3)
     before = {r["Segment"]: r for r in logic.compareWithReference(seg, demo["reference"])}
     counts_before = sc.segment_voxel_counts(seg)

@@ -80,10 +80,10 @@ def test_resources_exist_and_what_the_code_reads_is_installed():
         assert (ROOT / res).is_file(), res
     # Files the module reads at run time (scenarios.py and the Logic's model folder).
     scen = (MODULE / "ImbalanceSegSlicer" / "scenarios.py").read_text()
-    for fname in re.findall(r'"(demo_[a-z0-9_]+\.(?:nrrd|imbseg))"|DEMO_MODEL_NAME = "([^"]+)"', scen):
-        name = next(f for f in fname if f)
+    for name in re.findall(r'"((?:demo_[a-z0-9_]+|classes)\.(?:nrrd|imbseg|nii\.gz|json))"', scen):
         assert any(s.endswith("/" + name) for s in shared), f"{name} is read but not installed"
     assert "Resources/Demo/classes.json" in shared
+    assert "Resources/Models/demo_hippocampus.imbseg" in shared and "Resources/Demo/demo_hippocampus_image.nii.gz" in shared
 
 
 def test_extension_metadata_and_index_entry_agree():

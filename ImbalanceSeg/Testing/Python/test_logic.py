@@ -217,10 +217,14 @@ def test_sample_data_source_points_at_the_shipped_demo_volume():
     from urllib.request import url2pathname
 
     from ImbalanceSeg import sampleDataSources
-    (source,) = sampleDataSources()
-    path = url2pathname(urlparse(source["uris"]).path)
-    img = sitk.ReadImage(path)
-    assert img.GetSize() == (90, 108, 90)
-    assert source["loadFileType"] == "VolumeFile" and source["nodeNames"] == "DemoBrainT1"
+    from ImbalanceSegSlicer.scenarios import repository_paths
+    hippocampus, brain = sampleDataSources()
     import os
-    assert os.path.isfile(source["thumbnailFileName"])
+    for source, case in ((hippocampus, "hippocampus"), (brain, "brain")):
+        path = url2pathname(urlparse(source["uris"]).path)
+        paths = repository_paths(case)
+        assert os.path.samefile(path, paths["volume"])  # the volume the demo segments
+        assert sitk.ReadImage(path).GetSize() == sitk.ReadImage(str(paths["volume"])).GetSize()
+        assert source["loadFileType"] == "VolumeFile" and source["nodeNames"] == paths["node_name"]
+        assert os.path.isfile(source["thumbnailFileName"])
+    assert sitk.ReadImage(url2pathname(urlparse(brain["uris"]).path)).GetSize() == (90, 108, 90)

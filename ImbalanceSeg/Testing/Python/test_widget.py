@@ -82,11 +82,13 @@ def test_panel_opens_lists_models_and_shows_the_card_without_torch_monai_safeten
         out["pip"] = app.pipInstalls
     """)
     assert out["imported"] == [], "torch, MONAI or safetensors were imported"
-    assert [Path(p).name for p in out["models"]] == ["demo_brain.imbseg"]
+    # The model trained on real patients is offered first, then the other bundled models by name.
+    assert [Path(p).name for p in out["models"]] == ["demo_hippocampus.imbseg", "demo_brain.imbseg"]
     assert out["devices"] == ["cpu"]
     from imbalanceseglib.training import METHOD_PRESETS
     assert out["methods"] == list(METHOD_PRESETS)
-    assert "Cerebral cortex" in out["card"] and "Amygdala" in out["card"] and "cannot be used" not in out["card"]
+    assert "Anterior hippocampus" in out["card"] and "Posterior hippocampus" in out["card"]
+    assert "cannot be used" not in out["card"]
     assert out["run"] == {"model": out["models"][0], "device": "cpu", "method": "dice_ce"}
     assert "torch (not installed" in out["missing"] and "monai (not installed" in out["missing"]
     assert len(out["asked"]) == 1 and "torch (not installed; needs >= 2.1)" in out["asked"][0]
@@ -275,7 +277,7 @@ def test_run_settings_go_to_the_parameter_node_and_are_remembered(slicer_app):
     store = fake_slicer_app.QSettings.store
     assert store["ImbalanceSeg/TrainingMethod"] == "cps"
     assert store["ImbalanceSeg/TrainingOutputFolder"] == "/data/models"
-    assert store["ImbalanceSeg/Model"].endswith("demo_brain.imbseg")
+    assert store["ImbalanceSeg/Model"].endswith("demo_hippocampus.imbseg")
     # A new scene starts from the remembered settings.
     import slicer
     slicer.mrmlScene.InvokeEvent(slicer.mrmlScene.StartCloseEvent)

@@ -381,7 +381,8 @@ class SegmentationJob(_ProcessJob):
                                 timings=summary["timings"],
                                 performance=CaseEstimate(summary["class_names"], perf["classes"], perf["method"],
                                                          perf["class_specific"]),
-                                estimator=SimpleNamespace(**summary["estimator"]))
+                                estimator=SimpleNamespace(**summary["estimator"]),
+                                findings=[SimpleNamespace(**f) for f in summary.get("findings", [])])
         timings = {f"inference.{k}": v for k, v in summary["timings"].items()}
         return self.logic.createResultNodes(self.inputVolumeNode, prediction, summary["classes"],
                                             self.referenceSegmentationNode, baseName=self.baseName,

@@ -20,7 +20,7 @@ import slicer
 from imbalanceseglib.estimation import REVIEW_THRESHOLD, review_flag  # torch-free
 
 from .paths import DEFAULT_BUNDLED_MODEL, bundled_models_dir
-from .tables import (ESTIMATOR_ROWS_ATTRIBUTE, PERFORMANCE_COLUMNS, PERFORMANCE_KEYS, ROW_KEYS,
+from .tables import (ESTIMATOR_ROWS_ATTRIBUTE, FINDINGS_ATTRIBUTE, PERFORMANCE_COLUMNS, PERFORMANCE_KEYS, ROW_KEYS,
                      TABLE_COLUMNS)
 
 try:  # Inside the 3D Slicer application.
@@ -50,6 +50,9 @@ class SegmentationResult:
     performanceTableNode: Any = None
     performanceRows: List[Dict[str, Any]] = field(default_factory=list)
     calibration: str = ""
+    # How the input differs from the model's training data ({kind, message, short, classes,
+    # severity}; imbalanceseglib.input_checks): warnings make the classes they name "unreliable".
+    findings: List[Dict[str, Any]] = field(default_factory=list)
 
     def nodes(self) -> List[Any]:
         return [self.segmentationNode, *self.probabilityNodes, self.uncertaintyNode, self.tableNode,
@@ -296,6 +299,10 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             perf_table.SetAttribute("ImbalanceSeg.Calibration", calibration)
             perf_table.SetAttribute("ImbalanceSeg.FlagThreshold", f"{float(flagThreshold):g}")
             perf_table.SetAttribute(ESTIMATOR_ROWS_ATTRIBUTE, json.dumps(perf_rows))
+            findings = [{"kind": f.kind, "message": f.message, "short": f.short,
+                         "classes": None if f.classes is None else list(f.classes), "severity": f.severity}
+                        for f in getattr(prediction, "findings", [])]
+            perf_table.SetAttribute(FINDINGS_ATTRIBUTE, json.dumps(findings))
             created.append(perf_table)
             review.link_result_nodes(seg_node, inputVolumeNode, prob_nodes, unc_node, perf_table, table, classes)
             self.followInputTransform(inputVolumeNode, [seg_node, *prob_nodes, unc_node])
@@ -310,7 +317,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                 sh.RemoveItem(folder, False, True)
             raise
         return SegmentationResult(seg_node, prob_nodes, unc_node, table, rows,
-                                  [c["name"] for c in classes], timings, perf_table, perf_rows, calibration)
+                                  [c["name"] for c in classes], timings, perf_table, perf_rows, calibration, findings)
 
     @staticmethod
     def followInputTransform(inputVolumeNode, nodes: Sequence[Any]) -> None:
@@ -445,9 +452,12 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def resultSummary(result, flagged: Sequence[str]) -> str:
+        """The status line after a run; warnings on the input (an input unlike the model's
+        training data) come first, each on its own line."""
         total = sum(v for k, v in result.timings.items() if "." not in k)
-        return f"Done ({total:.1f} s in the scene). " + (
-            f"Review: {', '.join(flagged)}." if flagged else "No class flagged for review.")
+        warnings = [f"Warning: {f['message']}." for f in getattr(result, "findings", []) if f["severity"] == "warning"]
+        return "\n".join(warnings + [f"Done ({total:.1f} s in the scene). " + (
+            f"Review: {', '.join(flagged)}." if flagged else "No class flagged for review.")])
 
     @staticmethod
     def thresholdSummary(out: Dict[str, Any]) -> str:
@@ -538,6 +548,8 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                             "Mean confidence": m["precision"],
                             "State": "predicted" if m["voxels"] else ("possibly missed" if m["expected_voxels"] >= 0.5
                                                                       else "absent")})
+                if str(est["State"]).startswith("unreliable"):  # the input's findings hold at any threshold
+                    row["State"] = est["State"]
                 row["Flag"] = review_flag(row["State"], row["Estimated Dice"], flag_threshold)
             rows.append(row)
         sc.fill_table_node(table, PERFORMANCE_COLUMNS, [[r.get(k) for k in PERFORMANCE_KEYS] for r in rows])

@@ -33,3 +33,5 @@ PERFORMANCE_KEYS = [c["name"] for c in PERFORMANCE_COLUMNS]
 #: Table attribute keeping the label-free estimator's rows (argmax segments), restored when a
 #: class's segment returns to its argmax form.
 ESTIMATOR_ROWS_ATTRIBUTE = "ImbalanceSeg.EstimatorRows"
+#: JSON list of how the input differs from the training data (the result's ``findings``).
+FINDINGS_ATTRIBUTE = "ImbalanceSeg.InputFindings"

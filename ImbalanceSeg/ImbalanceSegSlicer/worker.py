@@ -70,6 +70,7 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
     est = prediction.estimator
     timings = dict(prediction.timings, worker_total=time.perf_counter() - t0)
     summary = {"class_names": prediction.class_names, "classes": bundle.classes,
+               "findings": [f.as_dict() for f in prediction.findings],
                "performance": {"classes": prediction.performance.classes, "method": prediction.performance.method,
                                "class_specific": prediction.performance.class_specific},
                "estimator": {"method": est.method, "class_specific": est.class_specific,

@@ -110,8 +110,8 @@ def test_estimate_writes_csv_and_ranks_worst_first(tmp_path, capsys):
     model = _model(tmp_path, [0.0, 1.0, -1.0])
     img_dir = tmp_path / "images"
     img_dir.mkdir()
-    for name, shape in (("small", (8, 8, 8)), ("large", (16, 16, 16))):
-        _write(np.zeros(shape, np.float32), img_dir / f"{name}.nrrd")
+    for name, shape in (("small", (8, 8, 8)), ("large", (16, 16, 16))):  # not constant: that is refused
+        _write(np.random.default_rng(0).normal(size=shape).astype(np.float32), img_dir / f"{name}.nrrd")
     out_csv = tmp_path / "est.csv"
     assert cli_main(["estimate", "--model", str(model), "--images", str(img_dir), "--csv", str(out_csv),
                      "--rank-by", "Ball", "--flag-threshold", "0.9"]) == 0
@@ -129,7 +129,7 @@ def test_estimate_writes_csv_and_ranks_worst_first(tmp_path, capsys):
     cohort = [r for r in rows if r["case"] == "(cohort mean)"]
     assert [r["class"] for r in cohort] == ["Ball", "Bead"]
     text = capsys.readouterr().out
-    assert "review order (lowest estimated Dice of Ball first" in text
+    assert "then the lowest estimated Dice of Ball, ties broken by the expected mislabelled volume" in text
 
 
 def test_estimate_ranks_by_the_worst_class(tmp_path, capsys):

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 
@@ -97,8 +97,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
           + f" cases ready in {time.perf_counter() - t0:.1f} s", flush=True)
     if emit:
         emit(ev.progress("prepare data", 1.0))
+    from .input_checks import input_profile
+    profile = input_profile([p[0] for p in train_pairs], [c.image for c in train_cases], [p[1] for p in train_pairs],
+                            [c["name"] for c in config.classes])
     path = train(config, train_cases, val_cases, Path(args.out), resume=not args.no_resume,
-                 log=lambda s: say(s, flush=True), extra_card={"training_data": spec["data"]},
+                 log=lambda s: say(s, flush=True), extra_card={"training_data": spec["data"], "input_profile": profile},
                  unlabeled_cases=unlabeled_cases or None, events=emit)
     say(f"[train] bundle written: {path}")
     if emit:
@@ -206,6 +209,7 @@ def _write_scene(demo, image, pred, bundle, out: Path, name: str, flag_threshold
 
 SEGMENTATION_FILE = "segmentation.seg.nrrd"
 PERFORMANCE_FILE = "performance_estimate.tsv"
+FINDINGS_FILE = "input_checks.json"  # how the input differs from the training data (input_checks.Finding)
 SCENE_VOLUME_FILE = "volume.nrrd"
 
 
@@ -305,15 +309,34 @@ def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) 
     # the label-free performance estimate with the module's columns.
     write_segmentation_nrrd(out_labels if out_labels is not None else pred.label_image(), out_classes,
                             out / SEGMENTATION_FILE)
-    write_performance_table(performance_rows(pred, args.flag_threshold), out / PERFORMANCE_FILE)
-    written = [SEGMENTATION_FILE, PERFORMANCE_FILE]
+    perf_rows = performance_rows(pred, args.flag_threshold)
+    write_performance_table(perf_rows, out / PERFORMANCE_FILE)
+    findings = [f.as_dict() for f in getattr(pred, "findings", [])]
+    atomic_write_text(out / FINDINGS_FILE, json.dumps(findings, indent=2))
+    written = [SEGMENTATION_FILE, PERFORMANCE_FILE, FINDINGS_FILE]
     if demo is not None:
         name = Path(args.input).name.split(".")[0] or "volume"
         scene_files = _write_scene(demo, image, pred, bundle, out, name, args.flag_threshold)
         written += sorted({f.name for f in scene_files} - set(written))
+    for f in findings:
+        print(f"[predict] {'warning' if f['severity'] == 'warning' else 'note'}: {f['message']}")
+    print(format_performance_rows(perf_rows, args.flag_threshold))
     print(f"[predict] wrote {out} ({', '.join(f'{k} {v:.2f}s' for k, v in pred.timings.items())})")
     print(f"[predict] for 3D Slicer: {', '.join(written)}")
     return 0
+
+
+def format_performance_rows(rows: List[Dict[str, Any]], threshold: float) -> str:
+    """The label-free estimate as aligned text (``predict`` prints it)."""
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+    width = max([len("class")] + [len(r["Segment"]) for r in rows]) + 2
+    lines = [f"[predict] label-free performance estimate (review below estimated Dice {threshold:g}):",
+             f"  {'class':<{width}}{'est. Dice':>10}{'volume ml':>11}{'expected ml':>13}  {'flag':<7}state"]
+    for r in rows:
+        lines.append(f"  {r['Segment']:<{width}}{f(r['Estimated Dice'], '.3f'):>10}{f(r['Volume'], '.3g'):>11}"
+                     f"{f(r['Expected volume'], '.3g'):>13}  {r['Flag'] or '-':<7}{r['State']}")
+    return "\n".join(lines)
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
@@ -519,13 +542,15 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     import io
 
     import numpy as np
+    import SimpleITK as sitk
 
     from . import estimation as pe
     from .atomic import atomic_path
     from .bundle import load_bundle
     from .datasets import is_dataset_folder, open_dataset
     from .images import read_image
-    from .inference import working_grid_logits
+    from .images import normalise_intensities
+    from .inference import check_against_training, check_estimate, working_grid_logits
 
     if not 0.0 <= args.flag_threshold <= 1.0:
         raise ValueError(f"--flag-threshold must be between 0 and 1, got {args.flag_threshold}")
@@ -543,12 +568,16 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     import torch
     rows, estimates, keys = [], [], []
     for cid, path in images.items():
-        logits, _, work = working_grid_logits(read_image(path, f"image {cid}"), bundle, device=args.device)
+        image = read_image(path, f"image {cid}")
+        logits, _, work = working_grid_logits(image, bundle, device=args.device)
+        findings = check_against_training(image, bundle, normalise_intensities(
+            sitk.GetArrayViewFromImage(work), card.preprocessing.get("normalization", {})))
         logits = estimator.scale_logits(torch.from_numpy(logits)[None])[0].numpy()
         est = estimator.estimate(logits, bundle.class_names)
         voxel_ml = float(np.prod(work.GetSpacing())) / 1000.0
+        findings = check_estimate(est, bundle, findings, voxel_ml)
         estimates.append(est)
-        dice = {}
+        dice, per_class = {}, {}
         for k, r in enumerate(est.classes):
             if k == 0:
                 continue
@@ -557,14 +586,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
                          r["predicted_voxels"] * voxel_ml, r["expected_voxels"] * voxel_ml, r["mean_confidence"],
                          r["state"], flag])
             dice[bundle.class_names[k]] = r["dice"]
-        if args.rank_by == "worst":
-            defined = [(v, n) for n, v in dice.items() if v is not None]
-            key = min(defined) if defined else (None, "-")
-        else:
-            key = (dice[args.rank_by], args.rank_by)
-        keys.append((cid, key))
+            per_class[bundle.class_names[k]] = r
+        keys.append((cid, rank_key(per_class, args.rank_by, voxel_ml)))
         print(f"[estimate] {cid}: " + "  ".join(f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in dice.items()),
               flush=True)
+        for f in findings:
+            print(f"[estimate] {cid}: {'warning' if f.severity == 'warning' else 'note'}: {f.message}", flush=True)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(ESTIMATE_COLUMNS)
@@ -578,19 +605,46 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.csv:
         with atomic_path(Path(args.csv), suffix=".csv") as tmp:
             Path(tmp).write_text(buf.getvalue())
-    # rank: worst (lowest estimated Dice) first; cases where the ranking class is undefined last
-    ranked = sorted(keys, key=lambda item: (item[1][0] is None, item[1][0] if item[1][0] is not None else 0.0))
+    ranked = sorted(keys, key=lambda item: item[1]["key"])
     what = "worst class" if args.rank_by == "worst" else args.rank_by
-    print(f"[estimate] review order (lowest estimated Dice of {what} first; "
-          f"{'uncalibrated' if estimator.method == 'none' else estimator.method + ' calibration'}):")
-    for i, (cid, (v, n)) in enumerate(ranked, start=1):
-        print(f"  {i:>3}. {cid:<30} {'-' if v is None else f'{v:.3f}'}  ({n})")
+    print(f"[estimate] review order ({'uncalibrated' if estimator.method == 'none' else estimator.method + ' calibration'}): "
+          f"cases with an unreliable estimate first, then the lowest estimated Dice of {what}, ties broken by the "
+          f"expected mislabelled volume (larger first); cases where it is undefined last")
+    for i, (cid, k) in enumerate(ranked, start=1):
+        v = k["dice"]
+        print(f"  {i:>3}. {cid:<30} {'-' if v is None else f'{v:.3f}'}  ({k['why']})")
     print("[estimate] cohort mean estimated Dice: " + "  ".join(
         f"{r['name']} {_cell(r['dice'], '.3f') or '-'}"
         for r in cohort[1:]))
     if args.csv:
         print(f"[estimate] wrote {args.csv}")
     return 0
+
+
+def rank_key(per_class: Dict[str, Dict[str, Any]], rank_by: str, voxel_ml: float) -> Dict[str, Any]:
+    """Where a case goes in ``estimate``'s review order, and why.
+
+    ``per_class``: the estimate rows of the case's foreground classes by name. The ranking
+    class is ``rank_by`` or, for ``"worst"``, the class with the lowest estimated Dice (an
+    unreliable class before any reliable one). Order: an unreliable ranking class first, then
+    the estimated Dice (lowest first), ties broken by the expected mislabelled volume of that
+    class (predicted + expected - 2 x expected true positives, in ml; larger first); a class
+    whose Dice is undefined (absent) last."""
+    def err(r):
+        return max(0.0, (r["predicted_voxels"] + r["expected_voxels"] - 2 * r["expected_tp"]) * voxel_ml)
+
+    def key(name):
+        r = per_class[name]
+        unreliable = r["state"].startswith("unreliable")
+        return (0 if unreliable else 1, r["dice"] is None, r["dice"] if r["dice"] is not None else 0.0, -err(r), name)
+
+    name = min(per_class, key=key) if rank_by == "worst" else rank_by
+    r = per_class[name]
+    why = f"{name}: " + ("Dice undefined (absent)" if r["dice"] is None else f"estimated Dice {r['dice']:.3f}")
+    why += f", expected {err(r):.3g} ml mislabelled"
+    if r["state"].startswith("unreliable"):
+        why += f"; {r['state']}"
+    return {"key": key(name), "dice": r["dice"], "class": name, "why": why}
 
 
 EVENTS_HELP = ("write progress as JSON lines on stdout, one event a line (see imbalanceseglib.events); "
@@ -614,7 +668,9 @@ PREDICT_DESCRIPTION = (
     "named, coloured segment per class of the model card, with its terminology when the card has one), "
     "performance_estimate.tsv (the label-free per-class performance estimate, the columns of the module's "
     "performance table, with its .schema.tsv), labels.nrrd, probability_XX.nrrd per class, uncertainty.nrrd "
-    "and classes.json. With --scene also scene.mrml (opens in Slicer with File > Add Data), volume.nrrd, "
+    "classes.json and input_checks.json (how the input differs from the model's training data: intensities, "
+    "spacing, field of view, predicted volumes; each warning marks the classes it concerns unreliable). "
+    "The estimate table is also printed. With --scene also scene.mrml (opens in Slicer with File > Add Data), volume.nrrd, "
     "class_table.tsv and axial/coronal/sagittal.png. A failed run removes the output folder again if it "
     "created it and it is still empty. A model trained on non-consecutive label values writes those "
     "values in labels.nrrd, the .seg.nrrd and classes.json (each class's \"index\" is its probability map).")

@@ -34,6 +34,7 @@ from .estimation import CaseEstimate, PerformanceEstimator, estimator_from_card
 from .images import (ImageError, available_memory_bytes, check_image, check_same_geometry, format_bytes,
                      image_from_array, needs_resampling, normalise_intensities, orientation_code, resample_to_spacing,
                      resampled_size, to_canonical)
+from .input_checks import refuse_blank
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -54,6 +55,9 @@ class Prediction:
     timings: Dict[str, float] = field(default_factory=dict)
     performance: Optional[CaseEstimate] = None
     estimator: Optional[PerformanceEstimator] = None
+    # How the input differs from the training data (imbalanceseglib.input_checks.Finding);
+    # the classes a warning concerns are "unreliable" in ``performance``.
+    findings: List[Any] = field(default_factory=list)
 
     def _image(self, array: np.ndarray) -> sitk.Image:
         return image_from_array(array, self.reference)
@@ -168,6 +172,36 @@ def check_model_fits(bundle: ModelBundle, modality: Optional[str] = None,
                               f"it knows {card.class_names[1:]}")
 
 
+def card_input_profile(bundle: ModelBundle) -> Optional[Dict[str, Any]]:
+    """The card's ``input_profile`` (checked), or None for a model trained without one."""
+    from .input_checks import validate_profile
+    profile = bundle.card.get("input_profile")
+    if profile is None:
+        return None
+    try:
+        return validate_profile(profile, bundle.class_names)
+    except ValueError as exc:
+        raise BundleError(f"model {bundle.model_card.name!r}: {exc}") from None
+
+
+def check_against_training(image: sitk.Image, bundle: ModelBundle, normalised: np.ndarray) -> List[Any]:
+    """Findings (:mod:`imbalanceseglib.input_checks`) on an input before the network runs;
+    ``normalised``: the input on the model's working grid after its normalisation."""
+    from .input_checks import check_input
+    return check_input(image, card_input_profile(bundle), normalised)
+
+
+def check_estimate(performance: CaseEstimate, bundle: ModelBundle, findings: List[Any], voxel_ml: float) -> List[Any]:
+    """Add the predicted-volume findings to ``findings`` and mark the estimate's classes they
+    concern "unreliable" (in place); returns all findings."""
+    from .input_checks import check_prediction, mark_unreliable
+    names = bundle.class_names
+    predicted = {names[k]: row["predicted_voxels"] * voxel_ml for k, row in enumerate(performance.classes) if k > 0}
+    findings = list(findings) + check_prediction(predicted, card_input_profile(bundle))
+    mark_unreliable(performance.classes, names, findings)
+    return findings
+
+
 def _preprocess(image: sitk.Image, pre: Mapping[str, Any]):
     """Input -> (original float32, canonical, working grid image, resampled?, normalised array)."""
     original = sitk.Cast(image, sitk.sitkFloat32)
@@ -190,6 +224,7 @@ def working_grid_logits(image: sitk.Image, bundle: ModelBundle, labels: Optional
     if bundle.network is None:
         raise BundleError("bundle was loaded without weights; use load_bundle()")
     check_image(image, "input volume", min_size=2)
+    refuse_blank(image)
     pre = bundle.model_card.preprocessing
     original, canonical, work, resampled, volume = _preprocess(image, pre)
     roi = pre.get("patch_size") or [min(s, 96) for s in volume.shape]
@@ -233,6 +268,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
         raise ImageError(f"input volume {'x'.join(map(str, image.GetSize()))} needs about "
                          f"{format_bytes(need)} to segment with {card.num_classes} classes, but only "
                          f"{format_bytes(limit)} is available; crop or downsample it first")
+    refuse_blank(image)
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     pre = card.preprocessing
@@ -241,6 +277,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
         raise BundleError(f"model expects {in_ch} input channels; ImbalanceSeg passes one volume")
     progress("preprocess", 0.0)
     original, canonical, work, resampled, volume = _preprocess(image, pre)
+    findings = check_against_training(image, bundle, volume)
     timings["preprocess"] = time.perf_counter() - t0
     progress("preprocess", 1.0)
 
@@ -271,6 +308,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     for row in performance.classes:
         row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
         row["expected_ml"] = row["expected_voxels"] * voxel_ml
+    findings = check_estimate(performance, bundle, findings, voxel_ml)
     del logits
     timings["estimate"] = time.perf_counter() - t_est
     progress("estimate", 1.0)
@@ -284,7 +322,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     progress("postprocess", 1.0)
     return Prediction(probabilities=probs, labels=labels, uncertainty=uncertainty, reference=original,
                       class_names=card.class_names, timings=timings, performance=performance,
-                      estimator=estimator)
+                      estimator=estimator, findings=findings)
 
 
 def to_input_grid(probs: np.ndarray, work: sitk.Image, canonical: sitk.Image, original: sitk.Image,

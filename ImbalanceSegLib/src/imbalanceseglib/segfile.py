@@ -182,7 +182,8 @@ PERFORMANCE_COLUMNS: List[Dict[str, str]] = [
      "description": "Mean calibrated probability of the class over its segment"},
     {"name": "State", "type": "string", "unit": "",
      "description": "predicted; absent (no voxels, expected volume under half a voxel); possibly missed "
-                    "(no voxels but an expected volume of at least half a voxel)"},
+                    "(no voxels but an expected volume of at least half a voxel); unreliable: <why> (the input or "
+                    "the predicted volume is unlike the model's training data, imbalanceseglib.input_checks)"},
     {"name": "Flag", "type": "string", "unit": "",
      "description": "review: estimated Dice below the flag threshold, or possibly missed"},
     {"name": "Threshold", "type": "string", "unit": "",

@@ -421,6 +421,7 @@ class CompactPrediction:
     estimator: Any = None
     files: Dict[str, Path] = field(default_factory=dict)
     execution: Dict[str, Any] = field(default_factory=dict)
+    findings: List[Any] = field(default_factory=list)  # as imbalanceseglib.inference.Prediction.findings
 
     @property
     def probabilities(self) -> "_Decoded":
@@ -494,7 +495,8 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     """
     from .estimation import estimator_from_card
     from .images import check_image, needs_resampling, normalise_intensities, resample_to_spacing, to_canonical
-    from .inference import to_input_grid
+    from .inference import check_against_training, check_estimate, to_input_grid
+    from .input_checks import refuse_blank
 
     progress = progress or _noop
     if storage not in STORAGE:
@@ -503,6 +505,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
         from .bundle import BundleError
         raise BundleError("bundle was loaded without weights; use load_bundle()")
     check_image(image, "input volume", min_size=2)
+    refuse_blank(image)
     card = bundle.model_card  # read once; everything below takes its sections
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
@@ -515,6 +518,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     # one float32 copy straight from the image's buffer (no intermediate copy in its own type)
     volume = normalise_intensities(np.array(sitk.GetArrayViewFromImage(work), dtype=np.float32),
                                    pre.get("normalization", {}), copy=False)
+    findings = check_against_training(image, bundle, volume)
     geometry = sitk.Image(1, 1, 1, sitk.sitkUInt8)
     geometry.SetOrigin(work.GetOrigin())
     geometry.SetSpacing(work.GetSpacing())
@@ -583,6 +587,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     for row in performance.classes:
         row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
         row["expected_ml"] = row["expected_voxels"] * voxel_ml
+    findings = check_estimate(performance, bundle, findings, voxel_ml)
     progress("estimate", 1.0)
 
     t2 = time.perf_counter()
@@ -610,5 +615,6 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
             arr.flush()
     return CompactPrediction(stored=probs_out, storage=storage, labels=labels_out, uncertainty_stored=unc_out,
                              reference=reference, class_names=card.class_names, timings=timings,
-                             performance=performance, estimator=estimator, files=files, execution=execution)
+                             performance=performance, estimator=estimator, files=files, execution=execution,
+                             findings=findings)
 

@@ -225,10 +225,14 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolumeNode, model, referenceSegmentationNode=None, device: str = "cpu",
                 progress: Optional[ProgressCallback] = None, baseName: Optional[str] = None,
-                modality: Optional[str] = None, flagThreshold: float = REVIEW_THRESHOLD) -> SegmentationResult:
+                modality: Optional[str] = None, flagThreshold: float = REVIEW_THRESHOLD,
+                agreement: Optional[Sequence[str]] = None) -> SegmentationResult:
         """Segment ``inputVolumeNode`` with ``model`` (a path or a loaded bundle), in this process.
 
         ``modality`` (e.g. "CT", "MR"), when known, must match the model card's.
+        ``agreement``: views to check the segmentation's stability under (e.g.
+        ``imbalanceseglib.tta.AGREEMENT_VIEWS``, or ``["members"]`` for a two-network model;
+        :func:`imbalanceseglib.inference.agreement_check`): unstable classes become unreliable.
         ``flagThreshold``: classes whose estimated Dice falls below it are flagged for review
         in the performance table. (:class:`ImbalanceSegSlicer.jobs.SegmentationJob` runs the
         same work in a background process.)
@@ -244,7 +248,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         check_model_fits(bundle, modality=modality)
         t = time.perf_counter()
         image = sc.sitk_from_volume_node(inputVolumeNode)
-        prediction = predict(image, bundle, device=device, progress=progress)
+        prediction = predict(image, bundle, device=device, progress=progress, agreement=agreement)
         timings = {f"inference.{k}": v for k, v in prediction.timings.items()}
         timings["inference"] = time.perf_counter() - t
         return self.createResultNodes(inputVolumeNode, prediction, bundle.classes, referenceSegmentationNode,

@@ -221,6 +221,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else None
     if args.stream and tta:
         raise ValueError("--tta and --stream cannot be combined yet")
+    if args.agreement and (args.stream or tta):
+        raise ValueError("--agreement compares the plain prediction with its views; it cannot be combined with "
+                         "--tta or --stream yet")
+    parse_agreement(args.agreement)  # refused before any work
     if args.scene and args.stream:
         raise ValueError("--scene builds the scene from every class's full probability map in memory, which "
                          "--stream avoids; leave out one of them (the .seg.nrrd opens in Slicer either way)")
@@ -295,7 +299,8 @@ def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) 
             print(f"[predict] network ran as {how}, {ex.get('sw_batch_size')} window(s) per call, "
                   f"{ex.get('workers')} call(s) at once ({ex.get('source')})")
     else:
-        pred = predict(image, bundle, device=args.device, progress=progress, tta=tta)
+        pred = predict(image, bundle, device=args.device, progress=progress, tta=tta,
+                       agreement=parse_agreement(args.agreement))
         print()
         write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
         for i, name in enumerate(pred.class_names):
@@ -534,7 +539,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 ESTIMATE_COLUMNS = ["case", "class", "estimated_dice", "estimated_sensitivity", "estimated_precision",
-                    "predicted_ml", "expected_ml", "mean_confidence", "state", "flag"]
+                    "predicted_ml", "expected_ml", "mean_confidence", "state", "flag", "agreement"]
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
@@ -550,10 +555,11 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from .datasets import is_dataset_folder, open_dataset
     from .images import read_image
     from .images import normalise_intensities
-    from .inference import check_against_training, check_estimate, working_grid_logits
+    from .inference import agreement_check, check_against_training, check_estimate, working_grid_logits
 
     if not 0.0 <= args.flag_threshold <= 1.0:
         raise ValueError(f"--flag-threshold must be between 0 and 1, got {args.flag_threshold}")
+    views = parse_agreement(args.agreement)
     bundle = load_bundle(args.model)
     fg = bundle.class_names[1:]
     if args.rank_by != "worst" and args.rank_by not in fg:
@@ -570,11 +576,20 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     for cid, path in images.items():
         image = read_image(path, f"image {cid}")
         logits, _, work = working_grid_logits(image, bundle, device=args.device)
-        findings = check_against_training(image, bundle, normalise_intensities(
-            sitk.GetArrayViewFromImage(work), card.preprocessing.get("normalization", {})))
+        normalised = normalise_intensities(sitk.GetArrayViewFromImage(work), card.preprocessing.get("normalization", {}))
+        findings = check_against_training(image, bundle, normalised)
+        agree = None
+        if views:
+            roi = card.preprocessing.get("patch_size") or [min(s, 96) for s in normalised.shape]
+            agree, more = agreement_check(bundle, normalised, torch.from_numpy(logits)[None], views, roi,
+                                          device=args.device)
+            findings += more
         logits = estimator.scale_logits(torch.from_numpy(logits)[None])[0].numpy()
         est = estimator.estimate(logits, bundle.class_names)
         voxel_ml = float(np.prod(work.GetSpacing())) / 1000.0
+        if agree is not None:
+            for row, a in zip(est.classes, agree):
+                row["agreement"] = a
         findings = check_estimate(est, bundle, findings, voxel_ml)
         estimates.append(est)
         dice, per_class = {}, {}
@@ -584,7 +599,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
             flag = pe.review_flag(r["state"], r["dice"], args.flag_threshold)
             rows.append([cid, bundle.class_names[k], r["dice"], r["sensitivity"], r["precision"],
                          r["predicted_voxels"] * voxel_ml, r["expected_voxels"] * voxel_ml, r["mean_confidence"],
-                         r["state"], flag])
+                         r["state"], flag, r.get("agreement")])
             dice[bundle.class_names[k]] = r["dice"]
             per_class[bundle.class_names[k]] = r
         keys.append((cid, rank_key(per_class, args.rank_by, voxel_ml)))
@@ -601,7 +616,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     for row in cohort[1:]:
         writer.writerow(["(cohort mean)", row["name"], "" if row["dice"] is None else f"{row['dice']:.6g}",
                          "" if row["sensitivity"] is None else f"{row['sensitivity']:.6g}",
-                         "" if row["precision"] is None else f"{row['precision']:.6g}", "", "", "", "", ""])
+                         "" if row["precision"] is None else f"{row['precision']:.6g}", "", "", "", "", "", ""])
     if args.csv:
         with atomic_path(Path(args.csv), suffix=".csv") as tmp:
             Path(tmp).write_text(buf.getvalue())
@@ -619,6 +634,26 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.csv:
         print(f"[estimate] wrote {args.csv}")
     return 0
+
+
+def parse_agreement(text: Optional[str]) -> Optional[List[str]]:
+    """``--agreement``: ``default`` (shift, gamma_low, gamma_high), ``members`` (the networks of
+    an ensemble bundle), those view names, or test-time transforms (for models trained with
+    them), comma-separated."""
+    if not text:
+        return None
+    from .tta import AGREEMENT_VIEWS, STABILITY_VIEWS, TTA_TRANSFORMS
+    views: List[str] = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item == "default":
+            views += list(AGREEMENT_VIEWS)
+        elif item == "members" or item in STABILITY_VIEWS or (item in TTA_TRANSFORMS and item != "identity"):
+            views.append(item)
+        else:
+            raise ValueError(f"--agreement {item!r}: use default, members, {', '.join(STABILITY_VIEWS)} or "
+                             f"test-time transforms other than identity "
+                             f"({', '.join(t for t in TTA_TRANSFORMS if t != 'identity')})")
+    return views or None
 
 
 def rank_key(per_class: Dict[str, Dict[str, Any]], rank_by: str, voxel_ml: float) -> Dict[str, Any]:
@@ -645,6 +680,12 @@ def rank_key(per_class: Dict[str, Dict[str, Any]], rank_by: str, voxel_ml: float
     if r["state"].startswith("unreliable"):
         why += f"; {r['state']}"
     return {"key": key(name), "dice": r["dice"], "class": name, "why": why}
+
+
+AGREEMENT_HELP = ("also segment each case under these views and mark a class unreliable when its segmentation "
+                  "changes (mean Dice with the plain prediction under 0.8): 'default' (shifted by a quarter window, "
+                  "gamma 0.8 and 1.25), 'members' (each network of a semi-supervised model), or mirrorings such as "
+                  "flip_x (only for models trained with them); one more network pass per view")
 
 
 EVENTS_HELP = ("write progress as JSON lines on stdout, one event a line (see imbalanceseglib.events); "
@@ -722,6 +763,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--modality", help="modality of the input (e.g. CT, MR); refused if the model is for another")
     p.add_argument("--tta", help="test-time augmentation, comma-separated (e.g. identity,flip_x); merged per class "
                                  "(max for the card's rare classes, mean otherwise)")
+    p.add_argument("--agreement", help=AGREEMENT_HELP)
     p.add_argument("--stream", action="store_true",
                    help="bounded-memory sliding window for big volumes: probabilities kept compactly "
                         "(--storage) and written tile by tile to probabilities.npy in the output folder")
@@ -794,6 +836,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--flag-threshold", type=float, default=REVIEW_THRESHOLD,
                    help="flag classes below this estimated Dice")
     p.add_argument("--rank-by", default="worst", help="class name to rank by, or 'worst' (default)")
+    p.add_argument("--agreement", help=AGREEMENT_HELP)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_estimate)
     args = parser.parse_args(argv)

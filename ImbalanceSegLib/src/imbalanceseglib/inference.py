@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -202,6 +202,88 @@ def check_estimate(performance: CaseEstimate, bundle: ModelBundle, findings: Lis
     return findings
 
 
+def refuse_untrained_flips(bundle: ModelBundle, views: Sequence[str]) -> None:
+    """Refuse a mirrored or rotated view the model was not trained for: mirroring swaps the sides
+    or ends of asymmetric anatomy, so such a model disagrees with itself by design."""
+    from .augment import policy_from_config
+    from .tta import _parse_transform, TTA_TRANSFORMS
+    geometric = [v for v in views if v in TTA_TRANSFORMS and v != "identity"]
+    if not geometric:
+        return
+    aug = (bundle.card.get("training", {}).get("config", {}) or {}).get("augmentation") or {}
+    flip = [0.0, 0.0, 0.0]
+    rot = 0.0
+    for key in ("default", "rare"):
+        try:
+            policy = policy_from_config(aug.get(key, "none"))
+        except (ValueError, TypeError):
+            continue
+        flip = [max(a, float(b)) for a, b in zip(flip, policy.flip_prob)]
+        rot = max(rot, float(policy.rot90_prob))
+    for view in geometric:
+        axes, quarter = _parse_transform(view)
+        missing = [("z", "y", "x")[a] for a in axes if flip[a] <= 0.0]
+        if missing or (quarter and rot <= 0.0):
+            raise BundleError(f"agreement view {view!r}: model {bundle.model_card.name!r} was not trained with "
+                              f"{'mirroring along ' + ', '.join(missing) if missing else 'quarter turns'}, so its "
+                              "segmentation of asymmetric anatomy changes under it by design; use shift, gamma_low, "
+                              "gamma_high (the default) or members")
+
+
+#: A class whose segmentation agrees less than this (mean Dice) with its own test-time views,
+#: or between the members of an ensemble, is marked unreliable (fixed a priori).
+AGREEMENT_THRESHOLD = 0.8
+
+
+def agreement_check(bundle: ModelBundle, volume: np.ndarray, logits: torch.Tensor, views: Sequence[str],
+                    roi: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 2, device: str = "cpu",
+                    progress: Optional[ProgressCallback] = None) -> Tuple[List[Optional[float]], List[Any]]:
+    """Per-class agreement of a prediction with itself under ``views`` and the findings it gives.
+
+    ``volume``: the normalised working-grid volume; ``logits``: its ``(1, C, z, y, x)`` logits.
+    ``views``: test-time transform names (:data:`imbalanceseglib.tta.TTA_TRANSFORMS`, e.g.
+    :data:`imbalanceseglib.tta.AGREEMENT_VIEWS`) and/or ``"members"`` (each network of an
+    ensemble bundle separately: the two networks of a semi-supervised model). Returns the
+    agreement per class (:func:`imbalanceseglib.tta.segmentation_agreement`) and one
+    ``agreement`` finding per class under :data:`AGREEMENT_THRESHOLD`."""
+    from .input_checks import Finding
+    from .tta import segmentation_agreement, view_labels
+    names = bundle.class_names
+    network = bundle.network
+
+    def run(net):
+        return lambda v: sliding_window_logits(net, v, roi, overlap=overlap, sw_batch_size=sw_batch_size,
+                                               device=device, progress=progress or _noop_progress)[0]
+
+    others, what = [], []
+    views = list(views)
+    plain = logits[0].argmax(0).numpy()
+    refuse_untrained_flips(bundle, views)
+    for view in views:
+        if view == "members":
+            members = getattr(network, "members", None)
+            if members is None:
+                raise BundleError(f"model {bundle.model_card.name!r} has one network: 'members' agreement needs an "
+                                  "ensemble (a semi-supervised model); use test-time views such as flip_x")
+            others += [view_labels(run(m), volume, "identity") for m in members]
+            what.append("its networks")
+        else:
+            others.append(view_labels(run(network), volume, view, window=roi, fallback=plain))
+            what.append(view)
+    agree = segmentation_agreement(plain, others, len(names))
+    findings = []
+    has_members, has_views = "members" in views, any(v != "members" for v in views)
+    label = "its networks" if not has_views else "its views" if not has_members else "its views and networks"
+    for c in range(1, len(names)):
+        if agree[c] is not None and agree[c] < AGREEMENT_THRESHOLD:
+            findings.append(Finding(
+                "agreement", f"{names[c]}: the segmentation changes between {label} ({', '.join(what)}): mean Dice "
+                f"{agree[c]:.2f} with the plain prediction, under {AGREEMENT_THRESHOLD:g}",
+                f"unstable across {label} (agreement {agree[c]:.2f})", classes=(names[c],),
+                values={"agreement": agree[c]}))
+    return agree, findings
+
+
 def _preprocess(image: sitk.Image, pre: Mapping[str, Any]):
     """Input -> (original float32, canonical, working grid image, resampled?, normalised array)."""
     original = sitk.Cast(image, sitk.sitkFloat32)
@@ -243,7 +325,7 @@ def working_grid_logits(image: sitk.Image, bundle: ModelBundle, labels: Optional
 def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap: float = 0.5,
             sw_batch_size: int = 2, progress: Optional[ProgressCallback] = None,
             memory_limit_bytes: Optional[int] = None, tta: Optional[Sequence[str]] = None,
-            tta_merge: Any = None) -> Prediction:
+            tta_merge: Any = None, agreement: Optional[Sequence[str]] = None) -> Prediction:
     """Segment one volume with a bundle; see the module docstring.
 
     Refuses early (before any work) when the estimated peak memory exceeds
@@ -255,6 +337,11 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     the card lists as rare (``training.rare_classes``) and ``"mean"`` otherwise.  The
     log of the merged probabilities then takes the place of the logits (calibration and
     the performance estimate; the energy score is meaningless on them).
+
+    ``agreement``: views to compare the prediction with (:func:`agreement_check`: test-time
+    transforms such as ``("flip_z", "flip_y", "flip_x")`` and/or ``"members"`` for an ensemble);
+    each class gets an ``agreement`` entry in the estimate, and a class under
+    :data:`AGREEMENT_THRESHOLD` is marked unreliable. Costs one more network pass per view.
     """
     progress = progress or _noop_progress
     if bundle.network is None:
@@ -296,6 +383,13 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     else:
         logits = sliding_window_logits(bundle.network, volume, roi, overlap=overlap,
                                        sw_batch_size=sw_batch_size, device=device, progress=progress)
+    agree = None
+    if agreement:
+        if tta:
+            raise ValueError("agreement compares the plain prediction with its views; leave out tta")
+        agree, more = agreement_check(bundle, volume, logits, list(agreement), roi, overlap, sw_batch_size, device,
+                                      progress)
+        findings = findings + more
     estimator = estimator_from_card(card.calibration, card.num_classes)
     probs_t = estimator.probabilities(logits)[0]
     probs = probs_t.numpy().astype(np.float32, copy=False)
@@ -308,6 +402,9 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     for row in performance.classes:
         row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
         row["expected_ml"] = row["expected_voxels"] * voxel_ml
+    if agree is not None:
+        for row, a in zip(performance.classes, agree):
+            row["agreement"] = a
     findings = check_estimate(performance, bundle, findings, voxel_ml)
     del logits
     timings["estimate"] = time.perf_counter() - t_est

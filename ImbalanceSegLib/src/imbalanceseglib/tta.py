@@ -26,9 +26,24 @@ import torch
 
 __all__ = [
     "TTA_TRANSFORMS",
+    "AGREEMENT_VIEWS",
+    "STABILITY_VIEWS",
     "rare_class_merge",
+    "segmentation_agreement",
     "tta_logits",
+    "view_labels",
 ]
+
+#: The views :func:`view_labels` knows besides :data:`TTA_TRANSFORMS`: ``shift`` (the volume
+#: moved by a quarter of the network's window along every axis, so every voxel is seen from
+#: another place in the sliding window), ``gamma_low`` and ``gamma_high`` (a mild contrast change,
+#: gamma 0.8 and 1.25 on the volume's intensity range). A network is meant to be unaffected by
+#: these for any anatomy; mirroring is not: it swaps sides and ends of asymmetric anatomy (anterior
+#: and posterior hippocampus, left and right kidney) unless the network was trained with flips.
+STABILITY_VIEWS = ("shift", "gamma_low", "gamma_high")
+#: The default views of the stability check (:func:`imbalanceseglib.inference.agreement_check`).
+AGREEMENT_VIEWS = STABILITY_VIEWS
+_GAMMA = {"gamma_low": 0.8, "gamma_high": 1.25}
 
 #: Transform names :func:`tta_logits` accepts: ``identity``; ``flip_`` followed by
 #: the mirrored axes among ``z``, ``y``, ``x`` (``flip_x``, ``flip_zy``, ...); and
@@ -147,3 +162,71 @@ def tta_logits(
     n_cls = merged.shape[0]
     merged = torch.where(total > 0, merged / total.clamp_min(1e-30), torch.full_like(merged, 1.0 / n_cls))
     return merged.contiguous()
+
+
+def _shift(shape: Sequence[int], window: Sequence[int] | None) -> tuple[int, ...]:
+    w = window or shape
+    return tuple(max(1, min(int(k) // 4, int(n) // 4)) if n > 1 else 0 for k, n in zip(w, shape))
+
+
+def view_labels(predict_fn: Callable[[np.ndarray], torch.Tensor | np.ndarray], volume: np.ndarray,
+                transform: str, window: Sequence[int] | None = None,
+                fallback: np.ndarray | None = None) -> np.ndarray:
+    """The argmax labels of ``predict_fn`` on one view of ``volume``, mapped back to the volume's
+    grid (uint8/uint16 ``(z, y, x)``). ``transform``: a name of :data:`TTA_TRANSFORMS` or of
+    :data:`STABILITY_VIEWS`; ``window``: the network's window (for ``shift``); ``fallback``:
+    labels for the voxels a shift moves out of the volume (default: background)."""
+    x = np.asarray(volume, dtype=np.float32)
+    if transform in _GAMMA:
+        lo, hi = float(x.min()), float(x.max())
+        scaled = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+        out = predict_fn(np.ascontiguousarray(scaled ** _GAMMA[transform] * (hi - lo) + lo, dtype=np.float32))
+        return _argmax(out)
+    if transform == "shift":
+        d = _shift(x.shape, window)
+        moved = np.pad(x, [(k, 0) for k in d], mode="edge")[tuple(slice(0, n) for n in x.shape)]
+        labels = _argmax(predict_fn(np.ascontiguousarray(moved)))
+        back = np.zeros_like(labels) if fallback is None else np.array(fallback, dtype=labels.dtype)
+        back[tuple(slice(0, n - k) for n, k in zip(x.shape, d))] = labels[tuple(slice(k, None) for k in d)]
+        return back
+    flips, quarter = _parse_transform(str(transform))
+    if flips:
+        x = np.flip(x, flips)
+    if quarter:
+        x = np.rot90(x, quarter, axes=(1, 2))
+    labels = _argmax(predict_fn(np.ascontiguousarray(x)))
+    if quarter:
+        labels = np.rot90(labels, -quarter, axes=(1, 2))
+    if flips:
+        labels = np.flip(labels, flips)
+    return np.ascontiguousarray(labels)
+
+
+def _argmax(out: torch.Tensor | np.ndarray) -> np.ndarray:
+    out = torch.as_tensor(out).detach().to("cpu", torch.float32)
+    if out.ndim == 5 and out.shape[0] == 1:
+        out = out[0]
+    return out.argmax(0).numpy().astype(np.uint8 if out.shape[0] <= 256 else np.uint16)
+
+
+def segmentation_agreement(labels: np.ndarray, others: Sequence[np.ndarray], n_classes: int) -> list:
+    """Per class, the mean Dice between ``labels`` (the prediction) and each of ``others`` (the
+    same volume predicted under test-time transforms, or by each member of an ensemble), on
+    one grid. A class in neither of two maps adds nothing; ``None`` for a class absent
+    everywhere. Background (class 0) is ``None`` too: it is not estimated.
+
+    A segmentation that changes when the input is merely mirrored, or between two networks
+    trained side by side, is one the confidence alone may call certain: the agreement is what
+    the label-free estimate cannot see (an input unlike the training data often shows here)."""
+    out: list = [None]
+    for c in range(1, n_classes):
+        a = labels == c
+        na = int(a.sum())
+        scores = []
+        for other in others:
+            b = other == c
+            nb = int(b.sum())
+            if na + nb:
+                scores.append(2.0 * int(np.logical_and(a, b).sum()) / (na + nb))
+        out.append(float(np.mean(scores)) if scores else None)
+    return out

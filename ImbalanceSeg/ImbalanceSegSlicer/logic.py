@@ -275,8 +275,9 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         try:
             t = time.perf_counter()
             progress("results", 0.0)
-            seg_node = sc.segmentation_from_labelmap(self.scene, prediction.label_image(), inputVolumeNode,
-                                                     list(classes[1:]), f"{base} segmentation")
+            seg_labels, seg_classes = self.labelValueSegments(prediction.label_image(), classes)
+            seg_node = sc.segmentation_from_labelmap(self.scene, seg_labels, inputVolumeNode, seg_classes,
+                                                     f"{base} segmentation")
             created.append(seg_node)
             prob_nodes = []
             for i, cls in enumerate(classes):
@@ -322,6 +323,22 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             raise
         return SegmentationResult(seg_node, prob_nodes, unc_node, table, rows,
                                   [c["name"] for c in classes], timings, perf_table, perf_rows, calibration, findings)
+
+    @staticmethod
+    def labelValueSegments(labelImage, classes: Sequence[Dict[str, Any]]):
+        """(label map, foreground classes) for the result segmentation: each segment keeps the label
+        value the model's training data used (``label_value`` in the card: 0, 2, 5, ...), so a label
+        map exported from it in Slicer has the user's values, as ``imbalanceseg predict`` writes them.
+        A model trained on 0, 1, 2, ... keeps the class indices."""
+        import SimpleITK as sitk
+        from imbalanceseglib.datasets import card_label_values, indices_to_label_values
+
+        values = card_label_values(classes)
+        if values == list(range(len(classes))):
+            return labelImage, list(classes[1:])
+        mapped = sitk.GetImageFromArray(indices_to_label_values(sitk.GetArrayViewFromImage(labelImage), values))
+        mapped.CopyInformation(labelImage)
+        return mapped, [{**c, "value": v} for c, v in zip(classes[1:], values[1:])]
 
     @staticmethod
     def followInputTransform(inputVolumeNode, nodes: Sequence[Any]) -> None:

@@ -268,3 +268,32 @@ def test_a_config_without_modality_assumes_none():
                                  "target_spacing": [1.0, 1.0, 1.0], "patch_size": [16, 16, 16],
                                  "features": [4, 8]})
     assert cfg.modality == ""
+
+
+def test_evaluate_takes_a_data_folder_as_reference(tmp_path, capsys):
+    """--ref may be the data folder itself: its label maps, and its classes (original values)."""
+    import csv as _csv
+    from imbalanceseglib.cli import main
+    data = tmp_path / "plain"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    (data / "classes.json").write_text(json.dumps({"0": "background", "2": "ball", "5": "cube"}))
+    (tmp_path / "pred").mkdir()
+    for i in range(2):
+        lab = np.zeros((8, 9, 10), np.uint8)
+        lab[1:4, 1:4, 1:4] = 2
+        lab[5:7, 5:8, 5 + i:9] = 5
+        img = sitk.GetImageFromArray(lab.astype(np.float32))
+        sitk.WriteImage(img, str(data / "images" / f"c{i}.nii.gz"))
+        ref = sitk.GetImageFromArray(lab)
+        sitk.WriteImage(ref, str(data / "labels" / f"c{i}.nii.gz"))
+        pred = lab.copy()
+        pred[1, 1, 1] = 0  # one voxel of the ball missed: Dice 2*26/(26+27)
+        sitk.WriteImage(sitk.GetImageFromArray(pred), str(tmp_path / "pred" / f"c{i}.nii.gz"))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(data), "--out", str(tmp_path / "ev"),
+                 "--metrics", "overlap"]) == 0
+    assert f"[evaluate] references: {data / 'labels'}" in capsys.readouterr().out
+    rows = {r["name"]: r for r in _csv.DictReader((tmp_path / "ev" / "summary.csv").open())}
+    assert set(rows) == {"ball", "cube"}
+    assert float(rows["ball"]["dice_mean"]) == pytest.approx(2 * 26 / 53)
+    assert float(rows["cube"]["dice_mean"]) == pytest.approx(1.0)

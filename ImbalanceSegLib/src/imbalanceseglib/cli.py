@@ -395,6 +395,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     names = None
     labels = args.labels
     requested_by = "--labels"
+    ref = args.ref
+    from .datasets import is_dataset_folder, open_dataset
+    if is_dataset_folder(Path(ref)):  # a data folder: its label maps, and its classes unless given
+        ds = open_dataset(Path(ref))
+        folders = sorted({str(Path(c.label).parent) for c in ds.labelled_cases()})
+        if len(folders) != 1:
+            raise ValueError(f"--ref {ref}: the data folder's label maps are in {len(folders)} folders "
+                             f"({', '.join(folders) or 'none'}); give the label folder itself")
+        ref = folders[0]
+        print(f"[evaluate] references: {ref} ({ds.describe()})")
+        if not args.classes and labels is None:
+            names = {int(c.get("label_value", c["value"])): c["name"] for c in ds.config_classes()}
+            labels = sorted(v for v in names if v != 0)
+            requested_by = f"the classes of {args.ref}"
     if args.classes:
         names = _read_classes(args.classes)
         if labels is None:
@@ -407,7 +421,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                  f"(its values: {', '.join(map(str, sorted(names)))})")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     t0 = time.perf_counter()
-    out = evaluate_folders(args.pred, args.ref, args.out, labels=labels, class_names=names, metrics=metrics,
+    out = evaluate_folders(args.pred, ref, args.out, labels=labels, class_names=names, metrics=metrics,
                            nsd_tolerance_mm=args.nsd_tolerance, allow_missing=args.allow_missing,
                            calibration=not args.no_calibration, n_bins=args.bins, near_radius_mm=args.near_radius,
                            max_uncertainty=args.max_uncertainty,
@@ -790,7 +804,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("evaluate", help="evaluate a folder of predictions against a folder of references",
                        description=EVALUATE_DESCRIPTION)
     p.add_argument("--pred", required=True, help="prediction folder (<case>.nrrd/.nii.gz/... or <case>/labels.nrrd)")
-    p.add_argument("--ref", required=True, help="reference folder (<case>.nrrd/.nii.gz/...)")
+    p.add_argument("--ref", required=True, help="reference folder (<case>.nrrd/.nii.gz/...), or a data folder "
+                   "(images/ labels/ classes.json, nnU-Net v2 raw, MSD): its label maps, and its classes "
+                   "unless --classes or --labels is given")
     p.add_argument("--out", required=True, help="output folder (per_case.csv, summary.csv, policies.csv)")
     p.add_argument("--labels", type=int, nargs="+",
                    help="label values to evaluate (default: the non-zero values of --classes, else every "

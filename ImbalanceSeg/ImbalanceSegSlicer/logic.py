@@ -246,6 +246,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         bundle = model if hasattr(model, "network") else self.loadModel(model)
         self.checkReference(inputVolumeNode, referenceSegmentationNode, bundle.class_names)
         check_model_fits(bundle, modality=modality)
+        self.checkMemory(inputVolumeNode, bundle)
         t = time.perf_counter()
         image = sc.sitk_from_volume_node(inputVolumeNode)
         prediction = predict(image, bundle, device=device, progress=progress, agreement=agreement)
@@ -254,6 +255,34 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         return self.createResultNodes(inputVolumeNode, prediction, bundle.classes, referenceSegmentationNode,
                                       progress=progress, baseName=baseName, flagThreshold=flagThreshold,
                                       timings=timings)
+
+    @staticmethod
+    def estimateMemoryBytes(inputVolumeNode, bundle, sw_batch_size: int = 2) -> int:
+        """Peak memory of :meth:`process`: the prediction
+        (:func:`imbalanceseglib.inference.estimate_memory_bytes`, network activations included)
+        while the result nodes are made from it: a float32 volume per class and for the
+        uncertainty, the segmentation's labelmap, and one float32 copy while a node is filled."""
+        from imbalanceseglib.inference import estimate_memory_bytes
+        card = bundle.model_card
+        dims = inputVolumeNode.GetImageData().GetDimensions()
+        n_in = float(np.prod(dims, dtype=np.float64))
+        predict_bytes = estimate_memory_bytes(dims, inputVolumeNode.GetSpacing(),
+                                              card.preprocessing.get("target_spacing"), card.num_classes,
+                                              patch_size=card.preprocessing.get("patch_size") or [96, 96, 96],
+                                              features=card.network.get("params", {}).get("features"),
+                                              sw_batch_size=sw_batch_size)
+        return int(predict_bytes + n_in * (4 * (card.num_classes + 1) + 1 + 4))
+
+    def checkMemory(self, inputVolumeNode, bundle) -> None:
+        """Refuse, before any work, a volume whose segmentation and result nodes would not fit in
+        the memory the system reports as available, naming both figures."""
+        from imbalanceseglib.images import available_memory_bytes, format_bytes
+        need, have = self.estimateMemoryBytes(inputVolumeNode, bundle), available_memory_bytes()
+        if have is not None and need > have:
+            dims = "x".join(map(str, inputVolumeNode.GetImageData().GetDimensions()))
+            raise ValueError(f"segmenting {inputVolumeNode.GetName()!r} ({dims} voxels) and adding its results to "
+                             f"the scene needs about {format_bytes(need)}, but only {format_bytes(have)} is "
+                             "available; crop or resample the volume first (or close other applications)")
 
     def createResultNodes(self, inputVolumeNode, prediction, classes: Sequence[Dict[str, Any]],
                           referenceSegmentationNode=None, progress: Optional[ProgressCallback] = None,

@@ -96,3 +96,24 @@ def test_the_stability_check_is_one_logic_call(scene):
     # the demo patient's segmentation hardly changes when shifted or re-contrasted: no class is unstable
     assert [f["kind"] for f in result.findings] == []
     assert [r["State"] for r in rows] == [r["State"] for r in plain.performanceRows] == ["predicted", "predicted"]
+
+
+def test_the_logic_refuses_a_run_whose_results_would_not_fit(scene, monkeypatch):
+    """The estimate covers the prediction and the result nodes; a run that would not fit is
+    refused before any work, naming both figures (issue #19 item 3)."""
+    from imbalanceseglib import images
+    from imbalanceseglib.images import read_image
+    logic = ImbalanceSegLogic(scene)
+    volume = sc.volume_node_from_sitk(scene, read_image(HIPPOCAMPUS["volume"]), "Patient")
+    bundle = logic.loadModel(HIPPOCAMPUS["model"])
+    need = logic.estimateMemoryBytes(volume, bundle)
+    from imbalanceseglib.inference import estimate_memory_bytes
+    dims = volume.GetImageData().GetDimensions()
+    predict_only = estimate_memory_bytes(dims, volume.GetSpacing(), [1.0, 1.0, 1.0], 3, patch_size=[40, 56, 40],
+                                         features=[16, 32, 64, 128])
+    assert need - predict_only == int(np.prod(dims)) * (4 * 4 + 1 + 4)  # 3 probability maps + uncertainty, labelmap, copy
+    monkeypatch.setattr(images, "available_memory_bytes", lambda: need - 1)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match=r"adding its results to the scene needs about .* but only .* is available"):
+        logic.process(volume, bundle)
+    assert scene.GetNumberOfNodes() == before

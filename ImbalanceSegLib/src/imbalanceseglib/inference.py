@@ -30,6 +30,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .bundle import BundleError, ModelBundle
+from .card import DEFAULT_FEATURES
 from .estimation import CaseEstimate, PerformanceEstimator, estimator_from_card
 from .images import (ImageError, available_memory_bytes, check_image, check_same_geometry, format_bytes,
                      image_from_array, needs_resampling, normalise_intensities, orientation_code, resample_to_spacing,
@@ -75,9 +76,28 @@ class Prediction:
 def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
     """Entropy of the class distribution at each voxel divided by log(C): 0 certain, 1 uniform."""
     c = probabilities.shape[0]
-    p = np.clip(probabilities, 1e-12, 1.0)
-    ent = -(probabilities * np.log(p)).sum(axis=0)
-    return (ent / math.log(c)).astype(np.float32)
+    # one class at a time: temporaries of one volume, not of all classes (a 600^3 volume with
+    # 6 classes would otherwise hold three more copies of every probability map, 15 GB)
+    ent = np.zeros(probabilities.shape[1:], dtype=np.float32)
+    for k in range(c):
+        pk = probabilities[k]
+        term = np.clip(pk, 1e-12, 1.0)
+        np.log(term, out=term)
+        term *= pk
+        ent -= term
+    ent /= math.log(c)
+    return ent
+
+
+def argmax_labels(probabilities: np.ndarray) -> np.ndarray:
+    """The most probable class at each voxel, uint8, computed slab by slab (numpy's argmax makes
+    an int64 map: 8 bytes a voxel, more than a probability map)."""
+    shape = probabilities.shape[1:]
+    out = np.empty(shape, dtype=np.uint8 if probabilities.shape[0] <= 256 else np.uint16)
+    step = max(1, (1 << 22) // max(1, int(np.prod(shape[1:]))))
+    for z in range(0, shape[0], step):
+        out[z:z + step] = np.argmax(probabilities[:, z:z + step], axis=0)
+    return out
 
 
 def apply_calibration(logits: torch.Tensor, calibration: Optional[Mapping[str, Any]]) -> torch.Tensor:
@@ -141,14 +161,37 @@ def sliding_window_logits(network: torch.nn.Module, volume: np.ndarray, roi_size
     return logits
 
 
+#: Bytes per window voxel, first-level channel and window of a batch at the peak of one forward
+#: pass of the U-Net under inference_mode (the highest-resolution decoder block holds the
+#: concatenated skip, the convolution and normalisation outputs, plus the convolution's
+#: workspace): 5.5-7.7 measured by Testing/Benchmarks/memory_estimate.py, taken as 8 float32.
+ACTIVATION_BYTES = 32
+
+
+def network_memory_bytes(patch_size: Sequence[int], features: Sequence[int], n_classes: int,
+                         sw_batch_size: int = 2) -> int:
+    """Peak memory of the network's activations for one batch of windows (and the batch's
+    logits), which grows with the window and the network's width (first-level channels)."""
+    window = float(np.prod(patch_size, dtype=np.float64)) * int(sw_batch_size)
+    return int(window * (ACTIVATION_BYTES * int(features[0]) + 4 * (n_classes + 1)))
+
+
 def estimate_memory_bytes(input_size: Sequence[int], input_spacing: Sequence[float],
-                          target_spacing: Optional[Sequence[float]], n_classes: int) -> int:
-    """Rough peak memory of :func:`predict` (float32 copies of the volume, logits,
-    blending buffers and probabilities on the working and the input grid)."""
+                          target_spacing: Optional[Sequence[float]], n_classes: int,
+                          patch_size: Optional[Sequence[int]] = None, features: Optional[Sequence[int]] = None,
+                          sw_batch_size: int = 2) -> int:
+    """Peak memory of :func:`predict`: float32 copies of the volume, logits, blending buffers and
+    probabilities on the working and the input grid, and (given the window ``patch_size`` and the
+    network's ``features``) the network's activations (:func:`network_memory_bytes`)."""
     n_in = float(np.prod(input_size, dtype=np.float64))
     n_work = n_in if target_spacing is None else float(
         np.prod(resampled_size(input_size, input_spacing, target_spacing), dtype=np.float64))
-    return int(4 * (n_in * (n_classes + 4) + n_work * (3 * n_classes + 6)))
+    # input grid: probabilities, the float32 input and its canonical copy, uncertainty and one
+    # class's temporary, labels; working grid: volume, logits, blending buffers, probabilities
+    total = 4 * (n_in * (n_classes + 8) + n_work * (3 * n_classes + 6))
+    if patch_size is not None:
+        total += network_memory_bytes(patch_size, features or DEFAULT_FEATURES, n_classes, sw_batch_size)
+    return int(total)
 
 
 def check_model_fits(bundle: ModelBundle, modality: Optional[str] = None,
@@ -349,7 +392,10 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     check_image(image, "input volume", min_size=2)
     card = bundle.model_card  # read once; everything below takes its sections
     need = estimate_memory_bytes(image.GetSize(), image.GetSpacing(),
-                                 card.preprocessing.get("target_spacing"), card.num_classes)
+                                 card.preprocessing.get("target_spacing"), card.num_classes,
+                                 patch_size=card.preprocessing.get("patch_size") or [96, 96, 96],
+                                 features=card.network.get("params", {}).get("features"),
+                                 sw_batch_size=sw_batch_size)
     limit = memory_limit_bytes if memory_limit_bytes is not None else available_memory_bytes()
     if limit is not None and need > limit:
         raise ImageError(f"input volume {'x'.join(map(str, image.GetSize()))} needs about "
@@ -413,7 +459,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     t2 = time.perf_counter()
     progress("postprocess", 0.0)
     probs = to_input_grid(probs, work, canonical, original, resampled)
-    labels = np.argmax(probs, axis=0).astype(np.uint8)
+    labels = argmax_labels(probs)
     uncertainty = normalised_entropy(probs)
     timings["postprocess"] = time.perf_counter() - t2
     progress("postprocess", 1.0)

@@ -249,7 +249,7 @@ def refuse_untrained_flips(bundle: ModelBundle, views: Sequence[str]) -> None:
     """Refuse a mirrored or rotated view the model was not trained for: mirroring swaps the sides
     or ends of asymmetric anatomy, so such a model disagrees with itself by design."""
     from .augment import policy_from_config
-    from .tta import _parse_transform, TTA_TRANSFORMS
+    from .tta import TTA_TRANSFORMS, parse_transform
     geometric = [v for v in views if v in TTA_TRANSFORMS and v != "identity"]
     if not geometric:
         return
@@ -264,7 +264,7 @@ def refuse_untrained_flips(bundle: ModelBundle, views: Sequence[str]) -> None:
         flip = [max(a, float(b)) for a, b in zip(flip, policy.flip_prob)]
         rot = max(rot, float(policy.rot90_prob))
     for view in geometric:
-        axes, quarter = _parse_transform(view)
+        axes, quarter = parse_transform(view)
         missing = [("z", "y", "x")[a] for a in axes if flip[a] <= 0.0]
         if missing or (quarter and rot <= 0.0):
             raise BundleError(f"agreement view {view!r}: model {bundle.model_card.name!r} was not trained with "

@@ -28,6 +28,7 @@ __all__ = [
     "TTA_TRANSFORMS",
     "AGREEMENT_VIEWS",
     "STABILITY_VIEWS",
+    "parse_transform",
     "rare_class_merge",
     "segmentation_agreement",
     "tta_logits",
@@ -54,7 +55,7 @@ TTA_TRANSFORMS = ("identity", "flip_z", "flip_y", "flip_x", "flip_zy", "flip_zx"
 _AXIS = {"z": 0, "y": 1, "x": 2}
 
 
-def _parse_transform(name: str) -> tuple[tuple[int, ...], int]:
+def parse_transform(name: str) -> tuple[tuple[int, ...], int]:
     """(flip axes, number of quarter turns in the y-x plane) of a transform name."""
     if name == "identity":
         return (), 0
@@ -114,7 +115,7 @@ def tta_logits(
     names = list(transforms)
     if not names:
         raise ValueError("tta_logits needs at least one transform")
-    parsed = [_parse_transform(str(n)) for n in names]
+    parsed = [parse_transform(str(n)) for n in names]
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim != 3:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {vol.shape}")
@@ -189,7 +190,7 @@ def view_labels(predict_fn: Callable[[np.ndarray], torch.Tensor | np.ndarray], v
         back = np.zeros_like(labels) if fallback is None else np.array(fallback, dtype=labels.dtype)
         back[tuple(slice(0, n - k) for n, k in zip(x.shape, d))] = labels[tuple(slice(k, None) for k in d)]
         return back
-    flips, quarter = _parse_transform(str(transform))
+    flips, quarter = parse_transform(str(transform))
     if flips:
         x = np.flip(x, flips)
     if quarter:

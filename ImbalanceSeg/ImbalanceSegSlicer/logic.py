@@ -262,15 +262,11 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         (:func:`imbalanceseglib.inference.estimate_memory_bytes`, network activations included)
         while the result nodes are made from it: a float32 volume per class and for the
         uncertainty, the segmentation's labelmap, and one float32 copy while a node is filled."""
-        from imbalanceseglib.inference import estimate_memory_bytes
+        from imbalanceseglib.inference import card_memory_bytes
         card = bundle.model_card
         dims = inputVolumeNode.GetImageData().GetDimensions()
         n_in = float(np.prod(dims, dtype=np.float64))
-        predict_bytes = estimate_memory_bytes(dims, inputVolumeNode.GetSpacing(),
-                                              card.preprocessing.get("target_spacing"), card.num_classes,
-                                              patch_size=card.preprocessing.get("patch_size") or [96, 96, 96],
-                                              features=card.network.get("params", {}).get("features"),
-                                              sw_batch_size=sw_batch_size)
+        predict_bytes = card_memory_bytes(card, dims, inputVolumeNode.GetSpacing(), sw_batch_size)
         return int(predict_bytes + n_in * (4 * (card.num_classes + 1) + 1 + 4))
 
     def checkMemory(self, inputVolumeNode, bundle) -> None:

@@ -601,10 +601,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         logits = estimator.scale_logits(torch.from_numpy(logits)[None])[0].numpy()
         est = estimator.estimate(logits, bundle.class_names)
         voxel_ml = float(np.prod(work.GetSpacing())) / 1000.0
-        if agree is not None:
-            for row, a in zip(est.classes, agree):
-                row["agreement"] = a
-        findings = check_estimate(est, bundle, findings, voxel_ml)
+        findings = check_estimate(est, bundle, findings, voxel_ml, agree)
         estimates.append(est)
         dice, per_class = {}, {}
         for k, r in enumerate(est.classes):

@@ -194,6 +194,16 @@ def estimate_memory_bytes(input_size: Sequence[int], input_spacing: Sequence[flo
     return int(total)
 
 
+def card_memory_bytes(card: Any, input_size: Sequence[int], input_spacing: Sequence[float],
+                      sw_batch_size: int = 2) -> int:
+    """:func:`estimate_memory_bytes` for a model card (:class:`imbalanceseglib.card.ModelCard`):
+    its spacing, classes, window (96^3 when it names none, as inference uses) and width."""
+    return estimate_memory_bytes(input_size, input_spacing, card.preprocessing.get("target_spacing"),
+                                 card.num_classes, patch_size=card.preprocessing.get("patch_size") or [96, 96, 96],
+                                 features=card.network.get("params", {}).get("features"),
+                                 sw_batch_size=sw_batch_size)
+
+
 def check_model_fits(bundle: ModelBundle, modality: Optional[str] = None,
                      class_names: Optional[Sequence[str]] = None) -> None:
     """Refuse a model whose modality or classes do not fit the request, naming the mismatch.
@@ -234,11 +244,16 @@ def check_against_training(image: sitk.Image, bundle: ModelBundle, normalised: n
     return check_input(image, card_input_profile(bundle), normalised)
 
 
-def check_estimate(performance: CaseEstimate, bundle: ModelBundle, findings: List[Any], voxel_ml: float) -> List[Any]:
-    """Add the predicted-volume findings to ``findings`` and mark the estimate's classes they
-    concern "unreliable" (in place); returns all findings."""
+def check_estimate(performance: CaseEstimate, bundle: ModelBundle, findings: List[Any], voxel_ml: float,
+                   agreement: Optional[Sequence[Optional[float]]] = None) -> List[Any]:
+    """Add the predicted-volume findings to ``findings``, record each class's ``agreement`` (from
+    :func:`agreement_check`) when given, and mark the estimate's classes the findings concern
+    "unreliable" (in place); returns all findings."""
     from .input_checks import check_prediction, mark_unreliable
     names = bundle.class_names
+    if agreement is not None:
+        for row, a in zip(performance.classes, agreement):
+            row["agreement"] = a
     predicted = {names[k]: row["predicted_voxels"] * voxel_ml for k, row in enumerate(performance.classes) if k > 0}
     findings = list(findings) + check_prediction(predicted, card_input_profile(bundle))
     mark_unreliable(performance.classes, names, findings)
@@ -391,11 +406,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
         raise BundleError("bundle was loaded without weights; use load_bundle()")
     check_image(image, "input volume", min_size=2)
     card = bundle.model_card  # read once; everything below takes its sections
-    need = estimate_memory_bytes(image.GetSize(), image.GetSpacing(),
-                                 card.preprocessing.get("target_spacing"), card.num_classes,
-                                 patch_size=card.preprocessing.get("patch_size") or [96, 96, 96],
-                                 features=card.network.get("params", {}).get("features"),
-                                 sw_batch_size=sw_batch_size)
+    need = card_memory_bytes(card, image.GetSize(), image.GetSpacing(), sw_batch_size)
     limit = memory_limit_bytes if memory_limit_bytes is not None else available_memory_bytes()
     if limit is not None and need > limit:
         raise ImageError(f"input volume {'x'.join(map(str, image.GetSize()))} needs about "
@@ -448,10 +459,7 @@ def predict(image: sitk.Image, bundle: ModelBundle, device: str = "cpu", overlap
     for row in performance.classes:
         row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
         row["expected_ml"] = row["expected_voxels"] * voxel_ml
-    if agree is not None:
-        for row, a in zip(performance.classes, agree):
-            row["agreement"] = a
-    findings = check_estimate(performance, bundle, findings, voxel_ml)
+    findings = check_estimate(performance, bundle, findings, voxel_ml, agree)
     del logits
     timings["estimate"] = time.perf_counter() - t_est
     progress("estimate", 1.0)

@@ -155,3 +155,41 @@ def test_mirrored_views_only_for_a_model_trained_with_them(tmp_path):
     assert pred.performance.classes[1]["agreement"] is not None
     with pytest.raises(BundleError, match="mirroring along y"):
         predict(_image(), load_bundle(flipped), agreement=["flip_y"])
+
+
+def test_the_bounded_memory_path_gives_the_same_agreement_as_predict(tmp_path):
+    """predict_streaming(agreement=...) (the panel's background job) runs each view as one more
+    streaming pass: the same agreement values, findings and states as the in-memory predict."""
+    from imbalanceseglib.streaming import predict_streaming
+    for arch, members, views in (("UNet3D", None, AGREEMENT_VIEWS), ("UNet3DEnsemble", 2, ["members", "shift"])):
+        bundle = load_bundle(_bundle(tmp_path, arch, members=members))
+        image = sitk.GetImageFromArray(np.random.default_rng(3).normal(size=(20, 24, 18)).astype(np.float32))
+        want = predict(image, bundle, agreement=views)
+        got = predict_streaming(image, bundle, agreement=views, storage="float32")
+        w = [r.get("agreement") for r in want.performance.classes]
+        g = [r.get("agreement") for r in got.performance.classes]
+        assert g[0] is None and g[1:] == pytest.approx(w[1:], abs=1e-6), arch
+        assert any(a is not None and a < 1.0 for a in g[1:])  # the views did change something
+        assert [r["state"] for r in got.performance.classes] == [r["state"] for r in want.performance.classes]
+        assert sorted(f.kind for f in got.findings) == sorted(f.kind for f in want.findings)
+        assert "agreement" in got.timings
+        plain = predict_streaming(image, bundle, storage="float32")
+        assert all("agreement" not in r for r in plain.performance.classes)
+
+
+def test_predict_stream_writes_the_agreement_column(tmp_path, capsys):
+    model = _bundle(tmp_path)
+    sitk.WriteImage(_image(2), str(tmp_path / "a.nrrd"))
+    assert cli_main(["predict", "--model", str(model), "--input", str(tmp_path / "a.nrrd"), "--output",
+                     str(tmp_path / "o"), "--stream", "--agreement", "default"]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "o" / "performance_estimate.tsv").open(), delimiter="\t"))
+    want = predict(_image(2), load_bundle(model), agreement=AGREEMENT_VIEWS).performance.classes
+    assert [r["Segment"] for r in rows] == NAMES[1:]
+    for r in rows:
+        a = want[NAMES.index(r["Segment"])]["agreement"]
+        assert (r["Agreement"] == "") if a is None else float(r["Agreement"]) == pytest.approx(a, abs=1e-6)
+        if a is not None:
+            assert f"{a:.3f}" in printed
+    assert "agreement" in printed.splitlines()[[i for i, ln in enumerate(printed.splitlines())
+                                                 if "label-free performance estimate" in ln][0] + 1]

@@ -221,9 +221,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     tta = [t.strip() for t in args.tta.split(",") if t.strip()] if args.tta else None
     if args.stream and tta:
         raise ValueError("--tta and --stream cannot be combined yet")
-    if args.agreement and (args.stream or tta):
+    if args.agreement and tta:
         raise ValueError("--agreement compares the plain prediction with its views; it cannot be combined with "
-                         "--tta or --stream yet")
+                         "--tta")
     parse_agreement(args.agreement)  # refused before any work
     if args.scene and args.stream:
         raise ValueError("--scene builds the scene from every class's full probability map in memory, which "
@@ -281,7 +281,8 @@ def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) 
         from .streaming import predict_streaming
         pred = predict_streaming(image, bundle, device=args.device, progress=progress, storage=args.storage,
                                  out_dir=out, sw_batch_size=args.sw_batch_size, layout=args.layout,
-                                 precision=args.precision, workers=args.workers, engine=args.engine)
+                                 precision=args.precision, workers=args.workers, engine=args.engine,
+                                 agreement=parse_agreement(args.agreement))
         print()
         write_image(sitk.Cast(pred.label_image(), sitk.sitkUInt8), out / "labels.nrrd")
         for i, name in enumerate(pred.class_names):
@@ -336,11 +337,15 @@ def format_performance_rows(rows: List[Dict[str, Any]], threshold: float) -> str
     def f(v, spec):
         return "-" if v is None else format(v, spec)
     width = max([len("class")] + [len(r["Segment"]) for r in rows]) + 2
+    checked = any(r.get("Agreement") is not None for r in rows)  # the stability check ran
     lines = [f"[predict] label-free performance estimate (review below estimated Dice {threshold:g}):",
-             f"  {'class':<{width}}{'est. Dice':>10}{'volume ml':>11}{'expected ml':>13}  {'flag':<7}state"]
+             f"  {'class':<{width}}{'est. Dice':>10}{'volume ml':>11}{'expected ml':>13}"
+             + (f"{'agreement':>11}" if checked else "") + f"  {'flag':<7}state"]
     for r in rows:
         lines.append(f"  {r['Segment']:<{width}}{f(r['Estimated Dice'], '.3f'):>10}{f(r['Volume'], '.3g'):>11}"
-                     f"{f(r['Expected volume'], '.3g'):>13}  {r['Flag'] or '-':<7}{r['State']}")
+                     f"{f(r['Expected volume'], '.3g'):>13}"
+                     + (f"{f(r.get('Agreement'), '.3f'):>11}" if checked else "")
+                     + f"  {r['Flag'] or '-':<7}{r['State']}")
     return "\n".join(lines)
 
 

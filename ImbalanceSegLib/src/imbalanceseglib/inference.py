@@ -293,9 +293,11 @@ def refuse_untrained_flips(bundle: ModelBundle, views: Sequence[str]) -> None:
 AGREEMENT_THRESHOLD = 0.8
 
 
-def agreement_check(bundle: ModelBundle, volume: np.ndarray, logits: torch.Tensor, views: Sequence[str],
+def agreement_check(bundle: ModelBundle, volume: np.ndarray, logits: Optional[torch.Tensor], views: Sequence[str],
                     roi: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 2, device: str = "cpu",
-                    progress: Optional[ProgressCallback] = None) -> Tuple[List[Optional[float]], List[Any]]:
+                    progress: Optional[ProgressCallback] = None, plain: Optional[np.ndarray] = None,
+                    labels_of: Optional[Callable[[torch.nn.Module], Callable[[np.ndarray], Any]]] = None
+                    ) -> Tuple[List[Optional[float]], List[Any]]:
     """Per-class agreement of a prediction with itself under ``views`` and the findings it gives.
 
     ``volume``: the normalised working-grid volume; ``logits``: its ``(1, C, z, y, x)`` logits.
@@ -303,19 +305,28 @@ def agreement_check(bundle: ModelBundle, volume: np.ndarray, logits: torch.Tenso
     :data:`imbalanceseglib.tta.AGREEMENT_VIEWS`) and/or ``"members"`` (each network of an
     ensemble bundle separately: the two networks of a semi-supervised model). Returns the
     agreement per class (:func:`imbalanceseglib.tta.segmentation_agreement`) and one
-    ``agreement`` finding per class under :data:`AGREEMENT_THRESHOLD`."""
+    ``agreement`` finding per class under :data:`AGREEMENT_THRESHOLD`.
+
+    ``plain`` (instead of ``logits``): the plain prediction's argmax labels of the raw logits;
+    ``labels_of(network)``: a function from a volume to that network's logits or labels on it
+    (default: the in-memory sliding window), e.g. the bounded-memory pass of
+    :func:`imbalanceseglib.streaming.predict_streaming`."""
     from .input_checks import Finding
     from .tta import segmentation_agreement, view_labels
     names = bundle.class_names
     network = bundle.network
 
-    def run(net):
+    def in_memory(net):
         return lambda v: sliding_window_logits(net, v, roi, overlap=overlap, sw_batch_size=sw_batch_size,
                                                device=device, progress=progress or _noop_progress)[0]
 
+    run = labels_of or in_memory
     others, what = [], []
     views = list(views)
-    plain = logits[0].argmax(0).numpy()
+    if plain is None:
+        if logits is None:
+            raise ValueError("agreement_check needs the plain prediction's logits or labels")
+        plain = logits[0].argmax(0).numpy()
     refuse_untrained_flips(bundle, views)
     for view in views:
         if view == "members":

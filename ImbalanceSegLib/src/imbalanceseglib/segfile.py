@@ -180,10 +180,15 @@ PERFORMANCE_COLUMNS: List[Dict[str, str]] = [
      "description": "Sum of the calibrated probability of the class over the volume"},
     {"name": "Mean confidence", "type": "double", "unit": "",
      "description": "Mean calibrated probability of the class over its segment"},
+    {"name": "Agreement", "type": "double", "unit": "",
+     "description": "Stability check (predict --agreement, the panel's Check stability): mean Dice of the segment with "
+                    "the segments of its own views (shifted, re-contrasted) or of the model's networks; under 0.8 the "
+                    "class is unreliable (empty: not checked, or absent everywhere)"},
     {"name": "State", "type": "string", "unit": "",
      "description": "predicted; absent (no voxels, expected volume under half a voxel); possibly missed "
                     "(no voxels but an expected volume of at least half a voxel); unreliable: <why> (the input or "
-                    "the predicted volume is unlike the model's training data, imbalanceseglib.input_checks)"},
+                    "the predicted volume is unlike the model's training data, imbalanceseglib.input_checks, or "
+                    "the segmentation is unstable, see Agreement)"},
     {"name": "Flag", "type": "string", "unit": "",
      "description": "review: estimated Dice below the flag threshold, or possibly missed"},
     {"name": "Threshold", "type": "string", "unit": "",
@@ -210,7 +215,8 @@ def performance_rows(prediction: Any, flag_threshold: float = REVIEW_THRESHOLD) 
         rows.append({"Segment": prediction.class_names[c], "Estimated Dice": dice,
                      "Estimated sensitivity": est["sensitivity"], "Estimated precision": est["precision"],
                      "Volume": est.get("predicted_ml"), "Expected volume": est.get("expected_ml"),
-                     "Mean confidence": est["mean_confidence"], "State": est["state"], "Flag": flag,
+                     "Mean confidence": est["mean_confidence"], "Agreement": est.get("agreement"),
+                     "State": est["state"], "Flag": flag,
                      "Threshold": "argmax"})
     return rows
 

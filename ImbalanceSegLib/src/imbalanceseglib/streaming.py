@@ -223,7 +223,7 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                   overlap: float = 0.5, sw_batch_size: Optional[int] = None, device: str = "cpu",
                   progress: Optional[ProgressCallback] = None, layout: str = "auto",
                   plan_out: Optional[Dict[str, Any]] = None, precision: str = "float32",
-                  workers: Optional[int] = None, engine: str = "auto") -> Dict[str, float]:
+                  workers: Optional[int] = None, engine: str = "auto", engine_checked: bool = False) -> Dict[str, float]:
     """Run ``network`` over ``volume`` (z, y, x; normalised float32) window by window and call
     ``sink(z0, logits)`` with finished slabs of blended logits ``(C, dz, y, x)`` (float32, CPU), in
     order of z, covering the volume exactly once. Returns timings (network, blending, tuning).
@@ -239,7 +239,8 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     once). Before any window, if the engine may run, engine and module both run one fixed random
     window (:func:`~imbalanceseglib.cpu_engine.probe_agreement`): if their logits differ by more
     than ``cpu_engine.TOLERANCE`` of the largest logit the module is used instead (with ``engine="auto"``)
-    or a ``RuntimeError`` says so (``engine="onednn"``). ``plan_out`` receives the plan used, the
+    or a ``RuntimeError`` says so (``engine="onednn"``); ``engine_checked``: an earlier pass of this
+    run already made that check on this network (skipped). ``plan_out`` receives the plan used, the
     trials and that check. The network's parameters are back in their own layout afterwards.
 
     ``precision``: ``"float32"`` (default, logits equal MONAI's up to rounding) or ``"bfloat16"``
@@ -274,7 +275,7 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
                    precision, workers, engine=engine, engine_available=fast is not None)
     threads = torch.get_num_threads()
     check: Dict[str, Any] = {}
-    if fast is not None and tuner.may_run_engine():
+    if fast is not None and tuner.may_run_engine() and not engine_checked:
         # engine and module run one random window first: the same logits?
         tc = time.perf_counter()
         diff = probe_agreement(fast, network, (1, *roi))
@@ -476,11 +477,30 @@ def decode(a: np.ndarray, storage: str) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
+def _stream_labels(network: torch.nn.Module, roi: Sequence[int], overlap: float, device: str, precision: str,
+                   plan: Dict[str, Any], progress: ProgressCallback) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from a normalised working-grid volume to ``network``'s argmax labels on it,
+    computed slab by slab with :func:`stream_logits` (only the labels are kept)."""
+    def labels(volume: np.ndarray) -> np.ndarray:
+        out = np.empty(volume.shape, dtype=np.uint8)
+
+        def sink(z0: int, logits: torch.Tensor) -> None:
+            out[z0:z0 + logits.shape[1]] = logits.argmax(0).numpy()
+
+        stream_logits(network, volume, roi, sink, overlap=overlap, device=device, progress=progress,
+                      precision=precision, sw_batch_size=plan.get("sw_batch_size"), layout=plan.get("layout", "auto"),
+                      workers=plan.get("workers"), engine=plan.get("engine", "auto"),
+                      engine_checked=plan.get("engine") == "onednn")
+        return out
+    return labels
+
+
 def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: float = 0.5,
                       sw_batch_size: Optional[int] = None, progress: Optional[ProgressCallback] = None,
                       storage: str = "uint8", out_dir: Optional[Path] = None,
                       layout: str = "auto", precision: str = "float32",
-                      workers: Optional[int] = None, engine: str = "auto") -> CompactPrediction:
+                      workers: Optional[int] = None, engine: str = "auto",
+                      agreement: Optional[Sequence[str]] = None) -> CompactPrediction:
     """Segment one volume with bounded memory (see the module docstring).
 
     ``storage``: how probabilities and the uncertainty map are kept (``uint8``: 1/255 steps,
@@ -489,6 +509,10 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     ``labels.npy``, ``uncertainty.npy``. ``sw_batch_size`` and ``layout``: see :func:`stream_logits`
     (``None``/``"auto"``: measured on this hardware); the plan used is in ``execution``.
     ``precision``, ``workers`` and ``engine``: see :func:`stream_logits`.
+
+    ``agreement``: views to compare the prediction with, as in :func:`imbalanceseglib.inference.predict`
+    (:func:`imbalanceseglib.inference.agreement_check`); each view is one more bounded-memory pass
+    with the plan the first pass chose, keeping only its labels (one byte a voxel).
 
     The volume must already be on the model's grid and in its orientation for the bounded-memory
     path; otherwise it is resampled first (whole volume, float32).
@@ -549,6 +573,8 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     unc_out = alloc("uncertainty", shape, store_dtype)
     log_c = math.log(c)
     t_post = [0.0]
+    # the raw logits' argmax on the working grid: the plain prediction the agreement check compares
+    raw_labels = np.empty(shape, dtype=np.uint8 if c <= 256 else np.uint16) if agreement else None
 
     def sink(z0: int, logits: torch.Tensor) -> None:
         t = time.perf_counter()
@@ -567,6 +593,8 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
         probs_out[:, z0:z0 + dz] = encode(p, storage)
         labels_out[z0:z0 + dz] = lab.numpy()
         unc_out[z0:z0 + dz] = encode(ent, storage)
+        if raw_labels is not None:
+            raw_labels[z0:z0 + dz] = logits.argmax(0).numpy()
         t_post[0] += time.perf_counter() - t
 
     roi = pre.get("patch_size") or [min(s, 96) for s in shape]
@@ -575,11 +603,24 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     parts = stream_logits(bundle.network, volume, roi, sink, overlap=overlap, sw_batch_size=sw_batch_size,
                           device=device, progress=progress, layout=layout, plan_out=execution,
                           precision=precision, workers=workers, engine=engine)
-    del volume
     timings["network"] = parts["network"]
     timings["blend"] = parts["blend"]
     timings["calibrate_store"] = t_post[0]
     timings["sliding_window_total"] = time.perf_counter() - t1
+    agree = None
+    if agreement:
+        from .inference import agreement_check
+        t_agree = time.perf_counter()
+        plan = {k: execution[k] for k in ("sw_batch_size", "layout", "workers", "engine") if k in execution}
+        if plan.get("engine") == "onednn":
+            plan["layout"] = "auto"  # a given layout means the module
+        agree, more = agreement_check(bundle, volume, None, list(agreement), roi, overlap, plain=raw_labels,
+                                      labels_of=lambda net: _stream_labels(net, roi, overlap, device, precision,
+                                                                           plan, progress))
+        findings = findings + more
+        timings["agreement"] = time.perf_counter() - t_agree
+    del volume
+    raw_labels = None
 
     progress("estimate", 0.0)
     performance = acc.result(card.class_names)
@@ -587,7 +628,7 @@ def predict_streaming(image: sitk.Image, bundle, device: str = "cpu", overlap: f
     for row in performance.classes:
         row["predicted_ml"] = row["predicted_voxels"] * voxel_ml
         row["expected_ml"] = row["expected_voxels"] * voxel_ml
-    findings = check_estimate(performance, bundle, findings, voxel_ml)
+    findings = check_estimate(performance, bundle, findings, voxel_ml, agree)
     progress("estimate", 1.0)
 
     t2 = time.perf_counter()

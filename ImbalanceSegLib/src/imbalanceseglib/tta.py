@@ -174,7 +174,7 @@ def view_labels(predict_fn: Callable[[np.ndarray], torch.Tensor | np.ndarray], v
                 transform: str, window: Sequence[int] | None = None,
                 fallback: np.ndarray | None = None) -> np.ndarray:
     """The argmax labels of ``predict_fn`` on one view of ``volume``, mapped back to the volume's
-    grid (uint8/uint16 ``(z, y, x)``). ``transform``: a name of :data:`TTA_TRANSFORMS` or of
+    grid (uint8/uint16 ``(z, y, x)``); ``predict_fn`` returns logits, or integer labels ``(z, y, x)``. ``transform``: a name of :data:`TTA_TRANSFORMS` or of
     :data:`STABILITY_VIEWS`; ``window``: the network's window (for ``shift``); ``fallback``:
     labels for the voxels a shift moves out of the volume (default: background)."""
     x = np.asarray(volume, dtype=np.float32)
@@ -204,6 +204,13 @@ def view_labels(predict_fn: Callable[[np.ndarray], torch.Tensor | np.ndarray], v
 
 
 def _argmax(out: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Labels from logits ``(C, z, y, x)`` / ``(1, C, z, y, x)``, or labels ``(z, y, x)`` as they are
+    (a ``predict_fn`` that already returns labels, e.g. a bounded-memory streaming pass)."""
+    if out.ndim == 3:
+        arr = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+        if arr.dtype.kind not in "ui":
+            raise ValueError(f"a 3-D view result must be integer labels, got {arr.dtype}")
+        return arr.astype(np.uint8 if arr.size == 0 or arr.max() < 256 else np.uint16, copy=False)
     out = torch.as_tensor(out).detach().to("cpu", torch.float32)
     if out.ndim == 5 and out.shape[0] == 1:
         out = out[0]

@@ -125,6 +125,7 @@ if IN_SLICER_APP:
         referenceSegmentation: vtkMRMLSegmentationNode
         resultSegmentation: vtkMRMLSegmentationNode
         flagThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.7
+        checkStability: bool = False
         iterations: Annotated[int, WithinRange(10, 1000000)] = 2000
         modelName: str = "my_model"
         resume: bool = True
@@ -356,7 +357,8 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._ensureDependencies():
                 return
             self._job = SegmentationJob(self.logic, pn.inputVolume, pn.run.model, pn.referenceSegmentation,
-                                        device=pn.run.device, flagThreshold=pn.flagThreshold).start()
+                                        device=pn.run.device, flagThreshold=pn.flagThreshold,
+                                        agreement="default" if pn.checkStability else None).start()
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
             self.ui.statusLabel.text = "Starting..."

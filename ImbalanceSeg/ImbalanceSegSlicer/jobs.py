@@ -267,13 +267,19 @@ class SegmentationJob(_ProcessJob):
     ``stage``/``fraction`` (named progress steps: load model, preprocess, network, estimate,
     postprocess, write, results). After ``done``, ``result`` is the Logic's
     :class:`SegmentationResult`; after ``failed``, ``error`` says what went wrong.
+
+    ``agreement``: the stability check, as ``imbalanceseg predict --agreement`` (``"default"``:
+    the segmentation compared with itself shifted and under two gammas; ``"members"``: between the
+    networks of a semi-supervised model); unstable classes are marked unreliable. One more
+    bounded-memory network pass per view.
     """
 
     _what = "segmentation"
 
     def __init__(self, logic, inputVolumeNode, modelPath, referenceSegmentationNode=None, device: str = "cpu",
                  flagThreshold: float = REVIEW_THRESHOLD, baseName: Optional[str] = None,
-                 modality: Optional[str] = None, python: Optional[str] = None, threads: Optional[int] = None):
+                 modality: Optional[str] = None, python: Optional[str] = None, threads: Optional[int] = None,
+                 agreement: Optional[str] = None):
         self.logic = logic
         self.inputVolumeNode = inputVolumeNode
         self.modelPath = Path(modelPath)
@@ -282,6 +288,7 @@ class SegmentationJob(_ProcessJob):
         self.flagThreshold = flagThreshold
         self.baseName = baseName
         self.modality = modality
+        self.agreement = agreement
         super().__init__(python, threads)
         self.stage, self.fraction = "", 0.0
         self.result = None
@@ -299,6 +306,14 @@ class SegmentationJob(_ProcessJob):
         self.logic.checkInputs(self.inputVolumeNode, self.flagThreshold)
         if not self.modelPath.is_file():
             raise FileNotFoundError(f"model file {self.modelPath} does not exist")
+        if self.agreement:  # refused now, not after inference
+            from imbalanceseglib.cli import parse_agreement
+            from imbalanceseglib.container import read_card
+            views = parse_agreement(self.agreement)
+            arch = read_card(self.modelPath).get("network", {}).get("arch")
+            if "members" in views and arch != "UNet3DEnsemble":
+                raise ValueError(f"model {self.modelPath.name} has one network ({arch}): the 'members' stability "
+                                 "check needs a semi-supervised model with two networks; use 'default'")
         if self.referenceSegmentationNode is not None:  # refused now, not after inference
             from imbalanceseglib.container import read_card
             names = [c["name"] for c in read_card(self.modelPath)["classes"]]
@@ -312,6 +327,8 @@ class SegmentationJob(_ProcessJob):
                    "--model", str(self.modelPath), "--output", str(self._tmp / "out"), "--device", self.device]
             if self.modality:
                 cmd += ["--modality", self.modality]
+            if self.agreement:
+                cmd += ["--agreement", self.agreement]
             self._start_process(cmd)
         except BaseException:
             self._cleanup()

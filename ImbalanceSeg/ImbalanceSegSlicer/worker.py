@@ -12,6 +12,7 @@ an output folder. Progress, completion and errors are JSON lines on stdout, the 
     {"event": "error", "type": "BundleError", "message": "..."}
 
 Usage: python -m ImbalanceSegSlicer.worker --input in.nrrd --model m.imbseg --output DIR [--device cpu]
+       [--agreement default]
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def _save_npy(path: Path, array) -> None:
     os.replace(tmp, path)
 
 
-def run(input_path: str, model_path: str, output: str, device: str = "cpu", modality: Optional[str] = None) -> int:
+def run(input_path: str, model_path: str, output: str, device: str = "cpu", modality: Optional[str] = None,
+        agreement: Optional[str] = None) -> int:
     import numpy as np
 
     from imbalanceseglib.bundle import load_bundle
+    from imbalanceseglib.cli import parse_agreement
     from imbalanceseglib.images import read_image
     from imbalanceseglib.inference import check_model_fits
     from imbalanceseglib.streaming import predict_streaming
@@ -48,6 +51,7 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
     t0 = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    views = parse_agreement(agreement)  # refused before any work
     _emit(ev.progress("load model", 0.0))
     bundle = load_bundle(model_path)
     check_model_fits(bundle, modality=modality)
@@ -62,8 +66,10 @@ def run(input_path: str, model_path: str, output: str, device: str = "cpu", moda
             _emit(ev.progress(stage, fraction))
 
     # Bounded-memory sliding window (imbalanceseglib.streaming); float32 storage, so the maps
-    # equal the in-process predict() up to float rounding.
-    prediction = predict_streaming(image, bundle, device=device, progress=progress, storage="float32")
+    # equal the in-process predict() up to float rounding. ``agreement``: the stability check,
+    # one more bounded-memory pass per view.
+    prediction = predict_streaming(image, bundle, device=device, progress=progress, storage="float32",
+                                   agreement=views)
     _emit(ev.progress("write", 0.0))
     _save_npy(out / "probabilities.npy", np.asarray(prediction.stored, dtype=np.float32))
     _save_npy(out / "uncertainty.npy", np.asarray(prediction.uncertainty_stored, dtype=np.float32))
@@ -92,9 +98,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modality", default=None)
+    parser.add_argument("--agreement", default=None,
+                        help="stability check: default (shift, gamma_low, gamma_high), members, or view names")
     args = parser.parse_args(argv)
     try:
-        return run(args.input, args.model, args.output, args.device, args.modality)
+        return run(args.input, args.model, args.output, args.device, args.modality, args.agreement)
     except KeyboardInterrupt:
         _emit(ev.error("Cancelled", "cancelled"))
         return 130

@@ -213,3 +213,33 @@ def test_windows_cancel_falls_back_to_killing_the_launcher(monkeypatch, failure)
         jobs._stop(child, 2.0)
     assert ran == [["taskkill", "/F", "/T", "/PID", "77"]]
     assert child.calls == [("kill",), ("wait", 2.0)] and child.returncode == 1
+
+
+def test_the_panels_stability_check_runs_in_the_background_job(scene, synthetic, model_file):
+    """The panel's 'Check stability' box: SegmentationJob(agreement="default") gives the agreement,
+    states and table column of the in-process Logic call with the same views."""
+    from imbalanceseglib.tta import AGREEMENT_VIEWS
+    volume = sc.volume_node_from_sitk(scene, synthetic["image"], "Input")
+    logic = ImbalanceSegLogic(scene)
+    result = SegmentationJob(logic, volume, model_file, threads=1, agreement="default").start().wait(timeout=300)
+    in_process = logic.process(volume, model_file, baseName="again", agreement=AGREEMENT_VIEWS)
+    plain = logic.process(volume, model_file, baseName="plain")
+    assert [r["Agreement"] for r in plain.performanceRows] == [None, None]
+    got, want = [r["Agreement"] for r in result.performanceRows], [r["Agreement"] for r in in_process.performanceRows]
+    assert all(a is not None for a in want) and got == pytest.approx(want, abs=1e-4)
+    assert [r["State"] for r in result.performanceRows] == [r["State"] for r in in_process.performanceRows]
+    table = result.performanceTableNode.GetTable()
+    names = [table.GetColumn(i).GetName() for i in range(table.GetNumberOfColumns())]
+    col = table.GetColumnByName("Agreement")
+    assert "Agreement" in names and col.GetValue(0) == pytest.approx(got[0], abs=1e-6)
+
+
+def test_a_members_check_on_a_single_network_is_refused_before_starting(scene, synthetic, model_file):
+    volume = sc.volume_node_from_sitk(scene, synthetic["image"], "Input")
+    before = _node_ids(scene)
+    job = SegmentationJob(ImbalanceSegLogic(scene), volume, model_file, threads=1, agreement="members")
+    with pytest.raises(ValueError, match="has one network .* 'members' stability check needs a semi-supervised"):
+        job.start()
+    with pytest.raises(ValueError, match="--agreement 'sideways'"):
+        SegmentationJob(ImbalanceSegLogic(scene), volume, model_file, threads=1, agreement="sideways").start()
+    assert job.pid is None and _node_ids(scene) == before

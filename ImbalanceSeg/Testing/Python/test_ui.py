@@ -50,6 +50,7 @@ EXPECTED = {
     "iterationsSpinBox": "QSpinBox",
     "modelNameLineEdit": "QLineEdit",
     "resumeCheckBox": "QCheckBox",
+    "checkStabilityCheckBox": "QCheckBox",
 }
 
 #: Widget class a parameter of each annotated type binds to (parameterNodeWrapper connectors).

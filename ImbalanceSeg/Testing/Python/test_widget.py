@@ -286,3 +286,33 @@ def test_run_settings_go_to_the_parameter_node_and_are_remembered(slicer_app):
     pn = widget._parameterNode
     assert (pn.run.method, pn.run.outputFolder) == ("cps", "/data/models")
     assert ui.methodSelector.currentText == "cps"
+
+
+def test_apply_passes_the_stability_check_box_to_the_job(slicer_app, synthetic, monkeypatch):
+    import slicer
+    from ImbalanceSegSlicer import jobs
+    from ImbalanceSegSlicer import scene as sc
+    made = []
+
+    class Recorder:
+        def __init__(self, logic, volume, model, reference, **kwargs):
+            made.append(kwargs)
+            self.fraction, self.stage = 0.0, ""
+
+        def start(self):
+            return self
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(jobs, "SegmentationJob", Recorder)
+    widget = _widget()
+    widget._parameterNode.inputVolume = sc.volume_node_from_sitk(slicer.mrmlScene, synthetic["image"], "Input")
+    assert widget._parameterNode.checkStability is False
+    widget.onApply()
+    widget.onCancel()
+    widget.ui.checkStabilityCheckBox.checked = True  # the user ticks the box
+    assert widget._parameterNode.checkStability is True
+    widget.onApply()
+    widget.onCancel()
+    assert [m["agreement"] for m in made] == [None, "default"]

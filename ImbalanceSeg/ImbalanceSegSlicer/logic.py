@@ -498,10 +498,12 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def resultSummary(result, flagged: Sequence[str]) -> str:
-        """The status line after a run; warnings on the input (an input unlike the model's
-        training data) come first, each on its own line."""
+        """The status line after a run; warnings and cautions on the input (an input unlike the
+        model's training data) come first, each on its own line."""
         total = sum(v for k, v in result.timings.items() if "." not in k)
-        warnings = [f"Warning: {f['message']}." for f in getattr(result, "findings", []) if f["severity"] == "warning"]
+        said = {"warning": "Warning", "caution": "Caution"}
+        warnings = [f"{said[f['severity']]}: {f['message']}." for f in getattr(result, "findings", [])
+                    if f["severity"] in said]
         return "\n".join(warnings + [f"Done ({total:.1f} s in the scene). " + (
             f"Review: {', '.join(flagged)}." if flagged else "No class flagged for review.")])
 

@@ -81,7 +81,8 @@ def test_each_check_fires_on_its_own_difference_only():
     assert [f.kind for f in huge] == ["field_of_view"] and "larger" in huge[0].message
     tiny = ic.check_input(_image(np.ones((11, 20, 20)), (1.0, 1.0, 1.0)), p, like)   # 20 mm < 45 / 2
     assert [f.kind for f in tiny] == ["field_of_view"] and "smaller" in tiny[0].message
-    assert all(f.classes is None and f.severity == "warning" for f in shifted + coarse + huge + tiny)
+    assert all(f.classes is None and f.severity == "warning" for f in coarse + huge + tiny)
+    assert shifted[0].classes is None and shifted[0].severity == "caution"  # said, marks nothing on its own
     none = ic.check_input(inside, None, like)
     assert [(f.kind, f.severity) for f in none] == [("no_profile", "info")]
 
@@ -117,9 +118,16 @@ def test_warnings_mark_classes_unreliable_and_flag_them():
     ic.mark_unreliable(rows, NAMES, findings)
     assert [r["state"] for r in rows] == ["predicted", "predicted", "unreliable: too big"]
     assert review_flag(rows[2]["state"], 0.92) == "review" and review_flag(rows[1]["state"], 0.95) == ""
-    ic.mark_unreliable(rows, NAMES, [ic.Finding("intensity", "m", "odd intensities")])
-    assert rows[1]["state"] == "unreliable: odd intensities"
-    assert rows[2]["state"] == "unreliable: odd intensities" and rows[0]["state"] == "predicted"
+    ic.mark_unreliable(rows, NAMES, [ic.Finding("spacing", "m", "coarse spacing")])
+    assert rows[1]["state"] == "unreliable: coarse spacing"
+    assert rows[2]["state"] == "unreliable: coarse spacing" and rows[0]["state"] == "predicted"
+    # a caution is listed with the rows it concerns and marks nothing
+    rows = [{"state": "predicted", "dice": 0.9}, {"state": "predicted", "dice": 0.95},
+            {"state": "absent", "dice": None}]
+    ic.mark_unreliable(rows, NAMES, [ic.Finding("intensity", "m", "odd intensities", severity="caution")])
+    assert [r["state"] for r in rows] == ["predicted", "predicted", "absent"]
+    assert rows[1]["cautions"] == rows[2]["cautions"] == ["odd intensities"] and "cautions" not in rows[0]
+    assert review_flag(rows[1]["state"], 0.95) == ""
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -186,7 +194,9 @@ def test_predict_refuses_blank_and_marks_an_unlike_input(tmp_path, capsys):
                      "--output", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "[predict] warning: the field of view 64 x 16 x 16 mm is much larger than any training case's" in printed
-    assert "label-free performance estimate" in printed and "review unreliable: intensities unlike training" in printed
+    assert "[predict] caution: the intensity distribution (after the model's normalisation) is unlike" in printed
+    assert "label-free performance estimate" in printed and "review unreliable: field of view 64 x 16 x 16 mm" in printed
+    assert "unreliable: intensities" not in printed
     written = json.loads((tmp_path / "out" / "input_checks.json").read_text())
     assert {f["kind"] for f in written} == kinds
     head, *rows = [line.split("\t") for line in (tmp_path / "out" / "performance_estimate.tsv").read_text().splitlines()]
@@ -237,5 +247,6 @@ def test_estimate_ranks_an_unlike_case_first_and_names_the_reason(tmp_path, caps
     # (the random network's Bead volumes are outside the training range in both: both unreliable)
     ranked = dict((cid, line) for cid, line in re.findall(r"^\s+\d+\. (\S+) (.*)$", out, flags=re.M))
     assert set(ranked) == {"a_like", "b_odd"}
-    assert "; unreliable: intensities unlike training (distance" in ranked["b_odd"]
+    assert "; unreliable: field of view 64 x 16 x 16 mm" in ranked["b_odd"]
+    assert "[estimate] b_odd: caution: the intensity distribution" in out
     assert "field of view 64 x 16 x 16 mm" in ranked["b_odd"] and "field of view" not in ranked["a_like"]

@@ -44,7 +44,9 @@ def test_a_whole_head_given_to_the_hippocampus_model_is_marked_unreliable(scene)
     assert json.loads(result.performanceTableNode.GetAttribute(FINDINGS_ATTRIBUTE)) == result.findings
     summary = logic.resultSummary(result, [r["Segment"] for r in result.performanceRows if r["Flag"]])
     lines = summary.split("\n")
-    assert lines[0].startswith("Warning: the intensity distribution") and lines[1].startswith("Warning: the field")
+    assert lines[0].startswith("Caution: the intensity distribution") and lines[1].startswith("Warning: the field")
+    # the intensity finding is a caution: said, but the classes are unreliable for the field of view
+    assert all("intensities" not in r["State"] for r in result.performanceRows)
     assert lines[-1].endswith("Review: Anterior hippocampus, Posterior hippocampus.")
     # a threshold change recomputes the class's estimate, and keeps it unreliable
     logic.setClassThreshold(result.segmentationNode, "Anterior hippocampus", 0.3)

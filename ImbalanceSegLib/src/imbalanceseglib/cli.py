@@ -325,11 +325,16 @@ def _run_predict(args: argparse.Namespace, bundle, image, out: Path, tta, demo) 
         scene_files = _write_scene(demo, image, pred, bundle, out, name, args.flag_threshold)
         written += sorted({f.name for f in scene_files} - set(written))
     for f in findings:
-        print(f"[predict] {'warning' if f['severity'] == 'warning' else 'note'}: {f['message']}")
+        print(f"[predict] {_said(f['severity'])}: {f['message']}")
     print(format_performance_rows(perf_rows, args.flag_threshold))
     print(f"[predict] wrote {out} ({', '.join(f'{k} {v:.2f}s' for k, v in pred.timings.items())})")
     print(f"[predict] for 3D Slicer: {', '.join(written)}")
     return 0
+
+
+def _said(severity: str) -> str:
+    """How a finding of the input checks is introduced on the console."""
+    return {"warning": "warning", "caution": "caution"}.get(severity, "note")
 
 
 def format_performance_rows(rows: List[Dict[str, Any]], threshold: float) -> str:
@@ -622,7 +627,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         print(f"[estimate] {cid}: " + "  ".join(f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in dice.items()),
               flush=True)
         for f in findings:
-            print(f"[estimate] {cid}: {'warning' if f.severity == 'warning' else 'note'}: {f.message}", flush=True)
+            print(f"[estimate] {cid}: {_said(f.severity)}: {f.message}", flush=True)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(ESTIMATE_COLUMNS)

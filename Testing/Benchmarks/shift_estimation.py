@@ -22,9 +22,12 @@ on patients it never saw, and on acquisition shifts of the same patients:
 Every shift is drawn from ``numpy.random.default_rng([22, set index, case number])``, so reruns give the
 same volumes. Per hippocampus case and foreground class it records: the true Dice of the
 prediction; our estimated Dice (``prediction.performance`` rows: the card's calibration); our
-flag = ``review_flag(state, dice, 0.7)`` on the row (confidence flag OR input-check flag, what the
-product shows), the confidence flag alone (``review_flag`` on the same row's estimate before the input
-checks mark it "unreliable") and whether the input checks fired (a finding of severity "warning");
+flag = ``review_flag(state, dice, 0.7)`` on the row of ``predict(..., agreement=AGREEMENT_VIEWS)``
+(what the product shows with the stability check on: the confidence, the warnings of the input
+checks and the stability check), the confidence flag alone (``review_flag`` on the same row's
+estimate before anything marks it "unreliable"), the agreement per class and which input checks
+fired (findings of severity "warning" or "caution"); from these, six flag rules fixed in advance
+are compared, the one to recommend chosen on the 20 validation patients under the same shifts;
 and the peer MOVAL 0.3.25 (``moval_worker.py``, run in its own NumPy-1 interpreter) on the same
 logits: TS-ATC class-specific and global, fitted on the 20 validation patients' logits
 (``working_grid_logits``); MOVAL's flag = its estimated Dice < 0.7. A failure is a true Dice below
@@ -77,6 +80,8 @@ REPORTS = ROOT / "Testing" / "Benchmarks" / "reports"
 SEED = 22  # the issue's number; every shift draws from default_rng([SEED, set index, case number])
 GOAL_MAE, GOAL_RECALL, GOAL_FALSE_ALARMS = 0.08, 0.80, 0.10
 CROP_MM = (36.0, 50.0, 36.0)  # about the hippocampus crops' field of view (x, y, z)
+CACHE_VERSION = 2  # 2: the stability check and the intensity check's "caution" severity
+SAID = ("warning", "caution")  # the findings the product says (a caution marks nothing on its own)
 
 sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -150,8 +155,9 @@ def captured_logits():
     box: Dict[str, Any] = {}
 
     def wrapper(*args, **kwargs):
-        box["logits"] = original(*args, **kwargs)
-        return box["logits"]
+        out = original(*args, **kwargs)
+        box.setdefault("logits", out)  # the first call is the plain prediction; the agreement views follow
+        return out
 
     inference.sliding_window_logits = wrapper
     try:
@@ -169,11 +175,12 @@ def run_case(image, bundle, reference=None) -> Tuple[Dict[str, Any], Optional[np
     from imbalanceseglib.inference import predict
     from imbalanceseglib.metrics import overlap_metrics
 
+    from imbalanceseglib.tta import AGREEMENT_VIEWS
     names = bundle.class_names
     t = time.perf_counter()
     try:
         with captured_logits() as box:
-            pred = predict(image, bundle)
+            pred = predict(image, bundle, agreement=AGREEMENT_VIEWS)
     except ImageError as exc:
         return {"refused": str(exc), "seconds": time.perf_counter() - t}, None
     secs = time.perf_counter() - t
@@ -189,9 +196,15 @@ def run_case(image, bundle, reference=None) -> Tuple[Dict[str, Any], Optional[np
         "state": [rows[c]["state"] for c in range(1, len(names))],
         "flag": [review_flag(rows[c]["state"], rows[c]["dice"]) == "review" for c in range(1, len(names))],
         "flag_confidence": [review_flag(plain[c]["state"], plain[c]["dice"]) == "review" for c in range(1, len(names))],
-        "checks_fired": any(f.severity == "warning" for f in pred.findings),
-        "findings": [f"{f.kind}: {f.short}" for f in pred.findings if f.severity == "warning"],
-        "finding_kinds": sorted({f.kind for f in pred.findings if f.severity == "warning"}),
+        "checks_fired": any(f.severity in SAID for f in pred.findings),
+        "findings": [f"{f.kind}: {f.short}" for f in pred.findings if f.severity in SAID],
+        "finding_kinds": sorted({f.kind for f in pred.findings if f.severity in SAID}),
+        # per class: the agreement with its views, and the kinds of warning that concern it
+        "agreement": [rows[c].get("agreement") for c in range(1, len(names))],
+        "class_kinds": [sorted({f.kind for f in pred.findings if f.severity in SAID
+                                and (f.classes is None or names[c] in f.classes)}) for c in range(1, len(names))],
+        "agreement_views": list(AGREEMENT_VIEWS),
+        "cache_version": CACHE_VERSION,
     }
     if reference is not None:
         work = to_canonical(sitk.Cast(image, sitk.sitkFloat32))
@@ -247,7 +260,7 @@ def cached(work: Path, set_name: str, case: str, make: Callable[[], Tuple[Dict, 
     rec_p, npz_p = folder / f"{case}.json", folder / f"{case}.npz"
     if rec_p.exists():
         rec = json.loads(rec_p.read_text())
-        if rec.get("refused") or npz_p.exists():
+        if (rec.get("refused") or npz_p.exists()) and (rec.get("cache_version") == CACHE_VERSION or rec.get("refused")):
             COUNTS["cached"] += 1
             return rec, (npz_p if npz_p.exists() else None)
     rec, logits = make()
@@ -331,6 +344,125 @@ def detection_goal(recall: Optional[float], far: Optional[float]) -> Optional[bo
     return recall >= GOAL_RECALL and (far is None or far < GOAL_FALSE_ALARMS)
 
 
+# --------------------------------------------------------------------------- flag rules
+
+AGREEMENT_LIMIT = 0.8  # imbalanceseglib.inference.AGREEMENT_THRESHOLD (checked in main)
+
+#: The candidate flag rules, fixed before any run: which signals flag a (case, class) for review.
+#: "checks" = any input or predicted-volume warning concerning the class; "checks w/o intensity" =
+#: the same without the intensity-distribution warning.
+RULES = {
+    "confidence": ("conf",),
+    "confidence + checks": ("conf", "checks"),
+    "confidence + agreement": ("conf", "agr"),
+    "confidence + agreement + checks": ("conf", "agr", "checks"),
+    "confidence + checks w/o intensity (the product)": ("conf", "checks_noint"),
+    "confidence + agreement + checks w/o intensity (the product, Check stability on)": ("conf", "agr", "checks_noint"),
+}
+
+
+def signals(recs: List[Dict], k: int) -> Dict[str, np.ndarray]:
+    """Per case, for foreground class k: each signal a rule may use."""
+    kinds = [set(r["class_kinds"][k]) - {"agreement"} for r in recs]
+    return {
+        "conf": np.array([r["flag_confidence"][k] for r in recs], dtype=bool),
+        "agr": np.array([r["agreement"][k] is not None and r["agreement"][k] < AGREEMENT_LIMIT for r in recs]),
+        "checks": np.array([bool(kd) for kd in kinds]),
+        "checks_noint": np.array([bool(kd - {"intensity"}) for kd in kinds]),
+    }
+
+
+def rule_flags(recs_by_set: Dict[str, List[Dict]], sets: List[str], n_cls: int, rule: Tuple[str, ...]):
+    """(flags, failures) pooled over sets and classes."""
+    flags, fail = [], []
+    for s in sets:
+        for k in range(n_cls):
+            sig = signals(recs_by_set[s], k)
+            flags.append(np.any([sig[x] for x in rule], axis=0))
+            fail.append(np.array([r["true"][k] < 0.7 for r in recs_by_set[s]]))
+    return np.concatenate(flags), np.concatenate(fail)
+
+
+def choose_rule(val_records: Dict[str, List[Dict]], n_cls: int) -> Tuple[str, Dict[str, Tuple]]:
+    """The rule meeting the detection goal on the shifted validation sets (pooled) with the highest
+    recall, ties to fewer false alarms; without one meeting it, the highest recall - false alarms."""
+    shifted = [s for s in val_records if s != "held-out"]
+    scores = {}
+    for name, rule in RULES.items():
+        flags, fail = rule_flags(val_records, shifted, n_cls, rule)
+        r, f, _, _ = detection(flags, fail)
+        scores[name] = (r, f, bool(detection_goal(r, f)), det_cell(flags, fail))
+    best = max(scores, key=lambda n: (scores[n][2], (scores[n][0] or 0) if scores[n][2] else
+                                      (scores[n][0] or 0) - (scores[n][1] or 0), -(scores[n][1] or 0)))
+    return best, scores
+
+
+def flag_rule_section(val_records: Dict[str, List[Dict]], records: Dict[str, List[Dict]], fg: List[str],
+                      thr: float, other: Optional[Dict[str, List[Dict]]] = None) -> List[str]:
+    n_cls = len(fg)
+    chosen, val_scores = choose_rule(val_records, n_cls)
+    shifted = [s for s in records if s != "held-out"]
+    no_inv = [s for s in shifted if s != "inverted"]
+    n_val = len(next(iter(val_records.values())))
+    lines = ["", "## Which signals should flag a class for review: chosen on validation patients", "",
+             f"The stability check (`--agreement default`: the segmentation compared with itself shifted by a quarter "
+             f"window and under gamma 0.8 / 1.25, flagged under {AGREEMENT_LIMIT:g} mean Dice) ran on every case "
+             "above. Six flag rules were fixed before any run (the table's rows); the one to recommend is chosen on the "
+             f"{n_val} validation patients of the split under the same seeded shifts (the rule meeting the detection "
+             "goal, pooled over the shifted sets, with the highest recall; ties to fewer false alarms, then to the "
+             f"simpler rule, listed first), then reported on the {len(records['held-out'])} held-out patients. "
+             "Recall / false alarms, both classes pooled.", "",
+             "| rule | validation patients, shifted sets | held-out patients, shifted sets | held-out, without inversion | "
+             "held-out, as acquired | goal on held-out shifted sets |",
+             "|---|---|---|---|---|---|"]
+    for name, rule in RULES.items():
+        cells = [val_scores[name][3]]
+        for sets in (shifted, no_inv, ["held-out"]):
+            flags, fail = rule_flags(records, sets, n_cls, rule)
+            cells.append(det_cell(flags, fail))
+        flags, fail = rule_flags(records, shifted, n_cls, rule)
+        r, f, _, _ = detection(flags, fail)
+        label = f"**{name}** (chosen)" if name == chosen else name
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'met' if detection_goal(r, f) else 'not met'} |")
+    tied = [n for n in RULES if val_scores[n][:3] == val_scores[chosen][:3]]
+    lines += ["", f"Rules tied with the chosen one on the validation patients: {', '.join(tied)}. Until this "
+              "measurement the product flagged on every check (\"confidence + checks\"); on the validation patients "
+              f"that rule's false alarms were {pct(val_scores['confidence + checks'][1])} against "
+              f"{pct(val_scores['confidence'][1])} for the confidence alone, the difference coming from the intensity "
+              "check. The product therefore says the intensity finding as a caution that marks nothing on its own, and "
+              "keeps the spacing, field-of-view and predicted-volume warnings (a tied rule here; they are what guards "
+              "inputs these sets do not contain: a whole head, another organ, the next section), and the stability "
+              "check as an option."]
+    lines += ["", "Per shifted set (held-out patients), recall / false alarms:", "",
+              "| set | " + " | ".join(RULES) + " |", "|---|" + "---|" * len(RULES)]
+    for s in shifted:
+        cells = []
+        for rule in RULES.values():
+            flags, fail = rule_flags(records, [s], n_cls, rule)
+            cells.append(det_cell(flags, fail))
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    agr = np.array([a for s in shifted for r in records[s] for a in r["agreement"] if a is not None])
+    fail_agr = np.array([r["true"][k] < thr for s in shifted for r in records[s] for k, a in enumerate(r["agreement"])
+                         if a is not None])
+    if agr.size:
+        lines += ["", f"Agreement on the held-out shifted sets: median {np.median(agr[~fail_agr]):.3f} for non-failures, "
+                  + (f"{np.median(agr[fail_agr]):.3f} for failures" if fail_agr.any() else "no failures")
+                  + f"; under {AGREEMENT_LIMIT:g} for {int((agr[fail_agr] < AGREEMENT_LIMIT).sum())} of "
+                  f"{int(fail_agr.sum())} failures and {int((agr[~fail_agr] < AGREEMENT_LIMIT).sum())} of "
+                  f"{int((~fail_agr).sum())} non-failures."]
+    if other:
+        lines += ["", "Inputs the model is not meant for (the next section's volumes), volumes with any class flagged, "
+                  "per rule:", "", "| set | " + " | ".join(RULES) + " |", "|---|" + "---|" * len(RULES)]
+        for set_name, recs in other.items():
+            ok = [r for r in recs if not r["refused"]]
+            cells = []
+            for rule in RULES.values():
+                hit = [any(np.any([signals([r], k)[x][0] for x in rule]) for k in range(n_cls)) for r in ok]
+                cells.append(f"{sum(hit)}/{len(ok)}")
+            lines.append(f"| {set_name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -359,6 +491,9 @@ def main(argv=None) -> int:
     from imbalanceseglib.images import read_image
     from imbalanceseglib.inference import working_grid_logits
 
+    from imbalanceseglib.inference import AGREEMENT_THRESHOLD
+    if AGREEMENT_THRESHOLD != AGREEMENT_LIMIT:
+        raise SystemExit(f"AGREEMENT_LIMIT {AGREEMENT_LIMIT} != the library's AGREEMENT_THRESHOLD {AGREEMENT_THRESHOLD}")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -389,6 +524,22 @@ def main(argv=None) -> int:
         tr = np.array([r["true"] for r in records[set_name]])
         log(f"{set_name}: {len(test_cases)} patients in {time.perf_counter() - t:.0f} s; mean true Dice "
             + ", ".join(f"{n} {v:.3f}" for n, v in zip(fg, tr.mean(axis=0))))
+
+    # ---- the 20 validation patients under the same shifts: where the flag rule is chosen
+    val_records: Dict[str, List[Dict]] = {}
+    val_cases = split["val"][:3] if args.quick else split["val"]
+    for si, (set_name, (_, shift)) in enumerate(SETS.items()):
+        t = time.perf_counter()
+        val_records[set_name] = []
+        for case in val_cases:
+            def make(case=case, si=si, shift=shift):
+                image = read_image(hip / "images" / f"{case}.nii.gz")
+                reference = read_image(hip / "labels" / f"{case}.nii.gz")
+                rng = np.random.default_rng([SEED, si, case_number(case)])
+                return run_case(shifted_image(image, shift, rng), bundle, reference)
+            rec, _ = cached(work, f"validation {set_name}", case, make)
+            val_records[set_name].append(rec)
+        log(f"validation patients, {set_name}: {len(val_cases)} in {time.perf_counter() - t:.0f} s")
 
     # the captured logits are working_grid_logits' (one case, recomputed)
     first = test_cases[0]
@@ -477,10 +628,12 @@ def main(argv=None) -> int:
         f"`working_grid_logits` on {first}: max |difference| {capture_diff:.1e}. True Dice of the held-out "
         f"patients vs the card's `held_out` record: max |difference| {card_diff:.1e}.",
         "",
-        "Definitions: failure = true Dice < 0.7. Flags: **ours** = `review_flag(state, dice, 0.7)` on the "
-        "performance row, i.e. estimated Dice < 0.7, class possibly missed, or the input checks marked the estimate "
-        "\"unreliable\" (what the table in the product shows); **ours, confidence only** = the same rule on the "
-        "estimate before the input checks mark it; **MOVAL** = its estimated Dice < 0.7. Recall = failures flagged / "
+        "Definitions: failure = true Dice < 0.7. Flags: **ours (final)** = `review_flag(state, dice, 0.7)` on the "
+        "performance row of `predict(..., agreement=AGREEMENT_VIEWS)`, i.e. estimated Dice < 0.7, class possibly "
+        "missed, or marked \"unreliable\" by a warning of the input checks (spacing, field of view, predicted "
+        "volume) or by the stability check (what the table in the product shows with Check stability on; the "
+        "intensity check is a caution and marks nothing on its own); **ours, confidence only** = the same rule on the "
+        "estimate before anything marks it; **MOVAL** = its estimated Dice < 0.7. Recall = failures flagged / "
         "failures (undefined when a set has no failure); false alarms = non-failures flagged / non-failures. MAE in "
         "Dice points (x100). Goals: MAE < 8 and recall >= 80 % at false alarms < 10 %, on the shifted sets.",
         "",
@@ -500,13 +653,13 @@ def main(argv=None) -> int:
         ours = np.array([np.nan if r["estimate"][k] is None else r["estimate"][k] for r in recs])
         f_all = np.array([r["flag"][k] for r in recs])
         f_conf = np.array([r["flag_confidence"][k] for r in recs])
-        fired = np.array([r["state"][k].startswith("unreliable") for r in recs])
+        fired = np.array([bool(set(r["class_kinds"][k]) - {"agreement"}) for r in recs])
         mv = {key: v[set_name][:, k] for key, v in moval.items() if set_name in v}
         return true, ours, f_all, f_conf, fired, mv
 
     lines += ["", "## Dice estimate: mean absolute error per set and class (Dice points)", "",
               "| set | class | mean true Dice | mean est. ours | MAE ours | mean est. MOVAL CS | MAE MOVAL CS | "
-              "MAE MOVAL global | input checks fired |",
+              "MAE MOVAL global | input checks fired (warning or caution) |",
               "|---|---|---|---|---|---|---|---|---|"]
     summary: Dict[str, Dict[str, Any]] = {}
     for set_name in SETS:
@@ -520,7 +673,7 @@ def main(argv=None) -> int:
                 + f"{100 * fired.mean():.0f} % |")
     lines += ["", "## Failure detection (true Dice < 0.7): recall (flagged / failures) / false alarms "
               "(flagged / non-failures), per set and class, and both classes pooled", "",
-              "| set | class | failures / cases | ours (confidence only) | ours (confidence or input check) | "
+              "| set | class | failures / cases | ours (confidence only) | ours (final) | "
               "MOVAL CS | MOVAL global |",
               "|---|---|---|---|---|---|---|"]
 
@@ -646,11 +799,14 @@ def main(argv=None) -> int:
     lines += ["", f"* MAE goal (ours): met on {len(listing(1, True))}/{len(met_lines)} shifted sets"
               + (f" ({', '.join(listing(1, True))})" if listing(1, True) else "")
               + (f"; not met on {', '.join(listing(1, False))}" if listing(1, False) else "") + "."]
-    for idx, what in ((2, "final flag: confidence or input check"), (3, "confidence flag alone")):
+    for idx, what in ((2, "final flag"), (3, "confidence flag alone")):
         lines.append(f"* Detection goal (ours, {what}): met on {', '.join(listing(idx, True)) or 'no set'}"
                      + (f"; not met on {', '.join(listing(idx, False))}" if listing(idx, False) else "")
                      + (f"; undefined (no failure to detect) on {', '.join(listing(idx, None))}"
                         if listing(idx, None) else "") + ".")
+
+    # flag rules: chosen on the validation patients, then reported on the held-out ones
+    lines += flag_rule_section(val_records, records, fg, thr, other)
 
     # other data
     lines += ["", "## Inputs the model is not meant for (no hippocampus: any flag is right, no flag is wrong)", "",

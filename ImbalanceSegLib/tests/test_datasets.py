@@ -215,6 +215,9 @@ def test_cli_trains_on_non_consecutive_labels_and_predicts_original_values(tmp_p
     card = load_bundle(tmp_path / "out" / "nc.imbseg").card
     assert [c.get("label_value") for c in card["classes"]] == [0, 2, 5]
     assert card["preprocessing"]["modality"] == "MRI"
+    profile = card["input_profile"]  # recorded by train() from the prepared training cases
+    assert profile["cases"] == 2 and set(profile["class_volume_ml"]) == {"ball", "cube"}
+    assert all(v["present_fraction"] == 1.0 for v in profile["class_volume_ml"].values())
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(tmp_path / "out" / "nc.imbseg"),
                  "--input", str(data / "imagesTs" / "hippo_100_0000.nii.gz"), "--output", str(out)]) == 0

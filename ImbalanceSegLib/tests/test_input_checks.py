@@ -250,3 +250,31 @@ def test_estimate_ranks_an_unlike_case_first_and_names_the_reason(tmp_path, caps
     assert "; unreliable: field of view 64 x 16 x 16 mm" in ranked["b_odd"]
     assert "[estimate] b_odd: caution: the intensity distribution" in out
     assert "field of view 64 x 16 x 16 mm" in ranked["b_odd"] and "field of view" not in ranked["a_like"]
+
+
+def test_the_python_training_api_records_the_input_profile(tmp_path):
+    """train() records the card's input profile from cases made by prepare_case (as `imbalanceseg
+    train` does), equal to input_profile() of the same images; cases from bare arrays give none."""
+    from imbalanceseglib.training import TrainConfig, make_case, prepare_case, train
+    from libtest_helpers import sphere_case
+    classes = [{"value": i, "name": n, "color": [0, 0, 0]} for i, n in enumerate(NAMES)]
+    cfg = TrainConfig.from_dict(dict(name="profiled", classes=classes, target_spacing=[1.0, 1.0, 1.0],
+                                     patch_size=[16, 16, 16], features=[4, 8], iterations=2, batch_size=2,
+                                     val_every=1000, checkpoint_every=1000, log_every=1, seed=1))
+    images, labels = [], []
+    for s in range(2):
+        img, lab = sphere_case(s)
+        images.append(_image(img * (3.0 + s)))
+        labels.append(sitk.GetImageFromArray(lab.astype(np.uint8)))
+    cases = [prepare_case(i, lab, cfg, f"c{k}") for k, (i, lab) in enumerate(zip(images, labels))]
+    card = load_bundle(train(cfg, cases, [], tmp_path / "a", log=lambda s: None)).card
+    want = ic.input_profile(images, [c.image for c in cases], labels, NAMES)
+    assert card["input_profile"] == json.loads(json.dumps(want))
+    assert card["input_profile"]["class_volume_ml"]["Ball"]["present_fraction"] == 1.0
+    bare = [make_case(c.image, c.labels, c.name) for c in cases]
+    card = load_bundle(train(cfg, bare, [], tmp_path / "b", log=lambda s: None)).card
+    assert "input_profile" not in card
+    given = {"version": 1, "cases": 7}  # a profile the caller gives is kept as given
+    card = load_bundle(train(cfg, cases, [], tmp_path / "c", log=lambda s: None,
+                             extra_card={"input_profile": want | given})).card
+    assert card["input_profile"]["cases"] == 7

@@ -97,11 +97,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
           + f" cases ready in {time.perf_counter() - t0:.1f} s", flush=True)
     if emit:
         emit(ev.progress("prepare data", 1.0))
-    from .input_checks import input_profile
-    profile = input_profile([p[0] for p in train_pairs], [c.image for c in train_cases], [p[1] for p in train_pairs],
-                            [c["name"] for c in config.classes])
+    # (train() records the input profile from the prepared cases)
     path = train(config, train_cases, val_cases, Path(args.out), resume=not args.no_resume,
-                 log=lambda s: say(s, flush=True), extra_card={"training_data": spec["data"], "input_profile": profile},
+                 log=lambda s: say(s, flush=True), extra_card={"training_data": spec["data"]},
                  unlabeled_cases=unlabeled_cases or None, events=emit)
     say(f"[train] bundle written: {path}")
     if emit:

@@ -46,7 +46,8 @@ import SimpleITK as sitk
 
 from .images import ImageError
 
-__all__ = ["QUANTILE_LEVELS", "INTENSITY_MARGIN", "SCALE_MARGIN", "PROFILE_VERSION", "Finding", "input_profile",
+__all__ = ["QUANTILE_LEVELS", "INTENSITY_MARGIN", "SCALE_MARGIN", "PROFILE_VERSION", "Finding", "case_profile",
+           "input_profile", "profile_from_cases",
            "normalised_quantiles", "geometry", "check_input", "check_prediction", "mark_unreliable", "refuse_blank",
            "validate_profile"]
 
@@ -109,6 +110,44 @@ def _r(v: float) -> float:
     return float(f"{v:.6g}")
 
 
+def case_profile(image: sitk.Image, normalised: np.ndarray, labels: sitk.Image,
+                 class_names: Sequence[str]) -> Dict[str, Any]:
+    """What :func:`input_profile` needs of one training case (small, kept on the prepared case by
+    :func:`imbalanceseglib.training_data.prepare_case`): the quantiles of ``normalised`` (the
+    image on the working grid after normalisation), the spacing and field of view of ``image``
+    and the volume (ml) of each class in ``labels`` (class indices, the image's geometry)."""
+    spacing, extent = geometry(image)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).reshape(-1).astype(np.int64), minlength=len(class_names))
+    return {"quantiles": [float(v) for v in normalised_quantiles(normalised)], "spacing": spacing, "extent": extent,
+            "class_ml": {name: float(counts[c]) * voxel_ml for c, name in enumerate(class_names) if c > 0}}
+
+
+def profile_from_cases(profiles: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The ``input_profile`` card entry from the training cases' :func:`case_profile`."""
+    if not profiles:
+        raise ValueError("input_profile needs at least one training case")
+    names = list(profiles[0]["class_ml"])
+    q = np.array([p["quantiles"] for p in profiles], dtype=np.float64)
+    median = np.median(q, axis=0)
+    dists = [_distance(row, median) for row in q]
+    spacings = np.array([p["spacing"] for p in profiles], dtype=np.float64)
+    extents = np.array([p["extent"] for p in profiles], dtype=np.float64)
+    volumes = {name: [float(p["class_ml"][name]) for p in profiles if p["class_ml"].get(name, 0.0) > 0]
+               for name in names}
+    n = len(profiles)
+    return {
+        "version": PROFILE_VERSION, "cases": n,
+        "intensity": {"levels": list(QUANTILE_LEVELS), "median_quantiles": [_r(v) for v in median],
+                      "max_distance": _r(max(dists)), "median_distance": _r(float(np.median(dists)))},
+        "spacing_mm": {"min": [_r(v) for v in spacings.min(axis=0)], "max": [_r(v) for v in spacings.max(axis=0)]},
+        "extent_mm": {"min": [_r(v) for v in extents.min(axis=0)], "max": [_r(v) for v in extents.max(axis=0)]},
+        "class_volume_ml": {name: ({"min": _r(min(v)), "max": _r(max(v)), "present_fraction": _r(len(v) / n)}
+                                   if v else {"min": None, "max": None, "present_fraction": 0.0})
+                            for name, v in volumes.items()},
+    }
+
+
 def input_profile(images: Sequence[sitk.Image], normalised: Sequence[np.ndarray], label_maps: Sequence[sitk.Image],
                   class_names: Sequence[str]) -> Dict[str, Any]:
     """The ``input_profile`` card entry of the training data: the images (their geometry),
@@ -116,33 +155,7 @@ def input_profile(images: Sequence[sitk.Image], normalised: Sequence[np.ndarray]
     on) and their label maps (class indices 0..C-1, same geometry as the images)."""
     if not images or not len(images) == len(normalised) == len(label_maps):
         raise ValueError("input_profile needs the training images, their normalised arrays and their label maps")
-    quantiles, spacings, extents = [], [], []
-    volumes: Dict[str, List[float]] = {n: [] for n in class_names[1:]}
-    for image, arr, labels in zip(images, normalised, label_maps):
-        quantiles.append(normalised_quantiles(arr))
-        spacing, extent = geometry(image)
-        spacings.append(spacing)
-        extents.append(extent)
-        voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-        counts = np.bincount(sitk.GetArrayViewFromImage(labels).reshape(-1).astype(np.int64),
-                             minlength=len(class_names))
-        for c, name in enumerate(class_names[1:], start=1):
-            if counts[c] > 0:
-                volumes[name].append(float(counts[c]) * voxel_ml)
-    q = np.stack(quantiles)
-    median = np.median(q, axis=0)
-    dists = [_distance(row, median) for row in q]
-    n = len(images)
-    return {
-        "version": PROFILE_VERSION, "cases": n,
-        "intensity": {"levels": list(QUANTILE_LEVELS), "median_quantiles": [_r(v) for v in median],
-                      "max_distance": _r(max(dists)), "median_distance": _r(float(np.median(dists)))},
-        "spacing_mm": {"min": [_r(v) for v in np.min(spacings, axis=0)], "max": [_r(v) for v in np.max(spacings, axis=0)]},
-        "extent_mm": {"min": [_r(v) for v in np.min(extents, axis=0)], "max": [_r(v) for v in np.max(extents, axis=0)]},
-        "class_volume_ml": {name: ({"min": _r(min(v)), "max": _r(max(v)), "present_fraction": _r(len(v) / n)}
-                                   if v else {"min": None, "max": None, "present_fraction": 0.0})
-                            for name, v in volumes.items()},
-    }
+    return profile_from_cases([case_profile(i, a, lab, class_names) for i, a, lab in zip(images, normalised, label_maps)])
 
 
 def _finite_list(value: Any, length: int, where: str) -> None:

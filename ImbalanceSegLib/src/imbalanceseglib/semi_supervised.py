@@ -60,7 +60,7 @@ from .networks import build_network, set_activation_checkpointing
 from .train_config import TrainConfig, make_class_weighter
 from .training_data import Case, PatchSampler, check_training_data
 from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, named_weights,
-                            update_class_weighter)
+                            update_class_weighter, with_input_profile)
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -264,6 +264,6 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
     loop.run(step, report, class_weights=lambda: [w.state_dict() if w is not None else None for w in weighters],
              val_label="val dice (mean of the two networks)")
     return loop.finish({"arch": "UNet3DEnsemble", "params": arch_params}, rare_names, voxel_counts,
-                       len(labelled_cases), extra_card=extra_card,
+                       len(labelled_cases), extra_card=with_input_profile(extra_card, labelled_cases),
                        training_extra={"semi_supervised": {**ss, "unlabelled_cases": len(unlabelled_cases),
                                                            "inference": "mean of the two networks' logits"}})

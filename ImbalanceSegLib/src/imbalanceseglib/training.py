@@ -37,7 +37,7 @@ from .train_config import METHOD_PRESETS, TrainConfig, make_class_weighter  # no
 from .training_data import (Case, PatchSampler, check_training_data, make_case, prepare_case,  # noqa: F401
                             prepare_unlabeled_case)
 from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, named_weights,
-                            quiet, update_class_weighter)
+                            quiet, update_class_weighter, with_input_profile)
 
 __all__ = ["METHOD_PRESETS", "Case", "PatchSampler", "TrainConfig", "make_case", "prepare_case",
            "prepare_unlabeled_case", "train"]
@@ -148,4 +148,5 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     loop.run(step, report, class_weights=lambda: weighter.state_dict() if weighter is not None else None)
     return loop.finish({"arch": "UNet3D", "params": {"in_channels": 1, "out_channels": n_cls,
                                                      "features": list(config.features)}},
-                       rare_names, voxel_counts, len(train_cases), extra_card=extra_card)
+                       rare_names, voxel_counts, len(train_cases),
+                       extra_card=with_input_profile(extra_card, train_cases))

@@ -13,7 +13,7 @@ every class of the config.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,6 +37,10 @@ class Case:
     name: str = ""
     # Flat indices of the voxels of each class present in the case (for sampling).
     class_voxels: Dict[int, np.ndarray] = field(default_factory=dict)
+    # What the card's input profile needs of this case (input_checks.case_profile; set by
+    # prepare_case, None for arrays made by hand): train() records the profile when every
+    # training case has one.
+    profile: Optional[Dict[str, Any]] = None
 
 
 def prepare_case(image: sitk.Image, labels: sitk.Image, config: TrainConfig, name: str = "") -> Case:
@@ -55,7 +59,10 @@ def prepare_case(image: sitk.Image, labels: sitk.Image, config: TrainConfig, nam
     if lab_arr.max() >= n_cls:
         unknown = sorted(int(v) for v in np.unique(lab_arr) if v >= n_cls)
         raise ValueError(f"{name or 'case'}: label values {unknown} are not among the {n_cls} classes of the config")
-    return make_case(arr, lab_arr, name)
+    case = make_case(arr, lab_arr, name)
+    from .input_checks import case_profile
+    case.profile = case_profile(image, case.image, labels, [c["name"] for c in config.classes])
+    return case
 
 
 def prepare_unlabeled_case(image: sitk.Image, config: TrainConfig, name: str = "") -> Case:

@@ -48,9 +48,22 @@ from .train_config import TrainConfig
 from .training_data import Case
 
 __all__ = ["LogFn", "TrainingLoop", "begin_run", "build_augmenter", "build_training_loss", "evaluate_cases",
-           "learning_check", "named_weights", "quiet", "training_card", "update_class_weighter", "validation_step"]
+           "learning_check", "named_weights", "quiet", "training_card", "update_class_weighter", "validation_step",
+           "with_input_profile"]
 
 LogFn = Callable[[str], None]
+
+
+def with_input_profile(extra_card: Optional[Dict[str, Any]], train_cases: Sequence[Case]) -> Optional[Dict[str, Any]]:
+    """``extra_card`` with the card's ``input_profile`` (:mod:`imbalanceseglib.input_checks`) made
+    from the training cases when every one was prepared by :func:`~imbalanceseglib.training_data.prepare_case`
+    (so the Python API records it as the CLI does); a profile already in ``extra_card`` is kept,
+    and cases made from bare arrays give none (the card then says so at inference)."""
+    if (extra_card or {}).get("input_profile") is not None or not train_cases \
+            or any(getattr(c, "profile", None) is None for c in train_cases):
+        return extra_card
+    from .input_checks import profile_from_cases
+    return {**(extra_card or {}), "input_profile": profile_from_cases([c.profile for c in train_cases])}
 
 
 def quiet(message: str) -> None:

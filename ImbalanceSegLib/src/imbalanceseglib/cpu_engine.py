@@ -61,7 +61,9 @@ def _supported_block(block: nn.Module) -> bool:
             and all(type(a) is nn.LeakyReLU for a in acts))
 
 
-def _supported_unet(net: nn.Module) -> bool:
+def supported_unet(net: nn.Module) -> bool:
+    """Whether ``net`` is exactly a :class:`~imbalanceseglib.networks.UNet3D` of the bundled blocks
+    with float32 CPU parameters (what this engine and :mod:`imbalanceseglib.training_engine` compute)."""
     if type(net) is not UNet3D:
         return False
     if not all(_supported_block(b) for b in list(net.encoders) + list(net.decoders)):
@@ -183,9 +185,9 @@ def cpu_engine(network: nn.Module) -> Optional[Engine]:
     if not torch.backends.mkldnn.is_available():
         return None
     if type(network) is UNet3D:
-        return _UNetEngine(network) if _supported_unet(network) else None
+        return _UNetEngine(network) if supported_unet(network) else None
     if type(network) is UNet3DEnsemble:
-        if all(_supported_unet(m) for m in network.members):
+        if all(supported_unet(m) for m in network.members):
             return _EnsembleEngine([_UNetEngine(m) for m in network.members])
     return None
 

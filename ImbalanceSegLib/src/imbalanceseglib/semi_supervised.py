@@ -59,6 +59,7 @@ from .losses import weighted_ce
 from .networks import build_network, set_activation_checkpointing
 from .train_config import TrainConfig, make_class_weighter
 from .training_data import Case, PatchSampler, check_training_data
+from .training_engine import training_forward
 from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, named_weights,
                             update_class_weighter, with_input_profile)
 
@@ -202,6 +203,14 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
 
     if resume:
         loop.resume(load_class_weights)
+    said = set()
+
+    def log_once(message: str) -> None:  # the two networks' engine lines, once when they say the same
+        if message not in said:
+            said.add(message)
+            log(message)
+
+    fwd_a, fwd_b = training_forward(net_a, log_once), training_forward(net_b, log_once)  # CPU path or module
     ramp = 0.0  # the CPS weight of the last step, for the log
 
     def step(it: int) -> Dict[str, float]:
@@ -214,7 +223,7 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
         w_b = weighters[1].weights if weighters[1] is not None else None
         nl = x_l.shape[0]
         x = torch.cat([x_l, x_u])
-        out_a, out_b = net_a(x), net_b(x)
+        out_a, out_b = fwd_a(x), fwd_b(x)
         sup = loss_fn(out_a[:nl], y_l, class_weights=w_a) + loss_fn(out_b[:nl], y_l, class_weights=w_b)
         cps = cps_loss(out_a, out_b, w_a) + cps_loss(out_b, out_a, w_b)
         ramp = ss["unsup_weight"] * sigmoid_rampup(it, ramp_len)
@@ -227,7 +236,7 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
                 q_b = teachers.members[1](x_u[:n]).argmax(1, keepdim=True)
             mx_a, my_a = double_mix(x_l[:n], y_l[:n], x_u[:n], q_a, w_a, gen)  # A's view: trains B
             mx_b, my_b = double_mix(x_l[:n], y_l[:n], x_u[:n], q_b, w_b, gen)  # B's view: trains A
-            mix = loss_fn(net_b(mx_a), my_a, class_weights=w_b) + loss_fn(net_a(mx_b), my_b, class_weights=w_a)
+            mix = loss_fn(fwd_b(mx_a), my_a, class_weights=w_b) + loss_fn(fwd_a(mx_b), my_b, class_weights=w_a)
             loss = loss + ss["mix_weight"] * mix
         if not torch.isfinite(loss):
             raise FloatingPointError(

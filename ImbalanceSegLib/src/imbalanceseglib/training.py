@@ -36,6 +36,7 @@ from .perturbations import asymmetric_adversarial_input, asymmetric_mixup
 from .train_config import METHOD_PRESETS, TrainConfig, make_class_weighter  # noqa: F401  (re-exported)
 from .training_data import (Case, PatchSampler, check_training_data, make_case, prepare_case,  # noqa: F401
                             prepare_unlabeled_case)
+from .training_engine import training_forward
 from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, named_weights,
                             quiet, update_class_weighter, with_input_profile)
 
@@ -95,6 +96,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         f"class weights {config.class_weighting.get('method', 'none')}, mixup p={mix_p:g}, adversarial p={adv_p:g}, "
         f"augmentation {aug.get('default', 'none')}/{aug.get('rare', 'none')}")
     sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, augmenter)
+    forward = training_forward(network, log)  # the CPU training path, or the module itself
     rng = loop.rng
     if resume:
         loop.resume(lambda state: weighter.load_state_dict(state) if weighter is not None else None)
@@ -113,12 +115,12 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             part = dd.local_slice(config.batch_size, ctx)
             x, y, target = x[part], y[part], target[part]
         weights = weighter.weights if weighter is not None else None
-        logits = network(x)
+        logits = forward(x)
         loss = loss_fn(logits, target, class_weights=weights)
         if adversarial_step:
             x_adv = asymmetric_adversarial_input(network, x, y, rare_mask,
                                                  epsilon=float(config.adversarial.get("epsilon", 10.0)))
-            loss = loss + float(config.adversarial.get("weight", 1.0)) * loss_fn(network(x_adv), target,
+            loss = loss + float(config.adversarial.get("weight", 1.0)) * loss_fn(forward(x_adv), target,
                                                                                   class_weights=weights)
         global_loss = dd.mean_scalar(loss, ctx)
         if not torch.isfinite(global_loss):

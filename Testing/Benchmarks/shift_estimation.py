@@ -506,40 +506,31 @@ def main(argv=None) -> int:
     test_cases = split["test"][:3] if args.quick else split["test"]
     hip = DATA / "msd_hippocampus"
 
-    # ---- hippocampus sets
-    records: Dict[str, List[Dict]] = {}
-    npz: Dict[str, List[Path]] = {}
-    for si, (set_name, (_, shift)) in enumerate(SETS.items()):
-        t = time.perf_counter()
-        records[set_name], npz[set_name] = [], []
-        for case in test_cases:
-            def make(case=case, si=si, shift=shift):
-                image = read_image(hip / "images" / f"{case}.nii.gz")
-                reference = read_image(hip / "labels" / f"{case}.nii.gz")
-                rng = np.random.default_rng([SEED, si, case_number(case)])
-                return run_case(shifted_image(image, shift, rng), bundle, reference)
-            rec, p = cached(work, set_name, case, make)
-            records[set_name].append(rec)
-            npz[set_name].append(p)
-        tr = np.array([r["true"] for r in records[set_name]])
-        log(f"{set_name}: {len(test_cases)} patients in {time.perf_counter() - t:.0f} s; mean true Dice "
-            + ", ".join(f"{n} {v:.3f}" for n, v in zip(fg, tr.mean(axis=0))))
+    def shifted_sets(cases: List[str], prefix: str) -> Tuple[Dict[str, List[Dict]], Dict[str, List[Path]]]:
+        """Every set of SETS on these patients: per set, the records and the logits files."""
+        recs_by_set: Dict[str, List[Dict]] = {}
+        files: Dict[str, List[Path]] = {}
+        for si, (set_name, (_, shift)) in enumerate(SETS.items()):
+            t = time.perf_counter()
+            recs_by_set[set_name], files[set_name] = [], []
+            for case in cases:
+                def make(case=case, si=si, shift=shift):
+                    image = read_image(hip / "images" / f"{case}.nii.gz")
+                    reference = read_image(hip / "labels" / f"{case}.nii.gz")
+                    rng = np.random.default_rng([SEED, si, case_number(case)])
+                    return run_case(shifted_image(image, shift, rng), bundle, reference)
+                rec, p = cached(work, prefix + set_name, case, make)
+                recs_by_set[set_name].append(rec)
+                files[set_name].append(p)
+            tr = np.array([r["true"] for r in recs_by_set[set_name]])
+            log(f"{prefix}{set_name}: {len(cases)} patients in {time.perf_counter() - t:.0f} s; mean true Dice "
+                + ", ".join(f"{n} {v:.3f}" for n, v in zip(fg, tr.mean(axis=0))))
+        return recs_by_set, files
 
-    # ---- the 20 validation patients under the same shifts: where the flag rule is chosen
-    val_records: Dict[str, List[Dict]] = {}
-    val_cases = split["val"][:3] if args.quick else split["val"]
-    for si, (set_name, (_, shift)) in enumerate(SETS.items()):
-        t = time.perf_counter()
-        val_records[set_name] = []
-        for case in val_cases:
-            def make(case=case, si=si, shift=shift):
-                image = read_image(hip / "images" / f"{case}.nii.gz")
-                reference = read_image(hip / "labels" / f"{case}.nii.gz")
-                rng = np.random.default_rng([SEED, si, case_number(case)])
-                return run_case(shifted_image(image, shift, rng), bundle, reference)
-            rec, _ = cached(work, f"validation {set_name}", case, make)
-            val_records[set_name].append(rec)
-        log(f"validation patients, {set_name}: {len(val_cases)} in {time.perf_counter() - t:.0f} s")
+    # ---- hippocampus sets: the held-out patients, then the 20 validation patients under the
+    # same shifts (where the flag rule is chosen)
+    records, npz = shifted_sets(test_cases, "")
+    val_records, _ = shifted_sets(split["val"][:3] if args.quick else split["val"], "validation ")
 
     # the captured logits are working_grid_logits' (one case, recomputed)
     first = test_cases[0]

@@ -75,6 +75,34 @@ def test_sampler_centres_on_rare_classes(tiny_cases):
     assert img.shape == lab.shape == (8, 8, 8)
 
 
+def test_sampler_pads_a_small_volume_with_zeros_as_inference_does():
+    from imbalanceseglib.training_data import make_case
+    rng = np.random.default_rng(3)
+    image = rng.uniform(-2.0, 3.0, size=(4, 5, 6)).astype(np.float32)
+    image[0, 0, 0] = -2.5  # the case minimum
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 2:4, 2:5] = 1
+    case = make_case(image, labels, "small")
+    for pad, fill in ((0.0, 0.0), (None, -2.5)):  # zeros (default), or the case minimum (the old sampler)
+        sampler = PatchSampler([case], [8, 8, 8], foreground_fraction=0.5)
+        sampler.pad_value = pad
+        for _ in range(20):
+            img, lab, _, _ = sampler.sample(np.random.default_rng(int(rng.integers(1 << 30))))
+            # the patch holds one box of the volume (all of it, or cut where the patch starts inside
+            # it), and the fill everywhere else
+            box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(img != fill))
+            size = tuple(b.stop - b.start for b in box)
+            shown = [(z, y, x) for z in range(5 - size[0]) for y in range(6 - size[1]) for x in range(7 - size[2])
+                     if np.array_equal(img[box], image[z:z + size[0], y:y + size[1], x:x + size[2]])]
+            assert len(shown) == 1 and min(size) >= 2
+            z, y, x = shown[0]
+            assert np.array_equal(lab[box], labels[z:z + size[0], y:y + size[1], x:x + size[2]])
+            outside = np.ones((8, 8, 8), bool)
+            outside[box] = False
+            assert outside.any() and np.all(img[outside] == fill) and np.all(lab[outside] == 0)
+    assert PatchSampler.pad_value == 0.0
+
+
 def test_prepare_case_checks_geometry_and_labels(tiny_config):
     img, lab = sphere_case(0)
     im = sitk.GetImageFromArray(img)

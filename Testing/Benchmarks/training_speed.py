@@ -401,7 +401,8 @@ def _fmt_ratio(values: Sequence[float]) -> str:
 
 
 def write_report(out: Path, command: str, machine: str, started: str, args, names, profiles, throughput,
-                 ttd, flops, gflops, loss_check, check, elapsed_min: float, waited: Sequence[float]) -> None:
+                 ttd, flops, gflops, loss_check, check, elapsed_min: float, waited: Sequence[float],
+                 redone: Sequence[str]) -> None:
     lines = ["# Training speed: the CPU training path against a plain MONAI loop", "",
              f"Command: `{command}`  ", f"Machine: {machine}  ", f"Date: {started}", ""]
     all_others = [r["others"] for r in throughput] + [r["others"] for r in ttd] + [p["others"] for p in profiles]
@@ -452,7 +453,9 @@ def write_report(out: Path, command: str, machine: str, started: str, args, name
     lines += ["## Throughput", "",
               f"{args.repeats} rounds; in each round every loop runs {args.warmup} warm-up and {args.iterations} timed "
               "iterations at one batch size, then at the other (interleaved). Ratios: per round, against the "
-              "faster MONAI loop of that round; median over rounds (best and worst round).", ""]
+              "faster MONAI loop of that round; median over rounds (best and worst round). A run during which "
+              "other processes used 0.25 cores or more was done again (twice at most; the last one counts): "
+              + (f"{len(redone)} redone ({'; '.join(redone)})." if redone else "none was."), ""]
     methods = list(dict.fromkeys(r["method"] for r in throughput))
     headline = {}
     for batch in (1, 2):
@@ -480,6 +483,27 @@ def write_report(out: Path, command: str, machine: str, started: str, args, name
     lines += ["**Goal: at least 1.5× the MONAI loop's iterations per second.** "
               + "; ".join(f"batch {b}: {statistics.median(v):.2f}× ({'reached' if statistics.median(v) >= 1.5 else 'not reached'})"
                           for b, v in headline.items()) + ".", ""]
+    for batch, ratios in headline.items():
+        if statistics.median(ratios) >= 1.5:
+            continue
+        after = [p for p in profiles if p["batch"] == batch and p["engine"] == "auto"]
+        monai = [r["its"] for r in throughput if r["batch"] == batch and r["method"].startswith("monai")]
+        if not after or not monai:
+            continue
+        conv_ms = sum(ms for name, ms, _ in after[0]["rows"] if "conv" in name.lower() and not name.startswith("_"))
+        rest_ms = after[0]["step_ms"] - conv_ms
+        floor_ms = flops[batch] / gflops / 1e6
+        monai_ms = 1000.0 / max(monai)
+        lines += [f"Why not at batch {batch}: the convolutions of the training path already run at "
+                  f"{flops[batch] / conv_ms / 1e6:.0f} GFLOP/s, {100 * flops[batch] / conv_ms / 1e6 / gflops:.0f} % of "
+                  f"this machine's matrix-product rate ({conv_ms:.0f} ms of the profiled {after[0]['step_ms']:.0f} ms "
+                  f"step; at the full rate they would take {floor_ms:.0f} ms). The rest of the step, {rest_ms:.0f} ms "
+                  f"(instance norms and leaky ReLUs, copies, the loss, AdamW, sampling and augmentation; memory-bound "
+                  f"element-wise work), stays. The fastest MONAI iteration measured took {monai_ms:.0f} ms, so even with "
+                  f"the convolutions at the full rate the ratio would be {monai_ms / (floor_ms + rest_ms):.2f}×; 1.5× "
+                  f"needs the whole step under {monai_ms / 1.5:.0f} ms, i.e. the rest under "
+                  f"{max(0.0, monai_ms / 1.5 - floor_ms):.0f} ms with the convolutions at the full rate "
+                  "(fused element-wise kernels, which a pure-PyTorch library does not have).", ""]
     # time to Dice
     if ttd:
         lines += [f"## Time to a validation Dice of {args.target:g}", "",
@@ -519,6 +543,23 @@ def write_report(out: Path, command: str, machine: str, started: str, args, name
                for m in dict.fromkeys(r["method"] for r in ttd)}
         lines += ["", "Iterations per second over these runs: " + ", ".join(
             f"{m} {statistics.median(v):.2f}" for m, v in its.items() if v) + "."]
+        reached_its = {m: [r["reached"][0] for r in ttd if r["method"] == m and r["reached"]]
+                       for m in dict.fromkeys(r["method"] for r in ttd)}
+        lines += ["", "Iterations to the target where reached: " + "; ".join(
+            f"{m} {', '.join(map(str, v)) if v else 'none'} (of {sum(1 for r in ttd if r['method'] == m)} runs)"
+            for m, v in reached_its.items()) + ". `ours` and `ours-module` are the same loop (sampling, "
+            "augmentation, loss, optimizer) and differ only in how the network is computed: they start from the same "
+            "weights and draw the same patches, and float rounding makes them drift apart, so the difference in "
+            "iterations between them is chance; a difference between them and the MONAI loop is the loops' "
+            "(patch sampling: our sampler centres half the patches on a voxel of a random present class plus a "
+            "random offset and places a volume smaller than the patch at a random offset in it, MONAI's "
+            "RandCropByPosNegLabeld after a centred SpatialPadd; the augmentations differ in detail), not the "
+            "training path's. Both pad with zeros, the value inference pads with. Until 2026-12-02 our sampler "
+            "padded with the case minimum while inference pads with zeros: the hippocampus volumes are smaller than "
+            "the patch, so the network was validated on a border it never saw in training, and our loop reached "
+            "Dice 0.8 at 1050 iterations or not within 6 minutes where MONAI's took 300-500 (the run of 15:40 UTC "
+            "that day; a probe of our loop at seed 0, batch 2: validation Dice 0.70, 0.55, 0.67, 0.71, 0.70, 0.73 "
+            "at iterations 100-600 with the minimum, 0.82 and 0.85 at iterations 100 and 200 with zeros)."]
         lines += ["", "Validation curves (iteration, training s, mean Dice):", ""]
         for r in ttd:
             lines.append(f"* seed {r['seed']} {r['method']}: " + ", ".join(f"({a}, {b:g}, {c:.3f})" for a, b, c in r["curve"]))
@@ -527,6 +568,15 @@ def write_report(out: Path, command: str, machine: str, started: str, args, name
     tmp = out.with_suffix(".md.part")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out)
+
+
+def _report_from(results: Dict[str, Any], out: Path) -> None:
+    args = argparse.Namespace(**results["args"])
+    fix = {int(k): v for k, v in results["flops"].items()}
+    check = {int(k): v for k, v in results["check"].items()}
+    write_report(out, results["command"], results["machine"], results["started"], args, results["names"],
+                 results["profiles"], results["throughput"], results["ttd"], fix, results["gflops"],
+                 results["loss_check"], check, results["elapsed_min"], results["waited"], results["redone"])
 
 
 def main(argv=None) -> int:
@@ -546,7 +596,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="1 round of 8 timed iterations, 1 seed to a Dice of 0.5 (capped at 3 min)")
     ap.add_argument("--out", default=str(REPORT))
+    ap.add_argument("--report-only", action="store_true",
+                    help=f"write the report again from the last run's measurements ({WORK / 'results.json'})")
     args = ap.parse_args(argv)
+    if args.report_only:
+        _report_from(json.loads((WORK / "results.json").read_text()), Path(args.out))
+        print(f"report written to {args.out}")
+        return 0
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
     if args.quick:
         args.repeats, args.iterations, args.warmup, args.seeds = 1, 8, 3, 1
@@ -598,12 +654,18 @@ def main(argv=None) -> int:
                 log(f"profile batch {batch} {engine}: {runs[engine][-1]['step_ms']:.0f} ms per step")
         profiles += [min(runs[e], key=lambda p: p["step_ms"]) for e in ("module", "auto")]
     methods = [f"monai/w{w}" for w in args.monai_workers.split(",")] + ["ours", "ours-module"]
-    throughput = []
+    throughput, redone = [], []
     for rnd in range(args.repeats):
         for batch in (1, 2):
             for m in methods:
-                waited.append(wait_for_quiet(args.max_wait))
-                r = throughput_run(m, base, cases, batch, args.warmup, args.iterations, seed=rnd)
+                for attempt in range(3):  # a run another process disturbed is done again (twice at most)
+                    waited.append(wait_for_quiet(args.max_wait))
+                    r = throughput_run(m, base, cases, batch, args.warmup, args.iterations, seed=rnd)
+                    if r["others"] < 0.25:
+                        break
+                    redone.append(f"round {rnd} batch {batch} {m}: {r['its']:.2f} it/s with other processes "
+                                  f"using {r['others']:.2f} cores")
+                    log(f"redo: {redone[-1]}")
                 r["round"] = rnd
                 throughput.append(r)
                 log(f"round {rnd} batch {batch} {m}: {r['its']:.2f} it/s (others {r['others']:.2f} cores)")
@@ -619,8 +681,13 @@ def main(argv=None) -> int:
                 r = time_to_dice(m, base, cases, seed, args.target, args.val_every, args.max_minutes * 60, b)
                 ttd.append(r)
                 log(f"seed {seed} {m}: {r['reached']}")
-    write_report(Path(args.out), command, mach, started, args, names, profiles, throughput, ttd, flops, gflops,
-                 loss_check, check, (time.perf_counter() - t_all) / 60, waited)
+    results = {"command": command, "machine": mach, "started": started, "names": names, "profiles": profiles,
+               "throughput": throughput, "ttd": ttd, "flops": flops, "gflops": gflops, "loss_check": loss_check,
+               "check": check, "elapsed_min": (time.perf_counter() - t_all) / 60, "waited": waited, "redone": redone,
+               "args": {k: v for k, v in vars(args).items() if k != "report_only"}}
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "results.json").write_text(json.dumps(results))
+    _report_from(results, Path(args.out))
     log(f"report written to {args.out}")
     return 0
 

@@ -87,7 +87,16 @@ def make_case(image: np.ndarray, labels: np.ndarray, name: str = "") -> Case:
 
 
 class PatchSampler:
-    """Draws (image, label) patches; a fraction is centred on a uniformly chosen present class."""
+    """Draws (image, label) patches; a fraction is centred on a uniformly chosen present class.
+
+    Where a patch reaches past the volume it is padded with ``pad_value`` (normalised intensity),
+    0 by default: the value inference pads with (MONAI's sliding window and the streaming path
+    pad with zeros), so the network sees the same border in training as in use. ``None`` pads
+    with the case minimum (what training did before 2026-12-02; the validation Dice of a model
+    trained that way moved erratically, see Testing/Benchmarks/reports/training_speed.md).
+    The augmentation's bias field still multiplies about the case minimum (zero signal)."""
+
+    pad_value: Optional[float] = 0.0
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], foreground_fraction: float,
                  augmenter: Optional[ClassSpecificAugmenter] = None):
@@ -119,10 +128,11 @@ class PatchSampler:
             start = np.array([int(rng.integers(min(0, s - p), max(0, s - p) + 1)) for s, p in zip(shape, self.patch)])
         # Keep the patch inside the volume when the volume is larger than the patch.
         start = np.where(shape >= self.patch, np.clip(start, 0, shape - self.patch), start)
-        fill = float(case.image.min())
+        background = float(case.image.min())
+        fill = background if self.pad_value is None else float(self.pad_value)
         img, lab = self._crop(case.image, start, fill), self._crop(case.labels, start, 0)
         if self.augmenter is not None:  # stronger policy for patches centred on a rare class
-            img, lab = self.augmenter(img, lab, chosen, rng, background=fill)
+            img, lab = self.augmenter(img, lab, chosen, rng, background=background)
         return img, lab, chosen, case.name
 
     def batch(self, rng: np.random.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -138,9 +138,17 @@ def test_auto_plan_times_every_candidate_on_real_windows_and_keeps_monais_logits
         expected |= {("module", lay, 1, threads) for lay in ("contiguous", "channels_last")}
         expected |= {("onednn", "channels_last", 1, threads)}
     assert tried == expected
+    # the fastest plan, or the engine's fastest when no plan beats it by more than ENGINE_MARGIN
     best = min(plan["trials"], key=lambda t: t["seconds_per_window"])
+    engine_best = min((t for t in plan["trials"] if t["engine"] == "onednn"), key=lambda t: t["seconds_per_window"])
+    if engine_best["seconds_per_window"] <= streaming.ENGINE_MARGIN * best["seconds_per_window"]:
+        best = engine_best
     assert (plan["engine"], plan["layout"], plan["sw_batch_size"], plan["workers"]) == \
         (best["engine"], best["layout"], best["sw_batch_size"], best["workers"])
+    # every candidate timed at least once, twice unless its first timing was clearly slower
+    for t in plan["trials"]:
+        assert 1 <= len(t["timings"]) <= 2 and t["seconds_per_window"] == min(t["timings"])
+        assert len(t["timings"]) == 2 or t.get("pruned")
     # the engine's first window was also run by the module, and they agreed
     assert plan["engine_check"]["passed"] and plan["engine_check"]["max_relative_difference"] < 1e-5
     assert torch.get_num_threads() == threads  # the thread count is restored
@@ -151,6 +159,46 @@ def test_auto_plan_times_every_candidate_on_real_windows_and_keeps_monais_logits
     # a second run in the process reuses the measurement
     _, again = _streamed(b.network, vol, [16, 16, 16])
     assert again["source"] == "tuned (cached)" and again["layout"] == plan["layout"]
+
+
+def _drive_tuner(seconds):
+    """Run a tuner over three candidates with fixed per-window timings (a list per candidate, used
+    in turn); returns the order the candidates were run in and the tuner."""
+    from imbalanceseglib import streaming
+    streaming._TUNED.clear()
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    tuner = streaming._Tuner(net, [8, 8, 8], torch.device("cpu"), n_windows=1000, sw_batch_size=1,
+                             layout="auto", workers=1, engine="auto", engine_available=True)
+    order, used = [], {c: 0 for c in seconds}
+    while tuner.queue:
+        cand = tuner.next()
+        order.append((cand[:2], tuner.queue[0][1]))
+        t = seconds[cand][min(used[cand], len(seconds[cand]) - 1)] if tuner.queue[0][1] else 9.0
+        used[cand] += tuner.queue[0][1]
+        tuner.report(cand, 1, t)
+    return order, tuner
+
+
+def test_tuner_times_candidates_in_interleaved_rounds_and_keeps_the_engine_unless_beaten_clearly():
+    from imbalanceseglib import streaming
+    eng, con, cl = ("onednn", "channels_last", 1, 1), ("module", "contiguous", 1, 1), ("module", "channels_last", 1, 1)
+    # module contiguous 5 % faster than the engine on its best timing: within the margin, the engine stays
+    order, tuner = _drive_tuner({eng: [0.100, 0.104], con: [0.120, 0.095], cl: [0.110, 0.108]})
+    names = [c for c, _ in order]
+    assert names == [c[:2] for c in (eng, con, cl)] * 3  # warm-up round, then two timed rounds, interleaved
+    assert [t for _, t in order] == [False] * 3 + [True] * 6
+    assert tuner.best == eng
+    assert {t["engine"] + "/" + t["layout"]: t["seconds_per_window"] for t in tuner.trials} == \
+        {"onednn/channels_last": 0.100, "module/contiguous": 0.095, "module/channels_last": 0.108}
+    # 20 % faster: a clear win, the module plan is chosen
+    _, tuner = _drive_tuner({eng: [0.100, 0.100], con: [0.080, 0.083], cl: [0.110, 0.108]})
+    assert tuner.best == con
+    # a candidate more than PRUNE_RATIO x the best first timing gets no second timing
+    order, tuner = _drive_tuner({eng: [0.100, 0.099], con: [0.130, 0.050], cl: [0.110, 0.108]})
+    assert sum(1 for c, t in order if t and c == con[:2]) == 1
+    trial = next(t for t in tuner.trials if t["layout"] == "contiguous")
+    assert trial["pruned"] and trial["timings"] == [0.130]
+    assert tuner.best == eng and streaming._TUNED  # the choice is cached
 
 
 def test_given_plan_is_used_as_given_and_small_volumes_use_the_defaults(monkeypatch):

@@ -67,7 +67,8 @@ PRECISIONS = ("float32", "bfloat16")
 DEFAULT_SW_BATCH = 2
 SINK_VOXELS = 1 << 22        # voxels per piece handed to the sink (about 100 MB of 6-class logits)
 DEFAULT_LAYOUT = "contiguous"
-PRUNE_RATIO = 1.25           # a candidate this much slower than the best so far gets no second timing
+PRUNE_RATIO = 1.25           # a candidate this much slower than the best after the first round gets no second timing
+ENGINE_MARGIN = 1.10         # the engine is kept unless a module plan is faster per window by more than this
 _TUNED: Dict[Tuple[Any, ...], Tuple["Candidate", List[Dict[str, Any]]]] = {}
 
 
@@ -100,13 +101,18 @@ class _Tuner:
     channels-last), a memory layout (for the module), a number of windows per network call and a
     number of calls run at once (``workers``: on a CPU with T threads, W calls in W threads with
     T/W threads each: small 3D convolutions use one core better than they split over two). Every
-    candidate runs one group that is not timed (the backend builds its kernels for a new shape)
-    and two that are (the faster counts, since a shared machine's timings are noisy); a candidate
-    whose first timing is more than ``PRUNE_RATIO`` times the best so far gets no second one. All
-    of these are real windows of the volume, so the trials cost only the difference in speed.
-    Then the fastest candidate per window runs the rest. Given values are fixed; the measured
-    choice is cached for the process by network, window, device, precision, thread count and
-    candidates."""
+    candidate first runs one group that is not timed (the backend builds its kernels for a new
+    shape); then every candidate is timed once, in turn, and again in a second round (interleaved,
+    so that a slow spell of a shared machine hits every candidate rather than one; the faster of
+    a candidate's two timings counts). A candidate whose first timing is more than
+    ``PRUNE_RATIO`` times the best first timing gets no second one. All of these are real windows
+    of the volume, so the trials cost only the difference in speed. Then the fastest candidate per
+    window runs the rest, except that the CPU engine is preferred to a module plan that is not
+    faster by more than ``ENGINE_MARGIN`` (the engine's advantage grows with the volume, the
+    module's shows mostly in noisy trials: a module plan chosen on one lucky timing made a
+    128x256x256 run 0.87x MONAI's speed, Testing/Benchmarks/reports/streaming_inference.md).
+    Given values are fixed; the measured choice is cached for the process by network, window,
+    device, precision, thread count and candidates."""
 
     def __init__(self, network: torch.nn.Module, roi: Sequence[int], dev: torch.device, n_windows: int,
                  sw_batch_size: Optional[int], layout: str, precision: str = "float32",
@@ -165,7 +171,7 @@ class _Tuner:
                              int(sw_batch_size or DEFAULT_SW_BATCH), int(workers or 1))
             self.source = "default"
         else:
-            self.queue = [(cand, timed) for cand in self.candidates for timed in (False, True, True)]
+            self.queue = [(cand, timed) for timed in (False, True, True) for cand in self.candidates]
             self.source = "tuned"
 
     def next(self) -> Candidate:
@@ -183,8 +189,28 @@ class _Tuner:
 
     def _finish(self) -> None:
         fastest = min(self.trials, key=lambda r: r["seconds_per_window"])
+        engines = [r for r in self.trials if r["engine"] == "onednn"]
+        if engines:
+            engine_best = min(engines, key=lambda r: r["seconds_per_window"])
+            if engine_best["seconds_per_window"] <= ENGINE_MARGIN * fastest["seconds_per_window"]:
+                fastest = engine_best
         self.best = (fastest["engine"], fastest["layout"], fastest["sw_batch_size"], fastest["workers"])
         _TUNED[self.key] = (self.best, list(self.trials))
+
+    def _drop_pruned(self) -> None:
+        """Skip second timings of candidates whose first was more than PRUNE_RATIO x the best first one
+        (decided once every candidate has its first timing)."""
+        timed = {(r["engine"], r["layout"], r["sw_batch_size"], r["workers"]): r for r in self.trials}
+        while self.queue and self.queue[0][1]:
+            cand = self.queue[0][0]
+            first_round_left = any(t and c not in timed for c, t in self.queue)
+            if first_round_left or cand not in timed or len(timed) < 2:
+                return
+            best = min(r["seconds_per_window"] for r in timed.values())
+            if timed[cand]["seconds_per_window"] <= PRUNE_RATIO * best:
+                return
+            timed[cand]["pruned"] = True
+            self.queue.pop(0)  # clearly slower: no second timing
 
     def report(self, cand: Candidate, n: int, seconds: float) -> None:
         if not self.queue or self.queue[0][0] != cand:
@@ -196,14 +222,12 @@ class _Tuner:
             same = [r for r in self.trials if (r["engine"], r["layout"], r["sw_batch_size"], r["workers"]) == cand]
             if same:
                 same[0]["seconds_per_window"] = min(same[0]["seconds_per_window"], seconds / n)
+                same[0]["timings"].append(seconds / n)
             else:
-                others = [r["seconds_per_window"] for r in self.trials]
                 self.trials.append({"engine": eng, "sw_batch_size": bs, "layout": lay, "workers": w,
-                                    "seconds_per_window": seconds / n})
-                if others and seconds / n > PRUNE_RATIO * min(others) and len(self.queue) > 1 \
-                        and self.queue[1] == (cand, True):
-                    self.queue.pop(1)  # clearly slower: no second timing
+                                    "seconds_per_window": seconds / n, "timings": [seconds / n]})
         self.queue.pop(0)
+        self._drop_pruned()
         if not self.queue:
             self._finish()
 

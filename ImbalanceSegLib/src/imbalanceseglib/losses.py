@@ -5,7 +5,7 @@ Dice reduction of Tilborghs, Bertels et al. (2022, below), and the asymmetric
 focal / large-margin losses of Li, Kamnitsas & Glocker (IEEE TMI 2021), whose
 equations are in :class:`RareClassFocalLoss` and :class:`RareClassLargeMarginLoss`.
 
-Every loss built here is called as ``loss(logits, target, class_weights=None)``:
+Every loss built here is called as ``loss(logits, target, class_weights=None, mask=None)``:
 
 * ``logits``: (N, C, ...) raw network outputs;
 * ``target``: integer labels (N, 1, ...) or soft / one-hot labels (N, C, ...)
@@ -13,7 +13,13 @@ Every loss built here is called as ``loss(logits, target, class_weights=None)``:
 * ``class_weights``: optional (C,) weights for this call (the DisW/DifW/CDifW
   weights that follow training); they multiply the static ``class_weights`` of
   the settings and enter weighted cross-entropy and weighted Dice (a weighted
-  mean of the per-class Dice losses).
+  mean of the per-class Dice losses);
+* ``mask``: optional boolean (N, 1, ...) or (N, ...) voxel mask: voxels where it
+  is False contribute nothing to the loss (cross-entropy, focal and margin terms
+  are means over the kept voxels; the Dice term sums probabilities and targets
+  over the kept voxels only).  Asymmetric mixup with ``soft_targets`` false uses
+  it to drop the voxels whose mixed target is not one-hot.  ``ce``, ``dice``,
+  ``dice_ce`` and the asymmetric losses take it; the MONAI losses refuse it.
 
 Names (:data:`LOSS_NAMES`):
 
@@ -57,6 +63,8 @@ from .rare import RARE_FRACTION, resolve_rare_mask
 
 LOSS_NAMES = ("ce", "dice", "dice_ce", "generalized_dice", "focal", "tversky", "soft_dice",
               "asym_focal", "asym_large_margin")
+#: The losses that take a voxel ``mask`` (the others are MONAI's and refuse one).
+MASKABLE_LOSS_NAMES = ("ce", "dice", "dice_ce", "asym_focal", "asym_large_margin")
 
 DEFAULT_LOSS: Dict[str, Any] = {
     "name": "dice_ce",
@@ -99,12 +107,29 @@ def _weights(static: Optional[torch.Tensor], dynamic: Optional[torch.Tensor], c:
     return w
 
 
+def voxel_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``mask`` as a boolean (N, 1, ...) tensor matching ``like`` (N, C, ...); None stays None."""
+    if mask is None:
+        return None
+    m = torch.as_tensor(mask, device=like.device)
+    if m.dim() == like.dim() - 1:
+        m = m.unsqueeze(1)
+    if m.dim() != like.dim() or m.shape[0] != like.shape[0] or m.shape[1] != 1 \
+            or tuple(m.shape[2:]) != tuple(like.shape[2:]):
+        raise ValueError(f"mask must be (N, 1, ...) or (N, ...) like the logits {tuple(like.shape)}, "
+                         f"got shape {tuple(m.shape)}")
+    return m if m.dtype == torch.bool else m != 0
+
+
 def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None,
-                modulation: Optional[torch.Tensor] = None, margin_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+                modulation: Optional[torch.Tensor] = None, margin_shift: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over voxels of ``-m(x) * sum_c w_c t_c log softmax(z - shift)_c``.
 
     ``modulation`` (N, 1, ...): per-voxel factor (focal term); ``margin_shift``
-    (N, C, ...): subtracted from the logits before the softmax (large margin).
+    (N, C, ...): subtracted from the logits before the softmax (large margin);
+    ``mask`` (boolean (N, 1, ...)): the mean runs over the voxels where it is
+    True only (0 when there are none).
     """
     z = logits if margin_shift is None else logits - margin_shift
     logp = F.log_softmax(z, dim=1)
@@ -114,12 +139,22 @@ def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: Optional[to
     per_voxel = per_class.sum(1, keepdim=True)
     if modulation is not None:
         per_voxel = per_voxel * modulation
-    return per_voxel.mean()
+    m = voxel_mask(mask, logits)
+    if m is None:
+        return per_voxel.mean()
+    kept = torch.where(m, per_voxel, torch.zeros_like(per_voxel))
+    return kept.sum() / m.sum().clamp_min(1).to(per_voxel.dtype)
 
 
 def per_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, batch: bool, smooth_nr: float,
-                        smooth_dr: float) -> torch.Tensor:
-    """1 - soft Dice per class: (C,) with ``batch``, else (N, C)."""
+                        smooth_dr: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 - soft Dice per class: (C,) with ``batch``, else (N, C).  With a voxel ``mask``
+    (boolean (N, 1, ...)) the probabilities and targets of the voxels where it is False are
+    left out of every sum (a zero target alone would still count their probabilities)."""
+    m = voxel_mask(mask, probs)
+    if m is not None:
+        probs = torch.where(m, probs, torch.zeros_like(probs))
+        target = torch.where(m, target, torch.zeros_like(target))
     dims = tuple(range(2, probs.ndim))
     if batch:
         dims = (0,) + dims
@@ -140,8 +175,8 @@ class _SegLoss(nn.Module):
         w = cfg.get("class_weights")
         self.static_weights = None if w is None else torch.tensor(w, dtype=torch.float32)
 
-    def dice_term(self, probs, target, weights, per_class_power=None):
-        loss = per_class_dice_loss(probs, target, self.batch, self.smooth_nr, self.smooth_dr)
+    def dice_term(self, probs, target, weights, per_class_power=None, mask=None):
+        loss = per_class_dice_loss(probs, target, self.batch, self.smooth_nr, self.smooth_dr, mask)
         if per_class_power is not None:  # asymmetric focal modulation of frequent classes' Dice terms
             loss = loss * per_class_power
         start = 0 if self.include_background else 1
@@ -156,15 +191,16 @@ class DiceCE(_SegLoss):
     """``lambda_ce * CE + lambda_dice * Dice`` with optional class weights (``ce`` and
     ``dice`` are the special cases with one lambda at zero)."""
 
-    def forward(self, logits, target, class_weights=None):
+    def forward(self, logits, target, class_weights=None, mask=None):
         c = logits.shape[1]
         t = soft_target(target, c, logits)
         w = _weights(self.static_weights, class_weights, c, logits)
+        m = voxel_mask(mask, logits)
         total = logits.new_zeros(())
         if self.lambda_ce:
-            total = total + self.lambda_ce * weighted_ce(logits, t, w)
+            total = total + self.lambda_ce * weighted_ce(logits, t, w, mask=m)
         if self.lambda_dice:
-            total = total + self.lambda_dice * self.dice_term(torch.softmax(logits, 1), t, w)
+            total = total + self.lambda_dice * self.dice_term(torch.softmax(logits, 1), t, w, mask=m)
         return total
 
 
@@ -194,6 +230,8 @@ class _RareClassLoss(_SegLoss):
     well-segmented frequent classes contribute less to the Dice part (the focal
     factor ``L_c ** gamma`` is detached: a weight).  ``gamma = 0`` and
     ``margin = 0`` give exactly ``lambda_ce * CE + lambda_dice * Dice``.
+    With a voxel ``mask`` the mean over ``i`` and the Dice sums run over the kept
+    voxels only (also for the focal factor ``L_c ** gamma``).
     """
 
     #: Settings :func:`build_loss` fills in when the config leaves them out.
@@ -207,7 +245,7 @@ class _RareClassLoss(_SegLoss):
             raise ValueError("gamma and margin must be >= 0")
         self.register_buffer("rare", rare_mask.clone().to(torch.bool), persistent=False)
 
-    def forward(self, logits, target, class_weights=None):
+    def forward(self, logits, target, class_weights=None, mask=None):
         c = logits.shape[1]
         if self.rare.numel() != c:
             raise ValueError(f"rare mask has {self.rare.numel()} classes, the logits {c}")
@@ -216,6 +254,7 @@ class _RareClassLoss(_SegLoss):
         shape = (1, c) + (1,) * (logits.ndim - 2)
         rare_f = self.rare.to(logits.dtype).view(shape)
         rare_voxel = ((t * rare_f).sum(1, keepdim=True) > 0.5).to(logits.dtype)
+        m = voxel_mask(mask, logits)
         total = logits.new_zeros(())
         if self.lambda_ce:
             modulation = None
@@ -223,15 +262,16 @@ class _RareClassLoss(_SegLoss):
                 p_t = (torch.softmax(logits, 1) * t).sum(1, keepdim=True).clamp(0.0, 1.0)
                 modulation = rare_voxel + (1.0 - rare_voxel) * (1.0 - p_t) ** self.gamma
             shift = self.margin * t * rare_f * rare_voxel if self.margin else None
-            total = total + self.lambda_ce * weighted_ce(logits, t, w, modulation, shift)
+            total = total + self.lambda_ce * weighted_ce(logits, t, w, modulation, shift, mask=m)
         if self.lambda_dice:
             power = None
             if self.gamma:
-                loss = per_class_dice_loss(torch.softmax(logits, 1), t, self.batch, self.smooth_nr, self.smooth_dr)
+                loss = per_class_dice_loss(torch.softmax(logits, 1), t, self.batch, self.smooth_nr, self.smooth_dr,
+                                           m)
                 frequent = (~self.rare).to(logits.dtype)
                 power = frequent * loss.detach().clamp_min(0.0) ** self.gamma + (1.0 - frequent)
                 # multiply inside dice_term by the same per-class factor (detached: a focal weight)
-            total = total + self.lambda_dice * self.dice_term(torch.softmax(logits, 1), t, w, power)
+            total = total + self.lambda_dice * self.dice_term(torch.softmax(logits, 1), t, w, power, mask=m)
         return total
 
 
@@ -268,10 +308,13 @@ class _MonaiWrapped(nn.Module):
         super().__init__()
         self.name, self.loss = name, loss
 
-    def forward(self, logits, target, class_weights=None):
+    def forward(self, logits, target, class_weights=None, mask=None):
         if class_weights is not None:
             raise ValueError(f"loss {self.name!r} takes no per-call class weights; use ce, dice, dice_ce or "
                              "an asymmetric loss with DisW/DifW/CDifW")
+        if mask is not None:
+            raise ValueError(f"loss {self.name!r} takes no voxel mask (mixup.soft_targets false); use ce, dice, "
+                             "dice_ce or an asymmetric loss")
         return self.loss(logits, soft_target(target, logits.shape[1], logits))
 
 

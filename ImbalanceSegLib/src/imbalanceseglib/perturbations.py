@@ -49,6 +49,8 @@ from .class_weights import label_indices
 __all__ = [
     "asymmetric_adversarial_input",
     "asymmetric_mixup",
+    "mixup_lambda",
+    "one_hot_voxels",
 ]
 
 
@@ -71,6 +73,22 @@ def _rare_tensor(rare_mask: Any, device: torch.device) -> torch.Tensor:
     return r.to(device)
 
 
+def mixup_lambda(alpha: float = 0.3, rng: np.random.Generator | int | None = None, scale: float = 1.0) -> float:
+    """``scale * lam`` with ``lam ~ Beta(alpha, alpha)`` drawn once from ``rng`` (a Generator or a seed).
+
+    ``scale`` 1 is plain mixup (what :func:`asymmetric_mixup` draws by itself); the reference
+    code of Li, Kamnitsas & Glocker uses 0.8, so the second image always weighs at least 0.2
+    (``TrainConfig.mixup["lambda_scale"]``).
+    """
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    scale = float(scale)
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"scale must be in (0, 1], got {scale!r}")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    return scale * float(gen.beta(alpha, alpha))
+
+
 def asymmetric_mixup(x_a: torch.Tensor, y_a: torch.Tensor, x_b: torch.Tensor, y_b: torch.Tensor,
                      rare_mask: Sequence[bool] | torch.Tensor, alpha: float = 0.3, margin: float = 0.5,
                      rng: np.random.Generator | int | None = None, *,
@@ -81,8 +99,9 @@ def asymmetric_mixup(x_a: torch.Tensor, y_a: torch.Tensor, x_b: torch.Tensor, y_
     ``numpy.random.Generator``, or a seed; pass ``lam`` to set it yourself).
     ``lam`` is used as drawn (image a is *not* forced to dominate: neither the
     paper's code nor plain mixup takes ``max(lam, 1 - lam)``; the authors'
-    released code instead draws ``Beta(alpha, alpha) * (1 - margin)``, which you
-    can reproduce by passing ``lam``).
+    released code instead draws ``0.8 * Beta(alpha, alpha)``, so that image b
+    always keeps some weight: pass ``lam`` for that, as the trainer does with
+    ``TrainConfig.mixup["lambda_scale"]``).
 
     * image: ``x_mix = lam * x_a + (1 - lam) * x_b``
     * target, per voxel, with ``w_a = lam`` and ``w_b = 1 - lam``:
@@ -97,7 +116,10 @@ def asymmetric_mixup(x_a: torch.Tensor, y_a: torch.Tensor, x_b: torch.Tensor, y_
 
       The strict ``>`` follows the authors' code.  Every target sums to 1.  (The
       authors' code drops every voxel whose mixed target is not one-hot from
-      the loss; here they keep the soft mixup target.)
+      the loss; here they keep the soft mixup target, and
+      :func:`one_hot_voxels` gives the mask of the voxels to keep for the
+      authors' rule, which the trainer passes to the loss with
+      ``TrainConfig.mixup["soft_targets"]`` false.)
 
     ``x_a``/``x_b``: float ``(N, Cin, *spatial)``; ``y_a``/``y_b``: integer
     labels ``(N, 1, *spatial)`` or ``(N, *spatial)``; ``rare_mask``: one boolean
@@ -118,10 +140,7 @@ def asymmetric_mixup(x_a: torch.Tensor, y_a: torch.Tensor, x_b: torch.Tensor, y_
     la = label_indices(y_a, x_a, c, "y_a").to(x_a.device)
     lb = label_indices(y_b, x_b, c, "y_b").to(x_a.device)
     if lam is None:
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        lam = float(gen.beta(alpha, alpha))
+        lam = mixup_lambda(alpha, rng)
     lam = float(lam)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam!r}")
@@ -137,6 +156,22 @@ def asymmetric_mixup(x_a: torch.Tensor, y_a: torch.Tensor, x_b: torch.Tensor, y_
     only_b = (keep_b & ~keep_a).unsqueeze(1)
     y_soft = torch.where(only_a, oh_a, torch.where(only_b, oh_b, soft))
     return x_mix, y_soft, lam
+
+
+def one_hot_voxels(target: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(N, 1, *spatial)`` mask of the voxels whose (soft) target ``(N, C, *spatial)``
+    is one-hot: exactly one class has a non-zero entry.
+
+    Decided by the count of non-zero entries, not by comparing with 1, so a voxel whose
+    two mixed images agree (``lam * onehot(k) + (1 - lam) * onehot(k)``, which rounding may
+    leave one unit in the last place away from 1) counts as one-hot, and every voxel that
+    mixes two classes does not.  With :func:`asymmetric_mixup` these are the voxels the
+    authors' code keeps in the loss (the others get ``mask`` False in
+    :mod:`imbalanceseglib.losses`).
+    """
+    if target.dim() < 3 or not target.is_floating_point():
+        raise ValueError(f"target must be a float (N, C, *spatial) tensor, got {target.dtype} {tuple(target.shape)}")
+    return (target != 0).sum(1, keepdim=True) == 1
 
 
 # --------------------------------------------------------------------------- #

@@ -10,6 +10,13 @@ from typing import Any, Dict, List
 
 __all__ = ["METHOD_PRESETS", "method_names"]
 
+#: Asymmetric mixup as in the reference code of Li, Kamnitsas & Glocker: lambda ~ 0.8 * Beta(0.3, 0.3), a
+#: rare label kept hard where its image weighs more than 0.2,
+#: one step on the clean batch and then one on the mixed batch every iteration, and the voxels whose
+#: mixed target is not one-hot left out of the loss (train_config.MIXUP_DEFAULTS explains each key).
+_REFERENCE_MIXUP: Dict[str, Any] = {"probability": 1.0, "alpha": 0.3, "margin": 0.2, "lambda_scale": 0.8,
+                                    "clean_step": True, "soft_targets": False}
+
 #: Named training methods (issue #3).  Each entry sets config fields; explicit fields in a
 #: config override the preset.  The asymmetric methods follow Li, Kamnitsas & Glocker (TMI
 #: 2020) and use the rare-class mask; the weighting ones follow DHC (MICCAI 2023) and
@@ -19,10 +26,10 @@ METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
     "dice_ce": {"loss": {"name": "dice_ce"}},
     "asym_focal": {"loss": {"name": "asym_focal", "gamma": 2.0}},
     "asym_large_margin": {"loss": {"name": "asym_large_margin", "margin": 2.0}},
-    "asym_mixup": {"loss": {"name": "ce"}, "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5}},
+    "asym_mixup": {"loss": {"name": "ce"}, "mixup": dict(_REFERENCE_MIXUP)},
     "asym_adversarial": {"loss": {"name": "ce"}, "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
     "asym_combined": {"loss": {"name": "asym_large_margin", "margin": 2.0, "gamma": 2.0},
-                      "mixup": {"probability": 1.0, "alpha": 0.3, "margin": 0.5},
+                      "mixup": dict(_REFERENCE_MIXUP),
                       "adversarial": {"probability": 1.0, "epsilon": 10.0, "weight": 1.0}},
     "disw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "disw"}},
     "difw": {"loss": {"name": "dice_ce"}, "class_weighting": {"method": "difw"}},

@@ -23,8 +23,62 @@ from typing import Any, Dict, List, Optional
 from .presets import METHOD_PRESETS
 from .rare import RARE_FRACTION
 
-__all__ = ["METHOD_PRESETS", "SEMI_DEFAULTS", "SEMI_METHODS", "TrainConfig", "make_class_weighter",
-           "semi_supervised_settings"]
+__all__ = ["METHOD_PRESETS", "MIXUP_DEFAULTS", "SEMI_DEFAULTS", "SEMI_METHODS", "TrainConfig",
+           "make_class_weighter", "semi_supervised_settings"]
+
+# --------------------------------------------------------------------------- asymmetric mixup settings
+
+#: ``TrainConfig.mixup`` settings and the values used where a config leaves them out
+#: (asymmetric mixup, :func:`imbalanceseglib.perturbations.asymmetric_mixup`):
+#:
+#: * ``probability``: chance that an iteration uses mixup (0: never);
+#: * ``alpha``: ``lam ~ Beta(alpha, alpha)``;
+#: * ``margin``: a rare label keeps its hard target where its image weighs more than this;
+#: * ``lambda_scale``: ``lam`` is multiplied by it, in (0, 1]; the reference code of Li,
+#:   Kamnitsas & Glocker uses 0.8, so the second image always keeps some weight;
+#: * ``clean_step``: true makes an iteration whose mixup fires take two optimizer steps, one
+#:   on the clean batch and then one on the mixed batch (the reference code); false (default)
+#:   replaces the batch with the mixed one.  With the clean step the learning-rate schedule
+#:   still steps once per iteration, the logged loss is the mean of the two steps' losses, the
+#:   class weights (DisW/DifW/CDifW) follow the clean batch only, and adversarial training, when
+#:   it fires, adds its term to each of the two steps;
+#: * ``soft_targets``: true (default) trains on the soft mixed targets; false leaves out of the
+#:   loss every voxel whose mixed target is not one-hot (the reference code; needs a loss that
+#:   takes a voxel mask: ce, dice, dice_ce, asym_focal, asym_large_margin).  Under torchrun each
+#:   process averages the cross-entropy over its own kept voxels.
+#:
+#: The ``asym_mixup`` and ``asym_combined`` presets set lambda_scale 0.8, clean_step true and
+#: soft_targets false; the defaults here keep the earlier behaviour for configs that set none.
+MIXUP_DEFAULTS: Dict[str, Any] = {
+    "probability": 0.0,
+    "alpha": 0.3,
+    "margin": 0.5,
+    "lambda_scale": 1.0,
+    "clean_step": False,
+    "soft_targets": True,
+}
+
+
+def _check_mixup(mixup: Dict[str, Any], loss_name: str) -> None:
+    """ValueError naming the ``mixup`` setting whose type or value is wrong."""
+    alpha, margin = mixup.get("alpha", MIXUP_DEFAULTS["alpha"]), mixup.get("margin", MIXUP_DEFAULTS["margin"])
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 0:
+        raise ValueError(f"mixup.alpha must be a number > 0, got {alpha!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= float(margin) <= 1.0:
+        raise ValueError(f"mixup.margin must be a number in [0, 1], got {margin!r}")
+    scale = mixup.get("lambda_scale", MIXUP_DEFAULTS["lambda_scale"])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < float(scale) <= 1.0:
+        raise ValueError(f"mixup.lambda_scale must be a number in (0, 1] (the reference code uses 0.8), "
+                         f"got {scale!r}")
+    for key in ("clean_step", "soft_targets"):
+        value = mixup.get(key, MIXUP_DEFAULTS[key])
+        if not isinstance(value, bool):
+            raise ValueError(f"mixup.{key} must be true or false, got {value!r}")
+    if not mixup.get("soft_targets", True) and mixup.get("probability", 0.0):
+        from .losses import MASKABLE_LOSS_NAMES  # needs torch
+        if loss_name not in MASKABLE_LOSS_NAMES:
+            raise ValueError(f"mixup.soft_targets false leaves voxels out of the loss, which loss {loss_name!r} "
+                             f"cannot do; use one of {', '.join(MASKABLE_LOSS_NAMES)} or soft_targets true")
 
 # --------------------------------------------------------------------------- semi-supervised settings
 
@@ -128,6 +182,10 @@ class TrainConfig:
     rare_classes: Optional[List[str]] = None   # names; None: every foreground class under rare_threshold
     rare_threshold: float = RARE_FRACTION
     class_weighting: Dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    # Asymmetric mixup: probability, alpha, margin, lambda_scale, clean_step, soft_targets
+    # (MIXUP_DEFAULTS explains each and fills those left out; mixup_settings has them all).
+    # The default lists only the first three, so configs written before the others existed
+    # keep their checkpoint fingerprint.
     mixup: Dict[str, Any] = field(default_factory=lambda: {"probability": 0.0, "alpha": 0.3, "margin": 0.5})
     adversarial: Dict[str, Any] = field(default_factory=lambda: {"probability": 0.0, "epsilon": 10.0,
                                                                  "weight": 1.0})
@@ -196,6 +254,7 @@ class TrainConfig:
             p = cfg.get("probability", 0.0)
             if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
                 raise ValueError(f"{key}.probability must be in [0, 1], got {p!r}")
+        _check_mixup(self.mixup, str(self.loss.get("name", "dice_ce")))
         from .augment import policy_from_config  # needs torch
         for key in ("default", "rare"):
             policy_from_config(self.augmentation.get(key, "none"))  # raises naming the bad key
@@ -226,6 +285,12 @@ class TrainConfig:
     @property
     def is_semi_supervised(self) -> bool:
         return self.semi_supervised.get("method", "none") != "none"
+
+    @property
+    def mixup_settings(self) -> Dict[str, Any]:
+        """``mixup`` with the defaults (:data:`MIXUP_DEFAULTS`) filled in; the trainer reads these
+        and the model card records them (``training.mixup``) when mixup is on."""
+        return {**MIXUP_DEFAULTS, **copy.deepcopy(self.mixup)}
 
     @property
     def semi_settings(self) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ from . import distributed as dd
 from . import events as ev
 from .class_weights import DistributionWeights
 from .networks import build_network, set_activation_checkpointing
-from .perturbations import asymmetric_adversarial_input, asymmetric_mixup
+from .perturbations import asymmetric_adversarial_input, asymmetric_mixup, mixup_lambda, one_hot_voxels
 from .train_config import METHOD_PRESETS, TrainConfig, make_class_weighter  # noqa: F401  (re-exported)
 from .training_data import (Case, PatchSampler, check_training_data, make_case, prepare_case,  # noqa: F401
                             prepare_unlabeled_case)
@@ -90,10 +90,14 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         weighter.update(torch.as_tensor(voxel_counts))  # start from the training set's distribution
     aug = config.augmentation
     augmenter = build_augmenter(config, rare_mask)
-    mix_p = float(config.mixup.get("probability", 0.0))
+    mix = config.mixup_settings  # defaults filled in (train_config.MIXUP_DEFAULTS)
+    mix_p = float(mix["probability"])
     adv_p = float(config.adversarial.get("probability", 0.0))
     log(f"method {config.method}: loss {config.loss.get('name')}, rare classes {rare_names or 'none'}, "
-        f"class weights {config.class_weighting.get('method', 'none')}, mixup p={mix_p:g}, adversarial p={adv_p:g}, "
+        f"class weights {config.class_weighting.get('method', 'none')}, mixup p={mix_p:g}"
+        + (f" (lambda x{float(mix['lambda_scale']):g}, clean step {'on' if mix['clean_step'] else 'off'}, "
+           f"{'soft' if mix['soft_targets'] else 'one-hot'} targets)" if mix_p > 0 else "")
+        + f", adversarial p={adv_p:g}, "
         f"augmentation {aug.get('default', 'none')}/{aug.get('rare', 'none')}")
     sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, augmenter)
     forward = training_forward(network, log)  # the CPU training path, or the module itself
@@ -101,27 +105,22 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     if resume:
         loop.resume(lambda state: weighter.load_state_dict(state) if weighter is not None else None)
 
-    def step(it: int) -> Dict[str, float]:
-        x, y = sampler.batch(rng, config.batch_size)
-        target = y
-        if mix_p > 0 and rng.random() < mix_p:
-            x_b, y_b = sampler.batch(rng, config.batch_size)
-            x, target, _ = asymmetric_mixup(x, y, x_b, y_b, rare_mask, alpha=float(config.mixup.get("alpha", 0.3)),
-                                            margin=float(config.mixup.get("margin", 0.5)), rng=rng)
-            y = target.argmax(1, keepdim=True)  # hard labels for the weights and the adversarial step
-        # decided on the global batch, so every rank takes the same kind of step
-        adversarial_step = adv_p > 0 and rng.random() < adv_p and bool(rare_mask[y.long()].any())
+    def sub_step(it: int, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
+                 adversarial_step: bool, update_weights: bool) -> float:
+        """One optimizer step on the global batch (this rank's slice of it); the global mean loss.
+        Every rank takes the same sub-steps (decided on the global batch), so the collectives match."""
         if ctx.active:  # this rank's slice of the global batch
             part = dd.local_slice(config.batch_size, ctx)
             x, y, target = x[part], y[part], target[part]
+            mask = mask[part] if mask is not None else None
         weights = weighter.weights if weighter is not None else None
         logits = forward(x)
-        loss = loss_fn(logits, target, class_weights=weights)
+        loss = loss_fn(logits, target, class_weights=weights, mask=mask)
         if adversarial_step:
             x_adv = asymmetric_adversarial_input(network, x, y, rare_mask,
                                                  epsilon=float(config.adversarial.get("epsilon", 10.0)))
             loss = loss + float(config.adversarial.get("weight", 1.0)) * loss_fn(forward(x_adv), target,
-                                                                                  class_weights=weights)
+                                                                                  class_weights=weights, mask=mask)
         global_loss = dd.mean_scalar(loss, ctx)
         if not torch.isfinite(global_loss):
             raise FloatingPointError(
@@ -134,10 +133,28 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         dd.average_gradients(network, ctx)
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
         loop.optimizer.step()
-        loop.scheduler.step()
-        if weighter is not None:  # from the whole global batch on every rank
+        if update_weights and weighter is not None:  # from the whole global batch on every rank
             update_class_weighter(weighter, dd.gather_batch(logits.detach(), ctx), dd.gather_batch(y, ctx))
-        return {"loss": float(global_loss)}
+        return float(global_loss)
+
+    def step(it: int) -> Dict[str, float]:
+        x, y = sampler.batch(rng, config.batch_size)
+        # (x, labels, target, voxel mask, weights from it) per optimizer step of this iteration
+        batches = [(x, y, y, None, True)]
+        if mix_p > 0 and rng.random() < mix_p:
+            x_b, y_b = sampler.batch(rng, config.batch_size)
+            lam = mixup_lambda(float(mix["alpha"]), rng, float(mix["lambda_scale"]))
+            x_mix, target, _ = asymmetric_mixup(x, y, x_b, y_b, rare_mask, margin=float(mix["margin"]), lam=lam)
+            mask = None if mix["soft_targets"] else one_hot_voxels(target)  # the reference drops mixed voxels
+            y_mix = target.argmax(1, keepdim=True)  # hard labels for the weights and the adversarial step
+            mixed = (x_mix, y_mix, target, mask, not mix["clean_step"])  # weights from the clean batch if any
+            batches = [batches[0], mixed] if mix["clean_step"] else [mixed]
+        # decided on the global batch, so every rank takes the same kind of step
+        adversarial = adv_p > 0 and rng.random() < adv_p
+        losses = [sub_step(it, bx, by, bt, bm, adversarial and bool(rare_mask[by.long()].any()), upd)
+                  for bx, by, bt, bm, upd in batches]
+        loop.scheduler.step()  # once per iteration, however many optimizer steps it took
+        return {"loss": sum(losses) / len(losses)}
 
     def report(done: int, mean: Dict[str, float], elapsed: float, speed: str):
         entry: Dict[str, Any] = {"iteration": done, "loss": mean["loss"], "elapsed_s": elapsed}
@@ -151,4 +168,5 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     return loop.finish({"arch": "UNet3D", "params": {"in_channels": 1, "out_channels": n_cls,
                                                      "features": list(config.features)}},
                        rare_names, voxel_counts, len(train_cases),
-                       extra_card=with_input_profile(extra_card, train_cases))
+                       extra_card=with_input_profile(extra_card, train_cases),
+                       training_extra={"mixup": mix} if mix_p > 0 else None)

@@ -129,6 +129,7 @@ if IN_SLICER_APP:
         iterations: Annotated[int, WithinRange(10, 1000000)] = 2000
         modelName: str = "my_model"
         resume: bool = True
+        deepSupervision: bool = False
         run: ImbalanceSegRunSettings
 
 
@@ -524,9 +525,11 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             val = self.logic.trainingPairsFromSegmentations(self.ui.validationSegmentationsSelector.checkedNodes())
             folder = self.ui.trainingFolderSelector.currentPath if not pairs else ""
             if folder:
-                config = self.logic.trainingConfigFromFolder(folder, pn.run.method, pn.iterations, pn.modelName)
+                config = self.logic.trainingConfigFromFolder(folder, pn.run.method, pn.iterations, pn.modelName,
+                                                             deepSupervision=pn.deepSupervision)
             else:
-                config = self.logic.trainingConfigFromScene(pairs, pn.run.method, pn.iterations, pn.modelName)
+                config = self.logic.trainingConfigFromScene(pairs, pn.run.method, pn.iterations, pn.modelName,
+                                                            deepSupervision=pn.deepSupervision)
             if not pn.run.outputFolder:
                 raise ValueError("choose an output folder for the checkpoints and the model")
             self._trainClasses = [c["name"] for c in config.classes[1:]]

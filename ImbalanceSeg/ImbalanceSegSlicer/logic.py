@@ -655,10 +655,12 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     def trainingConfigFromScene(self, pairs: Sequence[Tuple[Any, Any]], method: str = "dice_ce",
                                 iterations: int = 2000, name: str = "my_model", modality: str = "",
-                                patchSize: int = 64):
+                                patchSize: int = 64, deepSupervision: bool = False):
         """A training config for scene pairs: classes are the segments of the first segmentation
         (names and colours; background first), the target spacing is the median voxel spacing of the
-        volumes, patches at most ``patchSize`` voxels a side (and no larger than the volumes)."""
+        volumes, patches at most ``patchSize`` voxels a side (and no larger than the volumes).
+        ``deepSupervision`` turns on deep supervision (``deep_supervision: {"enabled": true}``: auxiliary
+        outputs at every coarser decoder level with nnU-Net's halving weights; training only)."""
         if not pairs:
             raise ValueError("choose at least one (volume, segmentation) pair to train on")
         if not name or any(ch in name for ch in "/\\:") or name.strip() != name:
@@ -674,11 +676,12 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             classes.append({"value": i + 1, "name": seg.GetName(), "color": [round(v, 4) for v in seg.GetColor()]})
         spacings = [v.GetSpacing() for v, _ in pairs]
         sizes = [v.GetImageData().GetDimensions() for v, _ in pairs if v.GetImageData() is not None]
-        return self._trainConfig(name, classes, spacings, sizes, method, iterations, modality, patchSize)
+        return self._trainConfig(name, classes, spacings, sizes, method, iterations, modality, patchSize,
+                                 deepSupervision)
 
     @staticmethod
     def _trainConfig(name: str, classes, spacings, sizes, method: str, iterations: int, modality: str,
-                     patchSize: int):
+                     patchSize: int, deepSupervision: bool = False):
         """The config both training entry points build: target spacing = median spacing, patches at
         most ``patchSize`` voxels a side, multiples of 16 that fit the smallest volume."""
         from imbalanceseglib.train_config import TrainConfig
@@ -691,18 +694,21 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                                         "method": method, "modality": modality or "",
                                         "val_every": max(1, int(iterations) // 10),
                                         "checkpoint_every": max(1, min(100, int(iterations) // 10)),
-                                        "log_every": max(1, min(25, int(iterations) // 20))})
+                                        "log_every": max(1, min(25, int(iterations) // 20)),
+                                        "deep_supervision": {"enabled": bool(deepSupervision)}})
         return config  # validated by from_dict (the method name included)
 
     def trainingConfigFromFolder(self, folder: os.PathLike, method: str = "dice_ce", iterations: int = 2000,
-                                 name: str = "my_model", modality: str = "", patchSize: int = 64):
+                                 name: str = "my_model", modality: str = "", patchSize: int = 64,
+                                 deepSupervision: bool = False):
         """A training config for a data folder in any layout :func:`imbalanceseglib.datasets.open_dataset`
         reads: ``images/``, ``labels/`` and ``classes.json`` (a list of ``{"value", "name", "color"}`` or
         a mapping ``{"0": "background", ...}``; background 0 is added when absent), the nnU-Net v2 raw
         layout or the MSD layout. Label values need not be consecutive: the classes get indices 0, 1, 2,
         ... and keep their ``label_value``. The first labelled case's label map is checked against the
         classes here (the training job checks every case). ``modality``: the given one, else the
-        layout's, else empty. Target spacing: the median spacing of the images (read from their headers)."""
+        layout's, else empty. Target spacing: the median spacing of the images (read from their headers).
+        ``deepSupervision``: as in :meth:`trainingConfigFromScene`."""
         import SimpleITK as sitk
         from imbalanceseglib.datasets import DatasetError, open_dataset
         ds = open_dataset(Path(folder))
@@ -722,7 +728,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             spacings.append(reader.GetSpacing())
             sizes.append(reader.GetSize())
         return self._trainConfig(name, ds.config_classes(), spacings, sizes, method, iterations,
-                                 modality or ds.modality, patchSize)
+                                 modality or ds.modality, patchSize, deepSupervision)
 
     def updateTrainingPlot(self, history: Sequence[Dict[str, Any]], classNames: Sequence[str],
                            chartNode=None, name: str = "ImbalanceSeg training"):

@@ -20,11 +20,15 @@ HERE = Path(__file__).resolve().parent
 
 
 def _config(weighting):
+    """``weighting``: a class weighting, or ``deep_supervision`` (none, with deep supervision: the
+    auxiliary heads' gradients are averaged over the ranks like the network's)."""
+    deep = weighting == "deep_supervision"
     return TrainConfig.from_dict(dict(
         name="ddp", classes=CLASSES, target_spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16],
-        features=[4, 8], iterations=8, batch_size=4, learning_rate=1e-2, val_every=1000,
+        features=[4, 8, 16] if deep else [4, 8], iterations=8, batch_size=4, learning_rate=1e-2, val_every=1000,
         checkpoint_every=4, log_every=1, normalization={"scheme": "none"}, seed=5,
-        loss={"name": "dice_ce", "dice_reduction": "image"}, class_weighting={"method": weighting}))
+        loss={"name": "dice_ce", "dice_reduction": "image"},
+        class_weighting={"method": "none" if deep else weighting}, deep_supervision={"enabled": deep}))
 
 
 def _cases():
@@ -54,7 +58,7 @@ def _losses(card):
     return [h["loss"] for h in card["training"]["history"] if "loss" in h]
 
 
-@pytest.mark.parametrize("weighting", ["none", "cdifw"])
+@pytest.mark.parametrize("weighting", ["none", "cdifw", "deep_supervision"])
 def test_two_processes_follow_the_single_process_loss_curve(tmp_path, weighting):
     torch.set_num_threads(1)
     single = load_bundle(train(_config(weighting), _cases(), [], tmp_path / "single")).card
@@ -69,13 +73,15 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path, weighting)
     a, b = _losses(single), _losses(ddp)
     assert len(a) == len(b) == 8
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
-    if weighting != "none":
+    if weighting == "cdifw":
         wa = [h["class_weights"] for h in single["training"]["history"] if "class_weights" in h]
         wb = [h["class_weights"] for h in ddp["training"]["history"] if "class_weights" in h]
         assert len(wa) == len(wb) == 8
         for x, y in zip(wa, wb):
             assert y == pytest.approx(x, abs=2e-4)
         assert wa[-1] != wa[0]  # the weights did move
+    if weighting == "deep_supervision":
+        assert ddp["training"]["deep_supervision"] == single["training"]["deep_supervision"]
 
 
 def test_uneven_batch_is_refused(monkeypatch):

@@ -243,6 +243,28 @@ def test_training_config_from_scene_pairs(scene, synthetic):
         logic.trainingConfigFromScene([(volume, segmentation)])
 
 
+def test_the_deep_supervision_checkbox_reaches_the_config_from_both_logic_calls(scene, synthetic, tmp_path):
+    """The panel's "Deep supervision" checkbox (``deepSupervision`` of the parameter node) is passed
+    to either Logic call, which sets ``deep_supervision`` in the config the training job sends."""
+    import json
+    from imbalanceseglib.train_config import TrainConfig
+    volume, segmentation, _ = _scene_inputs(scene, synthetic)
+    logic = ImbalanceSegLogic(scene)
+    pairs = [(volume, segmentation)]
+    off = logic.trainingConfigFromScene(pairs, "cdifw", iterations=500, name="spheres")
+    assert off.deep_supervision == {"enabled": False} and not off.deep_supervision_settings["enabled"]
+    on = logic.trainingConfigFromScene(pairs, "cdifw", iterations=500, name="spheres", deepSupervision=True)
+    assert on.deep_supervision == {"enabled": True} and on.class_weighting["method"] == "cdifw"
+    # the panel's network (features 16, 32, 64, 128): auxiliary outputs at 1/2 and 1/4 resolution
+    assert on.deep_supervision_settings == {"enabled": True, "levels": 2, "weights": "halving"}
+    sent = TrainConfig.from_dict(json.loads(json.dumps(on.to_dict())))  # as the job's config.json
+    assert sent.deep_supervision_settings == on.deep_supervision_settings
+    folder = _data_folder(tmp_path, synthetic)
+    assert logic.trainingConfigFromFolder(folder, "dice_ce", 4, "f", deepSupervision=True).deep_supervision == {
+        "enabled": True}
+    assert logic.trainingConfigFromFolder(folder, "dice_ce", 4, "f").deep_supervision == {"enabled": False}
+
+
 def _data_folder(tmp_path, synthetic, classes_json=None):
     import json
     import SimpleITK as sitk

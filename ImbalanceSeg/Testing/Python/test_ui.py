@@ -50,6 +50,7 @@ EXPECTED = {
     "iterationsSpinBox": "QSpinBox",
     "modelNameLineEdit": "QLineEdit",
     "resumeCheckBox": "QCheckBox",
+    "deepSupervisionCheckBox": "QCheckBox",            # bound to deepSupervision
     "checkStabilityCheckBox": "QCheckBox",
 }
 

@@ -14,8 +14,11 @@ checkpoint in place.  Its entries:
 ``history``        JSON list of the log/validation entries so far
 ``iteration``      iterations done
 ``elapsed``        training seconds so far
-``config``         JSON of ``TrainConfig.to_dict()`` (sorted keys): resuming refuses another config
+``config``         JSON of ``TrainConfig.to_dict()`` (sorted keys; :func:`config_fingerprint`):
+                   resuming refuses another config
 ``class_weights``  JSON of the class weighter state (None without one; a list for two networks)
+``deep_supervision`` the auxiliary heads' state dict (only when deep supervision is on; they
+                   are trained with the network but never go into the bundle)
 """
 
 from __future__ import annotations
@@ -36,8 +39,17 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def config_fingerprint(config) -> str:
-    """The ``config`` entry of a checkpoint: the config as JSON with sorted keys."""
-    return json.dumps(config.to_dict(), sort_keys=True)
+    """The ``config`` entry of a checkpoint: the config as JSON with sorted keys.  Deep supervision
+    enters with its settings filled in (``TrainConfig.deep_supervision_settings``: a run with
+    other levels or weights is refused) when it is on, and not at all when it is off, so the
+    checkpoints of runs from before it existed still resume."""
+    d = config.to_dict()
+    settings = config.deep_supervision_settings
+    if settings["enabled"]:
+        d["deep_supervision"] = settings
+    else:
+        d.pop("deep_supervision", None)
+    return json.dumps(d, sort_keys=True)
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
@@ -54,9 +66,10 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 def checkpoint_state(*, network: torch.nn.Module, optimizer, scheduler, rng: np.random.Generator,
                      history: List[Dict[str, Any]], iteration: int, elapsed: float, config_json: str,
                      class_weights: Any, teachers: Optional[torch.nn.Module] = None,
-                     with_teachers: bool = False) -> Dict[str, Any]:
+                     with_teachers: bool = False, auxiliary: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """The checkpoint dict (entries in the order of the module docstring); ``teachers`` is
-    written when ``with_teachers`` (the semi-supervised trainer), as ``{}`` when None."""
+    written when ``with_teachers`` (the semi-supervised trainer), as ``{}`` when None;
+    ``auxiliary`` (deep supervision's heads) when given."""
     state: Dict[str, Any] = {"model": network.state_dict()}
     if with_teachers:
         state["teachers"] = teachers.state_dict() if teachers is not None else {}
@@ -65,6 +78,8 @@ def checkpoint_state(*, network: torch.nn.Module, optimizer, scheduler, rng: np.
         "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state),
         "history": json.dumps(history), "iteration": iteration, "elapsed": elapsed, "config": config_json,
         "class_weights": json.dumps(class_weights)})
+    if auxiliary is not None:
+        state["deep_supervision"] = auxiliary.state_dict()
     return state
 
 
@@ -77,13 +92,20 @@ def resume_checkpoint(path: Path, config_json: str) -> Dict[str, Any]:
 
 
 def restore_checkpoint(ck: Dict[str, Any], *, network: torch.nn.Module, optimizer, scheduler,
-                       rng: np.random.Generator, teachers: Optional[torch.nn.Module] = None
-                       ) -> Tuple[List[Dict[str, Any]], int, float, Any]:
+                       rng: np.random.Generator, teachers: Optional[torch.nn.Module] = None,
+                       auxiliary: Optional[torch.nn.Module] = None) -> Tuple[List[Dict[str, Any]], int, float, Any]:
     """Load a checkpoint's states into the training objects (torch's random state included);
-    returns (history, iterations done, elapsed seconds, class weighter state(s))."""
+    returns (history, iterations done, elapsed seconds, class weighter state(s)).  With
+    ``auxiliary`` (deep supervision's heads) the checkpoint must hold their state and without
+    it must not (ValueError: written by a run with deep supervision set the other way)."""
+    if (auxiliary is not None) != ("deep_supervision" in ck):
+        raise ValueError("the checkpoint was written by a run with deep supervision "
+                         f"{'off' if auxiliary is not None else 'on'}; use another output folder or resume=False")
     network.load_state_dict(ck["model"])
     if teachers is not None:
         teachers.load_state_dict(ck["teachers"])
+    if auxiliary is not None:
+        auxiliary.load_state_dict(ck["deep_supervision"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     torch.set_rng_state(ck["torch_rng"])

@@ -72,7 +72,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             say(f"[train] modality: {modality}" if modality else
                 "[train] modality: the data folder does not state it; left empty in the model card "
                 "(set \"modality\" in the config to record it)", flush=True)
-    config = TrainConfig.from_dict({**train_spec, **({"iterations": args.iterations} if args.iterations else {})})
+    if args.iterations:
+        train_spec["iterations"] = args.iterations
+    if args.deep_supervision:  # on, keeping the config's levels and weights if it sets them
+        deep = train_spec.get("deep_supervision", {})
+        if isinstance(deep, dict):  # (anything else is refused by the config's validation, naming it)
+            train_spec["deep_supervision"] = {**deep, "enabled": True}
+    config = TrainConfig.from_dict(train_spec)
     say(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
     if emit:
         emit(ev.progress("prepare data", 0.0))
@@ -762,6 +768,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   "classes and modality come from it when the config's train section has none")
     p.add_argument("--data-root", help="folder that data paths in the config are relative to (default: the config's folder)")
     p.add_argument("--iterations", type=int, help="override the number of iterations")
+    p.add_argument("--deep-supervision", action="store_true",
+                   help="train with deep supervision (auxiliary outputs at the coarser decoder levels, "
+                        "nnU-Net's halving weights; the config's \"deep_supervision\" levels and weights are kept); "
+                        "the same as \"deep_supervision\": {\"enabled\": true} in the config's train section. "
+                        "Training only: the model predicts with the plain network")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--unlabeled", help="folder of unlabelled images for a semi-supervised method "
                                        "(cps, cps_weighted, double_mix)")

@@ -7,11 +7,14 @@ imports or executes code named by the file.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+#: ``on_decoder(level, features)``: receives each decoder level's output (:meth:`UNet3D.walk`).
+DecoderHook = Callable[[int, torch.Tensor], None]
 
 
 class ConvBlock(nn.Sequential):
@@ -70,22 +73,32 @@ class UNet3D(nn.Module):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.walk(x, self._run, lambda up, t: up(t), lambda head, t: head(t))
+    def forward(self, x: torch.Tensor, on_decoder: Optional[DecoderHook] = None) -> torch.Tensor:
+        """The logits; ``on_decoder`` (training with deep supervision only) as in :meth:`walk`."""
+        return self.walk(x, self._run, lambda up, t: up(t), lambda head, t: head(t), on_decoder)
 
     def walk(self, x: torch.Tensor, block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
              upsample: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-             head: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+             head: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+             on_decoder: Optional[DecoderHook] = None) -> torch.Tensor:
         """The U-Net's wiring, with each kind of step run by the given function (``forward``
         runs the modules themselves; :mod:`imbalanceseglib.cpu_engine` its own kernels), so
-        every way of running the network follows one definition of it."""
+        every way of running the network follows one definition of it.
+
+        ``on_decoder(level, features)``, when given, receives each decoder block's output as it
+        is made, coarsest first: level ``len(features) - 2`` (``2**level`` times coarser than
+        the input, ``features[level]`` channels) down to level 0, the features the head reads.
+        Deep supervision (:mod:`imbalanceseglib.deep_supervision`) puts its auxiliary heads
+        there; what the hook returns is ignored, and without it nothing else is computed."""
         skips: List[torch.Tensor] = []
         for enc in self.encoders:
             x = block(enc, x)
             skips.append(x)
         x = skips.pop()
-        for up, dec in zip(self.upsamplers, self.decoders):
+        for level, (up, dec) in zip(range(len(self.decoders) - 1, -1, -1), zip(self.upsamplers, self.decoders)):
             x = block(dec, torch.cat([upsample(up, x), skips.pop()], dim=1))
+            if on_decoder is not None:
+                on_decoder(level, x)
         return head(self.head, x)
 
 

@@ -39,6 +39,13 @@ Settings (``TrainConfig.semi_supervised``, validated with the config by
 ``ema_decay``         teacher EMA decay (default 0.99, with the usual ``min(1 - 1/(t+1), decay)`` warm-up)
 ``unlabeled_batch_size`` unlabelled patches per iteration (default: ``batch_size``)
 
+Deep supervision (``TrainConfig.deep_supervision``, :mod:`imbalanceseglib.deep_supervision`):
+each network gets its own auxiliary heads, and its supervised loss on the labelled patches
+becomes the deep-supervised one (the heads run on the labelled rows of the batch only).  The
+pseudo-label losses (CPS and Double-Mix, whose targets are the other network's or a teacher's
+argmax) stay at full resolution, on the main outputs; so do the class weights' updates and the
+teachers' pseudo-labels.  The heads are checkpointed with the students, not put in the bundle.
+
 The loop around the two-network step (resume, logs, validation, checkpoints, bundle) is the one
 the supervised trainer runs: :class:`imbalanceseglib.training_loop.TrainingLoop`.
 """
@@ -55,6 +62,7 @@ import torch.nn.functional as F
 
 from . import events as ev
 from .class_weights import DistributionWeights, class_voxel_counts as batch_voxel_counts
+from .deep_supervision import AuxiliaryHeads, DeepSupervisionLoss, card_entry, deep_outputs, output_weights
 from .losses import weighted_ce
 from .networks import build_network, set_activation_checkpointing
 from .train_config import TrainConfig, make_class_weighter
@@ -173,11 +181,15 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
     teachers = copy.deepcopy(network) if use_mix else None
     if teachers is not None:
         teachers.requires_grad_(False)
+    deep = config.deep_supervision_settings
+    heads = (torch.nn.ModuleList(AuxiliaryHeads(config.features, n_cls, deep["levels"]) for _ in range(2))
+             if deep["enabled"] else None)  # network A's, then B's
     loop = TrainingLoop(config, network, out_dir, val_cases, log=log, events=events, teachers=teachers,
-                        with_teachers=True)
+                        with_teachers=True, auxiliary=heads)
     names = [c["name"] for c in config.classes]
     fractions = (voxel_counts / voxel_counts.sum()).tolist()
     loss_fn, rare_names, rare_mask = build_training_loss(config, names, fractions)
+    deep_loss = DeepSupervisionLoss(loss_fn, output_weights(deep)) if heads is not None else None
     weighters = [make_class_weighter(ss["weights_a"], n_cls), make_class_weighter(ss["weights_b"], n_cls)]
     for w in weighters:
         if isinstance(w, DistributionWeights):
@@ -194,7 +206,9 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
         f"{len(unlabelled_cases)} unlabelled cases; loss {config.loss.get('name')}; weights A "
         f"{ss['weights_a'].get('method')}, B {ss['weights_b'].get('method')}; unsupervised weight "
         f"{ss['unsup_weight']:g} ramped over {ramp_len:.0f} iterations"
-        + (f"; Double-Mix from iteration {mix_from}, weight {ss['mix_weight']:g}" if use_mix else ""))
+        + (f"; Double-Mix from iteration {mix_from}, weight {ss['mix_weight']:g}" if use_mix else "")
+        + (f"; deep supervision of the supervised losses at {deep['levels']} coarser decoder level(s)"
+           if heads is not None else ""))
 
     def load_class_weights(states) -> None:
         for w, state in zip(weighters, states):
@@ -223,8 +237,14 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
         w_b = weighters[1].weights if weighters[1] is not None else None
         nl = x_l.shape[0]
         x = torch.cat([x_l, x_u])
-        out_a, out_b = fwd_a(x), fwd_b(x)
-        sup = loss_fn(out_a[:nl], y_l, class_weights=w_a) + loss_fn(out_b[:nl], y_l, class_weights=w_b)
+        if heads is None:
+            out_a, out_b = fwd_a(x), fwd_b(x)
+            sup = loss_fn(out_a[:nl], y_l, class_weights=w_a) + loss_fn(out_b[:nl], y_l, class_weights=w_b)
+        else:  # the heads on the labelled rows; the pseudo-label losses below use the main outputs
+            out_a, aux_a = deep_outputs(fwd_a, heads[0], x, rows=slice(0, nl))
+            out_b, aux_b = deep_outputs(fwd_b, heads[1], x, rows=slice(0, nl))
+            sup = (deep_loss([out_a[:nl]] + aux_a, y_l, class_weights=w_a)
+                   + deep_loss([out_b[:nl]] + aux_b, y_l, class_weights=w_b))
         cps = cps_loss(out_a, out_b, w_a) + cps_loss(out_b, out_a, w_b)
         ramp = ss["unsup_weight"] * sigmoid_rampup(it, ramp_len)
         loss = sup + ramp * cps
@@ -246,7 +266,7 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
                 f"{loop.kept()}. Lower the learning rate or check these cases.")
         loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        torch.nn.utils.clip_grad_norm_(loop.parameters, 12.0)
         loop.optimizer.step()
         loop.scheduler.step()
         if teachers is not None:
@@ -275,4 +295,7 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
     return loop.finish({"arch": "UNet3DEnsemble", "params": arch_params}, rare_names, voxel_counts,
                        len(labelled_cases), extra_card=with_input_profile(extra_card, labelled_cases),
                        training_extra={"semi_supervised": {**ss, "unlabelled_cases": len(unlabelled_cases),
-                                                           "inference": "mean of the two networks' logits"}})
+                                                           "inference": "mean of the two networks' logits"},
+                                       **({"deep_supervision": {**card_entry(deep), "applies_to": (
+                                           "the supervised loss of each network; the pseudo-label losses stay at "
+                                           "full resolution")}} if heads is not None else {})})

@@ -4,7 +4,7 @@ semi-supervised settings, validated in one place.
 ``TrainConfig.from_dict`` fills the fields a JSON config leaves out from the named method
 (:data:`~imbalanceseglib.presets.METHOD_PRESETS`, torch-free) and validates the result with
 :meth:`TrainConfig.validate`, the only place a training method name, the class weighting,
-the augmentation and the semi-supervised settings are checked.  Everything downstream (the
+the augmentation, the deep supervision and the semi-supervised settings are checked.  Everything downstream (the
 command line, the Slicer module, the trainers in :mod:`imbalanceseglib.training` and
 :mod:`imbalanceseglib.semi_supervised`) takes the validated config: :meth:`TrainConfig.validated`
 checks again only a config whose fields changed since it was last validated.
@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional
 from .presets import METHOD_PRESETS
 from .rare import RARE_FRACTION
 
-__all__ = ["METHOD_PRESETS", "MIXUP_DEFAULTS", "SEMI_DEFAULTS", "SEMI_METHODS", "TrainConfig",
-           "make_class_weighter", "semi_supervised_settings"]
+__all__ = ["DEEP_SUPERVISION_DEFAULTS", "METHOD_PRESETS", "MIXUP_DEFAULTS", "SEMI_DEFAULTS", "SEMI_METHODS",
+           "TrainConfig", "deep_supervision_settings", "make_class_weighter", "semi_supervised_settings"]
 
 # --------------------------------------------------------------------------- asymmetric mixup settings
 
@@ -79,6 +79,71 @@ def _check_mixup(mixup: Dict[str, Any], loss_name: str) -> None:
         if loss_name not in MASKABLE_LOSS_NAMES:
             raise ValueError(f"mixup.soft_targets false leaves voxels out of the loss, which loss {loss_name!r} "
                              f"cannot do; use one of {', '.join(MASKABLE_LOSS_NAMES)} or soft_targets true")
+
+# --------------------------------------------------------------------------- deep supervision settings
+
+#: ``TrainConfig.deep_supervision`` settings and the values used where a config leaves them out
+#: (deep supervision, Dou et al., "3D deeply supervised network for automated segmentation of
+#: volumetric medical images", MedIA 2017; trained as :mod:`imbalanceseglib.deep_supervision`):
+#:
+#: * ``enabled``: true adds an auxiliary output (a 1x1x1 convolution to the classes) at each
+#:   supervised decoder level during training; inference never computes them and the bundle
+#:   holds the plain network.  Works with every loss, class weighting, mixup, adversarial
+#:   training and the semi-supervised trainer;
+#: * ``levels``: how many decoder levels coarser than the full resolution get an auxiliary
+#:   output, from the next-coarser one down: 1 .. ``len(features) - 2``; null (default) means
+#:   all of them (a U-Net of ``features`` [16, 32, 64, 128] has 2: at 1/2 and 1/4 resolution;
+#:   the bottleneck is an encoder level, not a decoder one);
+#: * ``weights``: ``"halving"`` (nnU-Net's): the full-resolution output weighs 1, each coarser
+#:   output half the previous one, then all are divided by their sum.  For the 4-level U-Net
+#:   above (main output + 2 auxiliary): 4/7, 2/7, 1/7 (0.5714, 0.2857, 0.1429); with 3
+#:   auxiliary outputs (a 5-level U-Net): 8/15, 4/15, 2/15, 1/15.  Or a list of ``levels + 1``
+#:   numbers >= 0 (the full-resolution output's first, and > 0), divided by their sum the same way.
+#:
+#: Each auxiliary loss is the training loss at that output's own resolution against the target
+#: averaged over 2^k-voxel blocks (class fractions) and a voxel mask kept only where all its
+#: fine voxels are (:func:`imbalanceseglib.deep_supervision.downsample_target`).  Unlike nnU-Net,
+#: the coarsest decoder output is supervised too (nnU-Net gives it weight 0); ``levels`` leaves
+#: it out.
+DEEP_SUPERVISION_DEFAULTS: Dict[str, Any] = {
+    "enabled": False,
+    "levels": None,
+    "weights": "halving",
+}
+
+
+def deep_supervision_settings(entry: Any, features: List[int]) -> Dict[str, Any]:
+    """``TrainConfig.deep_supervision`` with the defaults filled in and ``levels`` resolved
+    for a U-Net of ``features`` (0 when it has no decoder level below the full resolution and
+    deep supervision is off); ValueError naming the key whose type or value is wrong."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"deep_supervision must be a mapping such as {{\"enabled\": true}}, got {entry!r}")
+    unknown = sorted(set(entry) - set(DEEP_SUPERVISION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"deep_supervision: unknown settings {unknown}; known: {sorted(DEEP_SUPERVISION_DEFAULTS)}")
+    s = {**copy.deepcopy(DEEP_SUPERVISION_DEFAULTS), **copy.deepcopy(entry)}
+    if not isinstance(s["enabled"], bool):
+        raise ValueError(f"deep_supervision.enabled must be true or false, got {s['enabled']!r}")
+    most = len(features) - 2  # decoder levels coarser than the full resolution
+    if s["enabled"] and most < 1:
+        raise ValueError(f"deep_supervision needs a U-Net with a decoder level below the full resolution "
+                         f"(at least 3 features), got features {list(features)}")
+    levels = s["levels"]
+    if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= most):
+        raise ValueError(f"deep_supervision.levels must be null (all) or an integer in 1..{max(most, 1)} for "
+                         f"features {list(features)}, got {levels!r}")
+    s["levels"] = levels if levels is not None else max(most, 0)
+    weights = s["weights"]
+    if isinstance(weights, list):
+        if len(weights) != s["levels"] + 1 or any(isinstance(w, bool) or not isinstance(w, (int, float))
+                                                   or not float(w) >= 0 for w in weights) \
+                or not float(weights[0]) > 0:
+            raise ValueError(f"deep_supervision.weights as a list needs levels + 1 = {s['levels'] + 1} numbers >= 0, "
+                             f"the full-resolution output's first and > 0, got {weights!r}")
+    elif weights != "halving":
+        raise ValueError(f"deep_supervision.weights must be \"halving\" or a list of levels + 1 numbers, "
+                         f"got {weights!r}")
+    return s
 
 # --------------------------------------------------------------------------- semi-supervised settings
 
@@ -194,6 +259,10 @@ class TrainConfig:
     semi_supervised: Dict[str, Any] = field(default_factory=lambda: {"method": "none"})
     # Recompute block activations in the backward pass (less memory for large patches).
     activation_checkpointing: bool = False
+    # Deep supervision: enabled, levels, weights (DEEP_SUPERVISION_DEFAULTS explains each;
+    # deep_supervision_settings has them all).  Off, it is left out of the checkpoint's config
+    # fingerprint, so runs from before it existed still resume.
+    deep_supervision: Dict[str, Any] = field(default_factory=lambda: {"enabled": False})
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -255,6 +324,7 @@ class TrainConfig:
             if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
                 raise ValueError(f"{key}.probability must be in [0, 1], got {p!r}")
         _check_mixup(self.mixup, str(self.loss.get("name", "dice_ce")))
+        deep_supervision_settings(self.deep_supervision, list(self.features))
         from .augment import policy_from_config  # needs torch
         for key in ("default", "rare"):
             policy_from_config(self.augmentation.get(key, "none"))  # raises naming the bad key
@@ -291,6 +361,13 @@ class TrainConfig:
         """``mixup`` with the defaults (:data:`MIXUP_DEFAULTS`) filled in; the trainer reads these
         and the model card records them (``training.mixup``) when mixup is on."""
         return {**MIXUP_DEFAULTS, **copy.deepcopy(self.mixup)}
+
+    @property
+    def deep_supervision_settings(self) -> Dict[str, Any]:
+        """``deep_supervision`` with the defaults (:data:`DEEP_SUPERVISION_DEFAULTS`) filled in and
+        ``levels`` resolved for this config's U-Net; the trainers read these, the checkpoint's
+        config fingerprint and the model card (``training.deep_supervision``) record them."""
+        return deep_supervision_settings(self.deep_supervision, list(self.features))
 
     @property
     def semi_settings(self) -> Dict[str, Any]:

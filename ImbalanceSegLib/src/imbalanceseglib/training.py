@@ -8,7 +8,11 @@ large-margin losses), class weights that follow training (DisW/DifW/CDifW,
 training (:mod:`imbalanceseglib.perturbations`), and class-specific augmentation
 (:mod:`imbalanceseglib.augment`).  One "rare" class mask (``rare_classes`` by name, or
 every foreground class under ``rare_threshold`` of the training voxels:
-:func:`imbalanceseglib.rare.resolve_rare_mask`) drives all of them.
+:func:`imbalanceseglib.rare.resolve_rare_mask`) drives all of them.  Deep supervision
+(``TrainConfig.deep_supervision``, :mod:`imbalanceseglib.deep_supervision`) adds down-weighted
+losses of auxiliary outputs at the coarser decoder levels to every training loss of a step (the
+clean, the mixed and the adversarial batch alike); the class weights follow the full-resolution
+output, the adversarial input is made from it alone, and the bundle holds the plain network.
 
 ``train`` takes preprocessed cases (:mod:`imbalanceseglib.training_data`) and a validated
 :class:`~imbalanceseglib.train_config.TrainConfig`; the shared loop
@@ -31,6 +35,7 @@ import torch
 from . import distributed as dd
 from . import events as ev
 from .class_weights import DistributionWeights
+from .deep_supervision import AuxiliaryHeads, DeepSupervisionLoss, card_entry, deep_outputs, output_weights
 from .networks import build_network, set_activation_checkpointing
 from .perturbations import asymmetric_adversarial_input, asymmetric_mixup, mixup_lambda, one_hot_voxels
 from .train_config import METHOD_PRESETS, TrainConfig, make_class_weighter  # noqa: F401  (re-exported)
@@ -81,10 +86,15 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     network = build_network("UNet3D", {"in_channels": 1, "out_channels": n_cls, "features": list(config.features)})
     set_activation_checkpointing(network, config.activation_checkpointing)
     dd.broadcast_parameters(network, ctx)
-    loop = TrainingLoop(config, network, out_dir, val_cases, log=log, events=events, ctx=ctx)
+    deep = config.deep_supervision_settings
+    heads = AuxiliaryHeads(config.features, n_cls, deep["levels"]) if deep["enabled"] else None
+    if heads is not None:
+        dd.broadcast_parameters(heads, ctx)
+    loop = TrainingLoop(config, network, out_dir, val_cases, log=log, events=events, ctx=ctx, auxiliary=heads)
     names = [c["name"] for c in config.classes]
     fractions = (voxel_counts / voxel_counts.sum()).tolist()
     loss_fn, rare_names, rare_mask = build_training_loss(config, names, fractions)
+    deep_loss = DeepSupervisionLoss(loss_fn, output_weights(deep)) if heads is not None else None
     weighter = make_class_weighter(config.class_weighting, n_cls)
     if isinstance(weighter, DistributionWeights):
         weighter.update(torch.as_tensor(voxel_counts))  # start from the training set's distribution
@@ -98,7 +108,9 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         + (f" (lambda x{float(mix['lambda_scale']):g}, clean step {'on' if mix['clean_step'] else 'off'}, "
            f"{'soft' if mix['soft_targets'] else 'one-hot'} targets)" if mix_p > 0 else "")
         + f", adversarial p={adv_p:g}, "
-        f"augmentation {aug.get('default', 'none')}/{aug.get('rare', 'none')}")
+        f"augmentation {aug.get('default', 'none')}/{aug.get('rare', 'none')}"
+        + (f", deep supervision at {deep['levels']} coarser decoder level(s), output weights "
+           f"{', '.join(f'{w:.3f}' for w in output_weights(deep))}" if heads is not None else ""))
     sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, augmenter)
     forward = training_forward(network, log)  # the CPU training path, or the module itself
     rng = loop.rng
@@ -114,13 +126,20 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             x, y, target = x[part], y[part], target[part]
             mask = mask[part] if mask is not None else None
         weights = weighter.weights if weighter is not None else None
-        logits = forward(x)
-        loss = loss_fn(logits, target, class_weights=weights, mask=mask)
-        if adversarial_step:
+
+        def supervised(inputs: torch.Tensor):
+            """(logits, loss): the loss deep-supervised when it is on (the logits stay the main output's)."""
+            if heads is None:
+                out = forward(inputs)
+                return out, loss_fn(out, target, class_weights=weights, mask=mask)
+            out, aux = deep_outputs(forward, heads, inputs)
+            return out, deep_loss([out] + aux, target, class_weights=weights, mask=mask)
+
+        logits, loss = supervised(x)
+        if adversarial_step:  # the adversarial input from the network's main output only
             x_adv = asymmetric_adversarial_input(network, x, y, rare_mask,
                                                  epsilon=float(config.adversarial.get("epsilon", 10.0)))
-            loss = loss + float(config.adversarial.get("weight", 1.0)) * loss_fn(forward(x_adv), target,
-                                                                                  class_weights=weights, mask=mask)
+            loss = loss + float(config.adversarial.get("weight", 1.0)) * supervised(x_adv)[1]
         global_loss = dd.mean_scalar(loss, ctx)
         if not torch.isfinite(global_loss):
             raise FloatingPointError(
@@ -131,7 +150,9 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dd.average_gradients(network, ctx)
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        if heads is not None:
+            dd.average_gradients(heads, ctx)
+        torch.nn.utils.clip_grad_norm_(loop.parameters, 12.0)
         loop.optimizer.step()
         if update_weights and weighter is not None:  # from the whole global batch on every rank
             update_class_weighter(weighter, dd.gather_batch(logits.detach(), ctx), dd.gather_batch(y, ctx))
@@ -169,4 +190,6 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                                                      "features": list(config.features)}},
                        rare_names, voxel_counts, len(train_cases),
                        extra_card=with_input_profile(extra_card, train_cases),
-                       training_extra={"mixup": mix} if mix_p > 0 else None)
+                       training_extra={**({"mixup": mix} if mix_p > 0 else {}),
+                                       **({"deep_supervision": card_entry(deep)} if heads is not None else {})}
+                       or None)

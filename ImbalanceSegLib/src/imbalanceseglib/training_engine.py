@@ -54,6 +54,12 @@ check, an input that is not a float32 CPU tensor (N, C, D, H, W), or the environ
 and why, once. The trainers run every training forward pass through it (under torchrun, each
 rank's slice of the batch); the gradient that makes an asymmetric adversarial input and the
 Double-Mix teachers' pseudo-labels still come from the module.
+
+Deep supervision (:mod:`imbalanceseglib.deep_supervision`) runs through it too: the returned
+function takes the same ``on_decoder(level, features)`` hook as ``UNet3D.forward``, called from
+the one wiring both share (:meth:`~imbalanceseglib.networks.UNet3D.walk`), so the auxiliary
+heads read the decoder features this path made and their gradients flow back through its
+backward functions (tests/test_deep_supervision.py compares them with the module's).
 """
 
 from __future__ import annotations
@@ -68,14 +74,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .cpu_engine import measured_faster_here, supported_unet
-from .networks import UNet3D, UNet3DEnsemble
+from .networks import DecoderHook, UNet3D, UNet3DEnsemble
 
 __all__ = ["ENV_VAR", "TOLERANCE", "TrainingPath", "gradient_agreement", "training_forward", "unsupported_reason"]
 
 ENV_VAR = "IMBALANCESEG_TRAINING_ENGINE"
 ENGINES = ("auto", "module")
 TOLERANCE = 1e-3  # largest |fast - module| / largest |module| accepted per tensor in the check
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[..., torch.Tensor]  # forward(x) or forward(x, on_decoder=hook)
 
 _CL = torch.channels_last_3d
 _ONE = [1, 1, 1]
@@ -276,12 +282,15 @@ class TrainingPath:
             return checkpoint(self._block, block, x, use_reentrant=False)
         return self._block(block, x)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, on_decoder: Optional[DecoderHook] = None) -> torch.Tensor:
+        """The logits; ``on_decoder(level, features)`` receives each decoder level's output (as
+        :meth:`UNet3D.walk <imbalanceseglib.networks.UNet3D.walk>`; channels-last, with its
+        gradient flowing back through this path's own backward functions)."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 5:
             raise ValueError(f"the CPU training path takes a float32 CPU tensor (N, C, D, H, W), got {x.dtype} "
                              f"{x.device} shape {tuple(x.shape)}")
         out = self.network.walk(_cl(x), self._run, lambda up, t: _Up2.apply(t, up.weight),
-                                lambda head, t: _Head.apply(t, head.weight, head.bias))
+                                lambda head, t: _Head.apply(t, head.weight, head.bias), on_decoder)
         return out.contiguous()
 
 
@@ -289,7 +298,9 @@ class _EnsemblePath:
     def __init__(self, members: List[TrainingPath]):
         self.members = members
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # as UNet3DEnsemble.forward
+    def __call__(self, x: torch.Tensor, on_decoder: Optional[DecoderHook] = None) -> torch.Tensor:
+        if on_decoder is not None:  # as UNet3DEnsemble.forward, which has no decoder of its own
+            raise ValueError("an ensemble's decoder features come from its members; run each member's path")
         out = self.members[0](x)
         for m in self.members[1:]:
             out = out + m(x)
@@ -385,7 +396,8 @@ def training_forward(network: nn.Module, log: Optional[Callable[[str], None]] = 
     batch of one and of two small random patches), else ``network`` itself. ``engine``
     (default: the environment variable ``IMBALANCESEG_TRAINING_ENGINE``, else ``auto``) is
     ``auto`` or ``module`` (the plain module). Says which one runs, and why not the fast one,
-    in one ``log`` line."""
+    in one ``log`` line. Either takes ``forward(x, on_decoder=hook)`` for a
+    :class:`~imbalanceseglib.networks.UNet3D` (deep supervision's decoder features)."""
     say = log or (lambda message: None)
     setting = _engine_setting(engine)
     if setting == "module":
@@ -406,14 +418,14 @@ def training_forward(network: nn.Module, log: Optional[Callable[[str], None]] = 
     fast = _build(network)
     warned: Dict[str, bool] = {}
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, on_decoder: Optional[DecoderHook] = None) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and x.ndim == 5:
-            return fast(x)
+            return fast(x) if on_decoder is None else fast(x, on_decoder=on_decoder)
         if not warned:
             warned["input"] = True
             say(f"training engine: a {x.dtype} {x.device.type} input of shape {tuple(x.shape)} runs through the "
                 "network's own module")
-        return network(x)
+        return network(x) if on_decoder is None else network(x, on_decoder=on_decoder)
 
     say(f"training engine: CPU training path (oneDNN, channels-last; {ENV_VAR}=module for the plain module)")
     return forward

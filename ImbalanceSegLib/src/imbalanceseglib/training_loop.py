@@ -299,12 +299,16 @@ class TrainingLoop:
     """Optimizer, schedule, generator, resume, cadence of logs/validation/checkpoints, bundle.
 
     ``teachers`` (with ``with_teachers``) are the semi-supervised trainer's EMA teachers: their
-    state is checkpointed (``{}`` when None) and restored with the rest.
+    state is checkpointed (``{}`` when None) and restored with the rest.  ``auxiliary`` are deep
+    supervision's heads (:mod:`imbalanceseglib.deep_supervision`): optimised with the network
+    (:attr:`parameters` holds both, for gradient clipping), checkpointed and restored with it, and
+    never put in the bundle.
     """
 
     def __init__(self, config: TrainConfig, network: torch.nn.Module, out_dir: Path, val_cases: Sequence[Case], *,
                  log: LogFn = print, events: Optional[ev.EventFn] = None, ctx: Optional[dd.DistContext] = None,
-                 teachers: Optional[torch.nn.Module] = None, with_teachers: bool = False):
+                 teachers: Optional[torch.nn.Module] = None, with_teachers: bool = False,
+                 auxiliary: Optional[torch.nn.Module] = None):
         self.config = config
         self.network = network
         self.out_dir = Path(out_dir)
@@ -312,7 +316,11 @@ class TrainingLoop:
         self.log, self.events = log, events
         self.ctx = ctx if ctx is not None else dd.DistContext()
         self.teachers, self.with_teachers = teachers, with_teachers
-        self.optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate,
+        self.auxiliary = auxiliary
+        #: what the optimizer trains: the network's parameters, then the auxiliary heads' if any
+        self.parameters: List[torch.nn.Parameter] = list(network.parameters()) + (
+            list(auxiliary.parameters()) if auxiliary is not None else [])
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: (1 - it / config.iterations) ** 0.9)  # nnU-Net's polynomial decay
@@ -333,7 +341,7 @@ class TrainingLoop:
         ck = resume_checkpoint(self.ckpt_path, self.config_json)
         self.history, self.start_it, self.elapsed_before, weights = restore_checkpoint(
             ck, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng,
-            teachers=self.teachers)
+            teachers=self.teachers, auxiliary=self.auxiliary)
         load_class_weights(weights)
         self.log(f"resuming from {self.ckpt_path} at iteration {self.start_it}/{self.config.iterations}")
         return True
@@ -350,7 +358,8 @@ class TrainingLoop:
         save_checkpoint(self.ckpt_path, checkpoint_state(
             network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng,
             history=self.history, iteration=iteration, elapsed=elapsed, config_json=self.config_json,
-            class_weights=class_weights(), teachers=self.teachers, with_teachers=self.with_teachers))
+            class_weights=class_weights(), teachers=self.teachers, with_teachers=self.with_teachers,
+            auxiliary=self.auxiliary))
         dd.barrier(self.ctx)
 
     def run(self, step: StepFn, report: ReportFn, class_weights: Callable[[], Any],

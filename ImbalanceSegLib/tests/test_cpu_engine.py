@@ -144,3 +144,30 @@ def test_sliding_window_uses_the_engine_with_the_same_logits(monkeypatch):
     calls.clear()
     torch.testing.assert_close(sliding_window_logits(net, vol, [16, 16, 16]), module, atol=2e-5, rtol=1e-5)
     assert calls == []
+
+
+def test_probe_is_remembered_while_the_network_is_unchanged_and_redone_after_a_change():
+    from imbalanceseglib.cpu_engine import probe_agreement
+    net = _net()
+    eng = cpu_engine(net)
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    first = probe_agreement(eng, net, (1, 16, 16, 16))
+    assert first <= 1e-4 and len(calls) == 1
+    # a folder of scans predicted with one model: the module runs the probe window once
+    assert probe_agreement(eng, net, (1, 16, 16, 16)) == first and len(calls) == 1
+    # another window shape is another probe
+    probe_agreement(eng, net, (1, 16, 24, 16))
+    assert len(calls) == 2
+    # an in-place change of one parameter (as an optimizer step or load_state_dict makes) probes again,
+    # and a wrong engine is then caught although the same network passed before
+    with torch.no_grad():
+        net.head.bias.add_(1.0)
+    assert probe_agreement(eng, net, (1, 16, 16, 16)) <= 1e-4 and len(calls) == 3
+
+    # any other callable is probed every time (a wrong one is caught although the network passed)
+    def wrong(x):
+        return eng(x) * 1.5
+    assert probe_agreement(wrong, net, (1, 16, 16, 16)) > 0.1 and len(calls) == 4
+    assert probe_agreement(wrong, net, (1, 16, 16, 16)) > 0.1 and len(calls) == 5
+    hook.remove()

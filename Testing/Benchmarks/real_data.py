@@ -149,7 +149,8 @@ def classes(folder: Path) -> List[Dict]:
     return _dataset(folder).config_classes()
 
 
-def _read_pair(spec: DataSpec, folder: Path, case_id: str, with_labels: bool = True):
+def read_pair(spec: DataSpec, folder: Path, case_id: str, with_labels: bool = True):
+    """A case's image and class-index label map as SimpleITK images, ACDC with its nominal geometry."""
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(folder / "images" / f"{case_id}.nii.gz"))
@@ -182,7 +183,7 @@ def load_case(spec: DataSpec, folder: Path, case_id: str, config, cache: Path):
                 return make_case(z["image"], z["labels"], case_id)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file: prepare again
-    image, labels = _read_pair(spec, folder, case_id)
+    image, labels = read_pair(spec, folder, case_id)
     case = prepare_case(image, labels, config, case_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")

@@ -64,6 +64,27 @@ REPORTS = {"acdc": HERE / "reports" / "suggestive_annotation.md",
            "hippocampus": HERE / "reports" / "suggestive_annotation_hippocampus.md"}
 REPORT = REPORTS["acdc"]
 WORK = ROOT / "work-tmp" / "suggestive_annotation"
+#: Each finished round's result (and the run's meta and plan) is kept here, per settings, and
+#: committed with the report, so that a run resumes across sessions and clones; the models stay
+#: in WORK (a missing one is trained again only for a round not yet done).
+RESULTS = HERE / "reports" / "suggestive_annotation_results"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a kill mid-write leaves the old file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def kept(work: Path) -> Path:
+    """Where the results of the run whose models are in ``work`` are kept (see :data:`RESULTS`);
+    a smoke test (``quick_``) or another work folder keeps them in ``work``."""
+    work = Path(work)
+    if work.parent.resolve() == WORK.resolve() and not work.name.startswith("quick_"):
+        return RESULTS / work.name
+    return work
 STRATEGIES = ["suggestive", "uncertainty", "random"]
 THREADS = 2
 QUICK = dict(seeds=1, rounds=1, initial=2, per_round=2, pool=6, test=3, iterations=20)
@@ -183,7 +204,7 @@ def model_for(labelled: Sequence[str], seed: int, args, base, data: Data, work: 
     t1 = time.perf_counter()
     ev = evaluate(bundle, data, test)
     meta = {"labelled": sorted(labelled), "seed": seed, "train_s": train_s, "eval_s": time.perf_counter() - t1, **ev}
-    meta_path.write_text(json.dumps(meta))
+    write_json(meta_path, meta)
     return bundle, meta
 
 
@@ -198,7 +219,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
 def run_round(strategy: str, seed: int, rnd: int, labelled: List[str], pool: List[str], args, base, data: Data,
               work: Path, test: Sequence[str], last: bool) -> Dict[str, Any]:
     from imbalanceseglib.suggestive import rank_for_annotation
-    path = work / "results" / f"{strategy}_s{seed}_r{rnd}.json"
+    path = kept(work) / "results" / f"{strategy}_s{seed}_r{rnd}.json"
     if path.exists():
         return json.loads(path.read_text())
     bundle, meta = model_for(labelled, seed, args, base, data, work, test)
@@ -231,7 +252,7 @@ def run_round(strategy: str, seed: int, rnd: int, labelled: List[str], pool: Lis
             result["pool_mean_dice"] = statistics.mean(1 - e for e in err.values())
             result["picks_mean_dice"] = statistics.mean(1 - err[n] for n in result["picks"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    write_json(path, result)
     return result
 
 
@@ -352,7 +373,7 @@ def _mean_sd(values: Sequence[float]) -> str:
 
 def collect(work: Path, strategies: Sequence[str]) -> List[Dict[str, Any]]:
     out = []
-    for path in sorted((work / "results").glob("*.json")):
+    for path in sorted((kept(work) / "results").glob("*.json")):
         r = json.loads(path.read_text())
         if r["strategy"] in strategies:
             out.append(r)
@@ -606,10 +627,10 @@ def main(argv=None) -> int:
     data = Data(cfg, args.dataset)
     classes = [c["name"] for c in base["classes"]][1:]
     if args.report_only:
-        if not (work / "meta.json").exists():
+        if not (kept(work) / "meta.json").exists():
             print(f"no run with these settings has started yet (nothing in {work})")
             return 1
-        meta = json.loads((work / "meta.json").read_text())
+        meta = json.loads((kept(work) / "meta.json").read_text())
         write_report(out, meta, collect(work, args.strategies), args.strategies)
         print(f"report written to {out}")
         return 0
@@ -619,21 +640,22 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     started = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     work.mkdir(parents=True, exist_ok=True)
+    kept(work).mkdir(parents=True, exist_ok=True)
     est = None
-    if args.plan or not (work / "plan.json").exists():
+    if args.plan or not (kept(work) / "plan.json").exists():
         log("measuring for the plan (a short training and one ranking)")
         est = plan(args, base, data, split, work)
-        (work / "plan.json").write_text(json.dumps(est))
+        write_json(kept(work) / "plan.json", est)
         print_plan(est, args)
         if args.plan:
             return 0
     else:
-        est = json.loads((work / "plan.json").read_text())
+        est = json.loads((kept(work) / "plan.json").read_text())
     test = split["test"][:args.test]
     log(mach)
     meta = {"command": command, "machine": mach, "started": started, "classes": classes, "elapsed_min": None,
             "plan": est, "args": {k: v for k, v in vars(args).items() if k not in ("report_only", "plan", "out")}}
-    (work / "meta.json").write_text(json.dumps(meta))  # so that --report-only can report a partial run
+    write_json(kept(work) / "meta.json", meta)  # so that --report-only can report a partial run
     for seed in range(args.seeds):
         initial, pool = seed_split(split, seed, args.initial, args.pool)
         labelled = {s: list(initial) for s in args.strategies}
@@ -648,7 +670,7 @@ def main(argv=None) -> int:
                     f"{'–' if md is None else f'{md:.3f}'}{extra}")
                 labelled[s] = labelled[s] + r["picks"]
     meta["elapsed_min"] = (time.perf_counter() - t_all) / 60
-    (work / "meta.json").write_text(json.dumps(meta))
+    write_json(kept(work) / "meta.json", meta)
     write_report(out, meta, collect(work, args.strategies), args.strategies)
     log(f"report written to {out}")
     return 0

@@ -130,6 +130,8 @@ if IN_SLICER_APP:
         modelName: str = "my_model"
         resume: bool = True
         deepSupervision: bool = False
+        contextLabels: bool = False
+        annotateCount: Annotated[int, WithinRange(1, 100000)] = 5  # Annotate next: volumes to choose
         run: ImbalanceSegRunSettings
 
 
@@ -192,6 +194,9 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.cancelTrainButton.connect("clicked(bool)", self.onCancelTraining)
+        self.ui.suggestButton.connect("clicked(bool)", self.onSuggest)
+        self._fillCombo(self.ui.annotateStrategySelector,
+                        [(label, name) for name, label in self.logic.annotationStrategies()], "suggestive")
 
         self.initializeParameterNode()
         self.updateGui()
@@ -514,6 +519,20 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reviewLabel.text = "Against the reference: " + ", ".join(
                 f"{r['Segment']} {r['Dice']:.3f}" for r in rows if r["Dice"] is not None)
 
+    # -- annotate next ----------------------------------------------------------------------
+    def onSuggest(self):
+        """Rank the scene's unlabelled volumes for annotation (Logic.suggestAnnotations) and show
+        the "Annotate next" table. Runs in this process: the panel waits (a wait cursor)."""
+        pn = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot suggest volumes to annotate.", waitCursor=True):
+            if not self._ensureDependencies():
+                return
+            out = self.logic.suggestAnnotations(pn.run.model, n=pn.annotateCount,
+                                                strategy=self.ui.annotateStrategySelector.currentData,
+                                                device=pn.run.device)
+            self.ui.annotateTableView.setMRMLTableNode(out.tableNode)
+            self.ui.annotateStatusLabel.text = out.summary()
+
     # -- train -------------------------------------------------------------------------------
     def onTrain(self):
         from ImbalanceSegSlicer.jobs import TrainingJob
@@ -526,10 +545,12 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder = self.ui.trainingFolderSelector.currentPath if not pairs else ""
             if folder:
                 config = self.logic.trainingConfigFromFolder(folder, pn.run.method, pn.iterations, pn.modelName,
-                                                             deepSupervision=pn.deepSupervision)
+                                                             deepSupervision=pn.deepSupervision,
+                                                             contextLabels=pn.contextLabels)
             else:
                 config = self.logic.trainingConfigFromScene(pairs, pn.run.method, pn.iterations, pn.modelName,
-                                                            deepSupervision=pn.deepSupervision)
+                                                            deepSupervision=pn.deepSupervision,
+                                                            contextLabels=pn.contextLabels)
             if not pn.run.outputFolder:
                 raise ValueError("choose an output folder for the checkpoints and the model")
             self._trainClasses = [c["name"] for c in config.classes[1:]]

@@ -655,12 +655,15 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
 
     def trainingConfigFromScene(self, pairs: Sequence[Tuple[Any, Any]], method: str = "dice_ce",
                                 iterations: int = 2000, name: str = "my_model", modality: str = "",
-                                patchSize: int = 64, deepSupervision: bool = False):
+                                patchSize: int = 64, deepSupervision: bool = False, contextLabels: bool = False):
         """A training config for scene pairs: classes are the segments of the first segmentation
         (names and colours; background first), the target spacing is the median voxel spacing of the
         volumes, patches at most ``patchSize`` voxels a side (and no larger than the volumes).
         ``deepSupervision`` turns on deep supervision (``deep_supervision: {"enabled": true}``: auxiliary
-        outputs at every coarser decoder level with nnU-Net's halving weights; training only)."""
+        outputs at every coarser decoder level with nnU-Net's halving weights; training only).
+        ``contextLabels`` turns on context label learning (``context_labels: {"enabled": true}``: a task
+        generator's context class splits the background, merged back into it in the trained model;
+        refused, naming the reason, with a semi-supervised method or asymmetric mixup)."""
         if not pairs:
             raise ValueError("choose at least one (volume, segmentation) pair to train on")
         if not name or any(ch in name for ch in "/\\:") or name.strip() != name:
@@ -677,11 +680,11 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         spacings = [v.GetSpacing() for v, _ in pairs]
         sizes = [v.GetImageData().GetDimensions() for v, _ in pairs if v.GetImageData() is not None]
         return self._trainConfig(name, classes, spacings, sizes, method, iterations, modality, patchSize,
-                                 deepSupervision)
+                                 deepSupervision, contextLabels)
 
     @staticmethod
     def _trainConfig(name: str, classes, spacings, sizes, method: str, iterations: int, modality: str,
-                     patchSize: int, deepSupervision: bool = False):
+                     patchSize: int, deepSupervision: bool = False, contextLabels: bool = False):
         """The config both training entry points build: target spacing = median spacing, patches at
         most ``patchSize`` voxels a side, multiples of 16 that fit the smallest volume."""
         from imbalanceseglib.train_config import TrainConfig
@@ -695,12 +698,13 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                                         "val_every": max(1, int(iterations) // 10),
                                         "checkpoint_every": max(1, min(100, int(iterations) // 10)),
                                         "log_every": max(1, min(25, int(iterations) // 20)),
-                                        "deep_supervision": {"enabled": bool(deepSupervision)}})
+                                        "deep_supervision": {"enabled": bool(deepSupervision)},
+                                        "context_labels": {"enabled": bool(contextLabels)}})
         return config  # validated by from_dict (the method name included)
 
     def trainingConfigFromFolder(self, folder: os.PathLike, method: str = "dice_ce", iterations: int = 2000,
                                  name: str = "my_model", modality: str = "", patchSize: int = 64,
-                                 deepSupervision: bool = False):
+                                 deepSupervision: bool = False, contextLabels: bool = False):
         """A training config for a data folder in any layout :func:`imbalanceseglib.datasets.open_dataset`
         reads: ``images/``, ``labels/`` and ``classes.json`` (a list of ``{"value", "name", "color"}`` or
         a mapping ``{"0": "background", ...}``; background 0 is added when absent), the nnU-Net v2 raw
@@ -708,7 +712,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
         ... and keep their ``label_value``. The first labelled case's label map is checked against the
         classes here (the training job checks every case). ``modality``: the given one, else the
         layout's, else empty. Target spacing: the median spacing of the images (read from their headers).
-        ``deepSupervision``: as in :meth:`trainingConfigFromScene`."""
+        ``deepSupervision``, ``contextLabels``: as in :meth:`trainingConfigFromScene`."""
         import SimpleITK as sitk
         from imbalanceseglib.datasets import DatasetError, open_dataset
         ds = open_dataset(Path(folder))
@@ -728,7 +732,7 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
             spacings.append(reader.GetSpacing())
             sizes.append(reader.GetSize())
         return self._trainConfig(name, ds.config_classes(), spacings, sizes, method, iterations,
-                                 modality or ds.modality, patchSize, deepSupervision)
+                                 modality or ds.modality, patchSize, deepSupervision, contextLabels)
 
     def updateTrainingPlot(self, history: Sequence[Dict[str, Any]], classNames: Sequence[str],
                            chartNode=None, name: str = "ImbalanceSeg training"):
@@ -885,3 +889,121 @@ class ImbalanceSegLogic(ScriptedLoadableModuleLogic):
                          f"{fmt(r['Surface Dice'], '.3f'):>10}  {r['Policy'] or '-'}")
         return "\n".join(lines)
 
+
+    # -- annotate next (suggestive annotation, issue #23) ----------------------------------------
+
+    @staticmethod
+    def annotationStrategies() -> List[Tuple[str, str]]:
+        """(strategy, label) for the panel, in the library's order
+        (``imbalanceseglib.suggestive.STRATEGIES``; written out here so the panel needs no torch)."""
+        return [("suggestive", "Uncertain and representative"), ("uncertainty", "Most uncertain"),
+                ("random", "Random")]
+
+    def annotationPool(self):
+        """The scene's unlabelled scans, its labelled volumes and the volumes that are not scans
+        (:func:`ImbalanceSegSlicer.annotation.annotation_pool`; its docstring says what counts as
+        labelled)."""
+        from ImbalanceSegSlicer.annotation import annotation_pool
+        return annotation_pool(self.scene)
+
+    def _checkScans(self, nodes: Sequence[Any], what: str) -> List[Any]:
+        from ImbalanceSegSlicer.annotation import why_not_a_scan
+        out, seen = [], set()
+        for node in nodes:
+            if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+                raise ValueError(f"each {what} must be a scalar volume node, got {node!r}")
+            if node.GetScene() is not self.scene:
+                raise ValueError(f"{what} {node.GetName()!r} is not in this logic's scene")
+            why = why_not_a_scan(node)
+            if why is not None:
+                raise ValueError(f"{what} {node.GetName()!r} cannot be ranked: {why}")
+            if node.GetID() not in seen:
+                seen.add(node.GetID())
+                out.append(node)
+        return out
+
+    def suggestAnnotations(self, model, n: int = 5, strategy: str = "suggestive", volumeNodes=None,
+                           labelledVolumeNodes=None, device: str = "cpu", seed: int = 0,
+                           candidatesFactor: float = 2.0, tableNode=None, fillTable: bool = True,
+                           progress: Optional[ProgressCallback] = None):
+        """Which unlabelled volumes to annotate next: rank them with ``model`` (a path or a loaded
+        bundle) and choose ``n`` (:func:`imbalanceseglib.suggestive.rank_for_annotation`;
+        ``strategy``: ``"suggestive"``, Yang et al. MICCAI 2017: the ``candidatesFactor`` x n most
+        uncertain, then the greedy max-cover of representativeness; ``"uncertainty"``; ``"random"``,
+        seeded by ``seed``).
+
+        The pool: ``volumeNodes``, or the scene's unlabelled scans; the labelled volumes
+        (``labelledVolumeNodes``, or the scene's: see :mod:`ImbalanceSegSlicer.annotation`) count as
+        covered for ``suggestive``. Volumes are copied one at a time, so the pool need not fit in
+        memory twice. Returns an :class:`~ImbalanceSegSlicer.annotation.AnnotationSuggestions`; with
+        ``fillTable`` the rows also go into ``tableNode``, or into the module's "Annotate next" table
+        (made once, then reused). No other node is changed; on any error nothing is."""
+        from imbalanceseglib.suggestive import LazyScans, rank_for_annotation
+        from ImbalanceSegSlicer import annotation as an
+        from ImbalanceSegSlicer import scene as sc
+        from ImbalanceSegSlicer.tables import ANNOTATE_NEXT_ATTRIBUTE, ANNOTATE_NEXT_COLUMNS
+
+        if model is None or (not hasattr(model, "network") and not str(model)):
+            raise ValueError("select a model (an ImbalanceSeg .imbseg bundle) to rank the volumes with")
+        strategies = [s for s, _ in self.annotationStrategies()]
+        if strategy not in strategies:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(strategies)}")
+        if tableNode is not None and (not tableNode.IsA("vtkMRMLTableNode") or tableNode.GetScene() is not self.scene):
+            raise ValueError("tableNode must be a table node of this logic's scene")
+        found = self.annotationPool()
+        pool = list(found.unlabelled) if volumeNodes is None else self._checkScans(volumeNodes, "volume")
+        pool_ids = {v.GetID() for v in pool}
+        if labelledVolumeNodes is None:
+            labelled = [v for v in found.labelledNodes if v.GetID() not in pool_ids]
+        else:
+            labelled = self._checkScans(labelledVolumeNodes, "labelled volume")
+            both = [v.GetName() for v in labelled if v.GetID() in pool_ids]
+            if both:
+                raise ValueError(f"volume(s) {', '.join(both)} are both in the pool and labelled; a labelled volume is "
+                                 "not annotated again")
+        if not pool:
+            raise ValueError("the scene has no unlabelled volume to rank"
+                             + (f" (labelled: {', '.join(v.GetName() for v in found.labelledNodes)})"
+                                if found.labelledNodes else "")
+                             + (f" (not scans: {', '.join(found.skipped)})" if found.skipped else "")
+                             + "; load the scans to choose from")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= len(pool):
+            raise ValueError(f"choose between 1 and the {len(pool)} unlabelled volume(s), got {n!r}")
+        bundle = model if hasattr(model, "network") else self.loadModel(model)
+        keys = an.scan_keys(pool, [v.GetName() for v in labelled])
+        labelled_keys = an.scan_keys(labelled, [v.GetName() for v in pool])
+
+        def reader(node):
+            def read():
+                if node.GetScene() is not self.scene:
+                    raise ValueError(f"volume {node.GetName()!r} was removed from the scene")
+                return sc.sitk_from_volume_node(node)
+            return read
+
+        covered = strategy == "suggestive" and bool(labelled)
+        ranked = rank_for_annotation(
+            bundle, LazyScans({k: reader(v) for k, v in zip(keys, pool)}), int(n), strategy=strategy,
+            annotated=LazyScans({k: reader(v) for k, v in zip(labelled_keys, labelled)}) if covered else None,
+            seed=seed, progress=progress, candidates_factor=candidatesFactor, device=device)
+        by_key = dict(zip(keys, pool))
+        rows = [{"Rank": r.rank, "Volume": r.name, "Chosen": "yes" if r.chosen else "", "Uncertainty": r.uncertainty,
+                 "Representativeness gain": r.gain, "Most like": r.similar_to or "", "Similarity": r.similarity,
+                 "Why": r.reason, "volumeNode": by_key[r.name], "perClass": dict(r.per_class)} for r in ranked]
+        table = None
+        if fillTable:
+            table = tableNode
+            if table is None:
+                tables = [self.scene.GetNthNodeByClass(i, "vtkMRMLTableNode")
+                          for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLTableNode"))]
+                table = next((t for t in tables if t.GetAttribute(ANNOTATE_NEXT_ATTRIBUTE) is not None), None)
+            if table is None:
+                table = sc.table_node_from_rows(self.scene, "Annotate next", ANNOTATE_NEXT_COLUMNS,
+                                                [[r[c["name"]] for c in ANNOTATE_NEXT_COLUMNS] for r in rows])
+            else:
+                sc.fill_table_node(table, ANNOTATE_NEXT_COLUMNS,
+                                   [[r[c["name"]] for c in ANNOTATE_NEXT_COLUMNS] for r in rows])
+            table.SetAttribute(ANNOTATE_NEXT_ATTRIBUTE, strategy)
+            table.SetAttribute("ImbalanceSeg.AnnotateNextVolumes", json.dumps([r["volumeNode"].GetID() for r in rows]))
+        return an.AnnotationSuggestions(rows=rows, tableNode=table, strategy=strategy,
+                                        coveredBy=list(labelled_keys) if covered else [],
+                                        labelled=[v.GetName() for v in labelled], skipped=dict(found.skipped))

@@ -25,6 +25,9 @@ CLASS_TABLE_REF = "ImbalanceSegClassTable"
 INPUT_REF = "ImbalanceSegInput"
 THRESHOLDS_ATTRIBUTE = "ImbalanceSeg.Thresholds"
 CLASSES_ATTRIBUTE = "ImbalanceSeg.Classes"
+#: On the confidence and uncertainty maps of a result ("probability" or "uncertainty"): they are
+#: outputs, not scans (the "Annotate next" pool leaves them out).
+RESULT_MAP_ATTRIBUTE = "ImbalanceSeg.ResultMap"
 
 #: Probability band counted as "in doubt" for a class when looking for regions to review.
 RELEVANT_PROBABILITY = 0.05
@@ -40,7 +43,9 @@ def link_result_nodes(segmentation_node, input_node, probability_nodes: Sequence
         segmentation_node.SetNodeReferenceID(f"{PROBABILITY_REF}{i}", node.GetID())
         node.SetAttribute("ImbalanceSeg.ClassIndex", str(i))
         node.SetAttribute("ImbalanceSeg.ClassName", str(classes[i]["name"]))
+        node.SetAttribute(RESULT_MAP_ATTRIBUTE, "probability")
     segmentation_node.SetNodeReferenceID(UNCERTAINTY_REF, uncertainty_node.GetID())
+    uncertainty_node.SetAttribute(RESULT_MAP_ATTRIBUTE, "uncertainty")
     if performance_table is not None:
         segmentation_node.SetNodeReferenceID(PERFORMANCE_REF, performance_table.GetID())
     if class_table is not None:

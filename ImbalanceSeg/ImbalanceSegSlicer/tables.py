@@ -35,3 +35,23 @@ PERFORMANCE_KEYS = [c["name"] for c in PERFORMANCE_COLUMNS]
 ESTIMATOR_ROWS_ATTRIBUTE = "ImbalanceSeg.EstimatorRows"
 #: JSON list of how the input differs from the training data (the result's ``findings``).
 FINDINGS_ATTRIBUTE = "ImbalanceSeg.InputFindings"
+
+#: The "Annotate next" table (suggestive annotation, ``ImbalanceSegLogic.suggestAnnotations``):
+#: one row per unlabelled volume, by rank.
+ANNOTATE_NEXT_COLUMNS = [
+    {"name": "Rank", "type": "int", "description": "1 = annotate first; the chosen volumes come first"},
+    {"name": "Volume", "type": "string", "description": "Unlabelled volume of the scene"},
+    {"name": "Chosen", "type": "string", "description": "yes: among the volumes chosen for annotation"},
+    {"name": "Uncertainty", "type": "double", "unit": "",
+     "description": "The model's uncertainty on the volume, 0 to 1: per foreground class the mean of the normalised "
+                    "entropy around the class and 1 - its estimated Dice, averaged over the classes (empty: random)"},
+    {"name": "Representativeness gain", "type": "double", "unit": "",
+     "description": "How much the volume adds to the coverage of the unlabelled volumes (sum of cosine similarities "
+                    "of encoder features; a chosen volume: when it was picked; empty: uncertainty/random)"},
+    {"name": "Most like", "type": "string",
+     "description": "The chosen or labelled volume most similar to this one (empty: none, or itself)"},
+    {"name": "Similarity", "type": "double", "unit": "", "description": "Cosine similarity to 'Most like'"},
+    {"name": "Why", "type": "string", "description": "Why the volume is where it is in the ranking"},
+]
+#: Attribute of the module's "Annotate next" table node (value: the strategy); the table is reused.
+ANNOTATE_NEXT_ATTRIBUTE = "ImbalanceSeg.AnnotateNext"

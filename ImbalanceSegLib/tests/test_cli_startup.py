@@ -57,7 +57,8 @@ def _cli(argv, blocked=HEAVY, cwd=None):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["predict", "--help"], ["evaluate", "--help"],
-                                  ["calibrate", "--help"], ["estimate", "--help"], ["card", "--help"]])
+                                  ["calibrate", "--help"], ["estimate", "--help"], ["card", "--help"],
+                                  ["suggest", "--help"]])
 def test_help_answers_without_heavy_packages(argv):
     code, out, err, loaded = _cli(argv)
     assert code == 0, err
@@ -73,6 +74,8 @@ def test_help_answers_without_heavy_packages(argv):
      "invalid choice: 'platt'"),
     (["predict", "--model", "m.imbseg", "--input", "i.nrrd", "--output", "o", "--flag-threshold", "2"],
      "--flag-threshold must be between 0 and 1, got 2.0"),
+    (["suggest", "--model", "m.imbseg", "--images", "i", "-n", "2", "--strategy", "coreset"],
+     "invalid choice: 'coreset'"),
 ])
 def test_argument_errors_answer_without_heavy_packages(argv, message):
     code, out, err, loaded = _cli(argv)

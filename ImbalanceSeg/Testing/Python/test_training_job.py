@@ -265,6 +265,35 @@ def test_the_deep_supervision_checkbox_reaches_the_config_from_both_logic_calls(
     assert logic.trainingConfigFromFolder(folder, "dice_ce", 4, "f").deep_supervision == {"enabled": False}
 
 
+def test_the_context_labels_checkbox_reaches_the_config_from_both_logic_calls(scene, synthetic, tmp_path):
+    """The panel's "Context labels" checkbox (``contextLabels`` of the parameter node) is passed to
+    either Logic call, which sets ``context_labels`` in the config the training job sends; a method
+    it cannot go with is refused there, naming why."""
+    import json
+    from imbalanceseglib.train_config import TrainConfig
+    volume, segmentation, _ = _scene_inputs(scene, synthetic)
+    logic = ImbalanceSegLogic(scene)
+    pairs = [(volume, segmentation)]
+    off = logic.trainingConfigFromScene(pairs, "cdifw", iterations=500, name="spheres")
+    assert off.context_labels == {"enabled": False} and not off.context_labels_settings["enabled"]
+    on = logic.trainingConfigFromScene(pairs, "cdifw", iterations=500, name="spheres", contextLabels=True,
+                                       deepSupervision=True)
+    assert on.context_labels == {"enabled": True} and on.deep_supervision == {"enabled": True}
+    # one context class, a generator as wide as the panel's network, a meta step every 5 iterations
+    settings = on.context_labels_settings
+    assert (settings["classes"], settings["update_every"], settings["generator_features"]) == (1, 5, [16, 32, 64, 128])
+    sent = TrainConfig.from_dict(json.loads(json.dumps(on.to_dict())))  # as the job's config.json
+    assert sent.context_labels_settings == settings
+    with pytest.raises(ValueError, match="context_labels cannot be combined with asymmetric mixup"):
+        logic.trainingConfigFromScene(pairs, "asym_mixup", iterations=500, name="spheres", contextLabels=True)
+    with pytest.raises(ValueError, match="context_labels are supervised-only"):
+        logic.trainingConfigFromScene(pairs, "double_mix", iterations=500, name="spheres", contextLabels=True)
+    folder = _data_folder(tmp_path, synthetic)
+    assert logic.trainingConfigFromFolder(folder, "dice_ce", 4, "f", contextLabels=True).context_labels == {
+        "enabled": True}
+    assert logic.trainingConfigFromFolder(folder, "dice_ce", 4, "f").context_labels == {"enabled": False}
+
+
 def _data_folder(tmp_path, synthetic, classes_json=None):
     import json
     import SimpleITK as sitk

@@ -51,7 +51,14 @@ EXPECTED = {
     "modelNameLineEdit": "QLineEdit",
     "resumeCheckBox": "QCheckBox",
     "deepSupervisionCheckBox": "QCheckBox",            # bound to deepSupervision
+    "contextLabelsCheckBox": "QCheckBox",              # bound to contextLabels
     "checkStabilityCheckBox": "QCheckBox",
+    # Annotate next (suggestive annotation)
+    "annotateCountSpinBox": "QSpinBox",                # bound to annotateCount
+    "annotateStrategySelector": "QComboBox",           # addItem(text, data), currentData
+    "suggestButton": "QPushButton",
+    "annotateStatusLabel": "QLabel",
+    "annotateTableView": "qMRMLTableView",             # setMRMLTableNode
 }
 
 #: Widget class a parameter of each annotated type binds to (parameterNodeWrapper connectors).

@@ -316,3 +316,43 @@ def test_apply_passes_the_stability_check_box_to_the_job(slicer_app, synthetic, 
     widget.onApply()
     widget.onCancel()
     assert [m["agreement"] for m in made] == [None, "default"]
+
+
+def test_annotate_next_ranks_the_unlabelled_volumes_and_shows_the_table(slicer_app, synthetic, tmp_path):
+    import slicer
+    import numpy as np
+    import SimpleITK as sitk
+    from imbalanceseglib.bundle import save_bundle
+    from ImbalanceSegSlicer import scene as sc
+    from ImbalanceSegSlicer.tables import ANNOTATE_NEXT_ATTRIBUTE
+    from test_logic import _bundle
+    widget = _widget()
+    ui, pn = widget.ui, widget._parameterNode
+    assert [d for _, d in ui.annotateStrategySelector.items] == ["suggestive", "uncertainty", "random"]
+    assert ui.annotateStrategySelector.currentData == "suggestive" and pn.annotateCount == 5
+    # nothing to rank yet: the error is shown, nothing is added
+    with pytest.raises(ValueError, match="no unlabelled volume"):
+        ui.suggestButton.click()
+    assert slicer_app.errors[-1].startswith("Cannot suggest volumes to annotate.")
+    bundle = _bundle(seed=5)
+    model = save_bundle(tmp_path / "tiny.imbseg", bundle.card, bundle.network)
+    pn.run.model = str(model)
+    for seed in (1, 2, 3):
+        arr = sitk.GetArrayFromImage(synthetic["image"]).astype(np.float32)
+        image = sitk.GetImageFromArray(arr + np.random.default_rng(seed).normal(0, 40, arr.shape).astype(np.float32))
+        image.CopyInformation(synthetic["image"])
+        sc.volume_node_from_sitk(slicer.mrmlScene, image, f"Scan {seed}")
+    ui.annotateCountSpinBox.value = 2                          # the user sets the count...
+    assert pn.annotateCount == 2
+    ui.annotateStrategySelector.currentIndex = ui.annotateStrategySelector.findData("uncertainty")  # ...and strategy
+    ui.suggestButton.click()
+    table = ui.annotateTableView.table
+    assert table is not None and table.GetAttribute(ANNOTATE_NEXT_ATTRIBUTE) == "uncertainty"
+    t = table.GetTable()
+    assert t.GetNumberOfRows() == 3
+    chosen = [t.GetValueByName(r, "Volume").ToString() for r in range(3) if t.GetValueByName(r, "Chosen").ToString()]
+    assert len(chosen) == 2
+    assert ui.annotateStatusLabel.text.startswith(f"Annotate next: {', '.join(chosen)} (2 of 3 unlabelled volume(s), "
+                                                  "strategy uncertainty).")
+    u = [t.GetValueByName(r, "Uncertainty").ToDouble() for r in range(3)]
+    assert u[0] >= u[1] >= u[2]  # most uncertain first

@@ -52,6 +52,7 @@ _MAX_NAME_CHARS = 200
 _MAX_IN_CHANNELS = 64
 _MAX_LEVELS = 8                 # UNet3D resolution levels
 _MAX_FEATURES = 4096            # channels per level (also enforced by networks.build_network)
+_MAX_CONTEXT_CLASSES = 16       # networks.MAX_CONTEXT_CLASSES (context labels merged into the background)
 _SPACING_RANGE = (1e-3, 1e3)    # mm
 _MAX_PATCH_EDGE = 512
 _MAX_PATCH_VOXELS = 1 << 24     # e.g. 256**3
@@ -190,6 +191,13 @@ def _check_network(net: Any, n_classes: int) -> None:
                               or not all(_is_int(f) and 1 <= f <= _MAX_FEATURES for f in feats)):
         raise BundleError(f"network features must be a list of 2 to {_MAX_LEVELS} integers in "
                           f"[1, {_MAX_FEATURES}], got {_short(feats)}")
+    if "context_classes" in params:  # a network trained with context labels (merged at its output)
+        ctx = params["context_classes"]
+        if net["arch"] != "UNet3D":
+            raise BundleError(f"network parameter 'context_classes' is only accepted by UNet3D, not {_short(net['arch'])}")
+        if not _is_int(ctx) or not 0 <= ctx <= _MAX_CONTEXT_CLASSES:
+            raise BundleError(f"network context_classes must be an integer in [0, {_MAX_CONTEXT_CLASSES}], "
+                              f"got {_short(ctx)}")
     if "members" in params or net["arch"] == "UNet3DEnsemble":
         members = params.get("members", 2)
         if net["arch"] != "UNet3DEnsemble":

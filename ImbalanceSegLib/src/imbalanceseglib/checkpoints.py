@@ -19,6 +19,9 @@ checkpoint in place.  Its entries:
 ``class_weights``  JSON of the class weighter state (None without one; a list for two networks)
 ``deep_supervision`` the auxiliary heads' state dict (only when deep supervision is on; they
                    are trained with the network but never go into the bundle)
+``context_labels`` the task generator's state (only when context labels are on: its network,
+                   its optimizer and schedule, :meth:`imbalanceseglib.context_labels.ContextLabels.state_dict`;
+                   never in the bundle)
 """
 
 from __future__ import annotations
@@ -40,15 +43,17 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def config_fingerprint(config) -> str:
     """The ``config`` entry of a checkpoint: the config as JSON with sorted keys.  Deep supervision
-    enters with its settings filled in (``TrainConfig.deep_supervision_settings``: a run with
-    other levels or weights is refused) when it is on, and not at all when it is off, so the
-    checkpoints of runs from before it existed still resume."""
+    and context labels enter with their settings filled in (``TrainConfig.deep_supervision_settings``,
+    ``TrainConfig.context_labels_settings``: a run with other settings is refused) when they are
+    on, and not at all when they are off, so the checkpoints of runs from before they existed
+    still resume."""
     d = config.to_dict()
-    settings = config.deep_supervision_settings
-    if settings["enabled"]:
-        d["deep_supervision"] = settings
-    else:
-        d.pop("deep_supervision", None)
+    for key, settings in (("deep_supervision", config.deep_supervision_settings),
+                          ("context_labels", config.context_labels_settings)):
+        if settings["enabled"]:
+            d[key] = settings
+        else:
+            d.pop(key, None)
     return json.dumps(d, sort_keys=True)
 
 
@@ -66,10 +71,12 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 def checkpoint_state(*, network: torch.nn.Module, optimizer, scheduler, rng: np.random.Generator,
                      history: List[Dict[str, Any]], iteration: int, elapsed: float, config_json: str,
                      class_weights: Any, teachers: Optional[torch.nn.Module] = None,
-                     with_teachers: bool = False, auxiliary: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+                     with_teachers: bool = False, auxiliary: Optional[torch.nn.Module] = None,
+                     context: Optional[Any] = None) -> Dict[str, Any]:
     """The checkpoint dict (entries in the order of the module docstring); ``teachers`` is
     written when ``with_teachers`` (the semi-supervised trainer), as ``{}`` when None;
-    ``auxiliary`` (deep supervision's heads) when given."""
+    ``auxiliary`` (deep supervision's heads) and ``context`` (context labels' generator, an
+    object with ``state_dict``/``load_state_dict``) when given."""
     state: Dict[str, Any] = {"model": network.state_dict()}
     if with_teachers:
         state["teachers"] = teachers.state_dict() if teachers is not None else {}
@@ -80,6 +87,8 @@ def checkpoint_state(*, network: torch.nn.Module, optimizer, scheduler, rng: np.
         "class_weights": json.dumps(class_weights)})
     if auxiliary is not None:
         state["deep_supervision"] = auxiliary.state_dict()
+    if context is not None:
+        state["context_labels"] = context.state_dict()
     return state
 
 
@@ -93,19 +102,25 @@ def resume_checkpoint(path: Path, config_json: str) -> Dict[str, Any]:
 
 def restore_checkpoint(ck: Dict[str, Any], *, network: torch.nn.Module, optimizer, scheduler,
                        rng: np.random.Generator, teachers: Optional[torch.nn.Module] = None,
-                       auxiliary: Optional[torch.nn.Module] = None) -> Tuple[List[Dict[str, Any]], int, float, Any]:
+                       auxiliary: Optional[torch.nn.Module] = None, context: Optional[Any] = None
+                       ) -> Tuple[List[Dict[str, Any]], int, float, Any]:
     """Load a checkpoint's states into the training objects (torch's random state included);
     returns (history, iterations done, elapsed seconds, class weighter state(s)).  With
-    ``auxiliary`` (deep supervision's heads) the checkpoint must hold their state and without
-    it must not (ValueError: written by a run with deep supervision set the other way)."""
-    if (auxiliary is not None) != ("deep_supervision" in ck):
-        raise ValueError("the checkpoint was written by a run with deep supervision "
-                         f"{'off' if auxiliary is not None else 'on'}; use another output folder or resume=False")
+    ``auxiliary`` (deep supervision's heads) or ``context`` (context labels' generator) the
+    checkpoint must hold their state and without them must not (ValueError: written by a run
+    with deep supervision or context labels set the other way)."""
+    for name, key, given in (("deep supervision", "deep_supervision", auxiliary is not None),
+                             ("context labels", "context_labels", context is not None)):
+        if given != (key in ck):
+            raise ValueError(f"the checkpoint was written by a run with {name} {'off' if given else 'on'}; "
+                             "use another output folder or resume=False")
     network.load_state_dict(ck["model"])
     if teachers is not None:
         teachers.load_state_dict(ck["teachers"])
     if auxiliary is not None:
         auxiliary.load_state_dict(ck["deep_supervision"])
+    if context is not None:
+        context.load_state_dict(ck["context_labels"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     torch.set_rng_state(ck["torch_rng"])

@@ -1,4 +1,4 @@
-"""Command line: ``imbalanceseg train | predict | card | evaluate | calibrate | estimate``."""
+"""Command line: ``imbalanceseg train | predict | card | evaluate | calibrate | estimate | suggest``."""
 # (The docstring above is the --help description.)  Only the standard library is imported until a
 # command runs: --help and argument errors answer without torch, MONAI, SciPy or SimpleITK, and each
 # command imports what it needs (card reads the card without torch; evaluate imports MONAI only for
@@ -78,6 +78,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         deep = train_spec.get("deep_supervision", {})
         if isinstance(deep, dict):  # (anything else is refused by the config's validation, naming it)
             train_spec["deep_supervision"] = {**deep, "enabled": True}
+    if args.context_labels:  # on, keeping the config's other context label settings if it sets them
+        context = train_spec.get("context_labels", {})
+        if isinstance(context, dict):  # (anything else is refused by the config's validation, naming it)
+            train_spec["context_labels"] = {**context, "enabled": True}
     config = TrainConfig.from_dict(train_spec)
     say(f"[train] preparing data ({spec['data'].get('kind')})", flush=True)
     if emit:
@@ -661,6 +665,143 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``suggest --strategy`` choices: :data:`imbalanceseglib.suggestive.STRATEGIES`, written out here
+#: so that ``--help`` and argument errors need no torch (tests/test_cli_suggest.py checks they agree).
+SUGGEST_STRATEGIES = ("suggestive", "uncertainty", "random")
+#: ``suggest --out *.csv`` columns before the per-class uncertainties (``uncertainty <class>``) and
+#: the reason.
+SUGGEST_COLUMNS = ["rank", "scan", "chosen", "uncertainty", "representativeness_gain", "similar_to", "similarity"]
+
+
+def _suggest_sources(images: str, labelled: Optional[str]):
+    """(pool: case -> image file, labelled: case -> image file, what the pool is, in words) for
+    ``suggest``: a folder of images, or a data folder (its images without a label map are the pool,
+    those with one are labelled unless --labelled says otherwise); ``--labelled``: a folder of
+    images or image files separated by commas."""
+    from .datasets import is_dataset_folder, open_dataset
+    from .evaluation import case_id
+    ann: Dict[str, Path] = {}
+    if is_dataset_folder(Path(images)):
+        ds = open_dataset(Path(images))
+        unlabelled = [c for c in ds.test_cases + ds.cases if c.label is None]
+        pool = {c.case_id: c.image for c in unlabelled}
+        if len(pool) != len(unlabelled):
+            raise ValueError(f"--images {images}: case names repeat among the data folder's images without a "
+                             f"label map")
+        ann = {c.case_id: c.image for c in ds.labelled_cases()}
+        where = f"the images without a label map in data folder {images} ({ds.describe()})"
+        if not pool:
+            raise ValueError(f"--images {images}: every image of the data folder has a label map; there is no "
+                             "unlabelled scan to choose from")
+    else:
+        pool = _image_folder(images, "--images")
+        where = f"folder {images}"
+    if labelled:
+        if Path(labelled).is_dir():
+            ann = _image_folder(labelled, "--labelled")
+        else:
+            ann = {}
+            for item in (t.strip() for t in labelled.split(",") if t.strip()):
+                path = Path(item)
+                if not path.is_file():
+                    raise ValueError(f"--labelled {item}: no such file or folder")
+                cid = case_id(path)
+                if cid is None:
+                    raise ValueError(f"--labelled {item}: not an image file (.nrrd, .nii, .nii.gz, .mha, .mhd)")
+                if cid in ann:
+                    raise ValueError(f"--labelled names two images of case {cid!r}: {ann[cid]} and {item}")
+                ann[cid] = path
+    both = sorted(set(pool) & set(ann))
+    if both:
+        raise ValueError(f"scan(s) {', '.join(both)} are both in the pool ({where}) and labelled: a labelled scan "
+                         "is not annotated again; take it out of one of them")
+    return pool, ann, where
+
+
+def _suggest_outputs(outs: Optional[List[str]]) -> List[Path]:
+    paths = [Path(o) for o in outs or []]
+    for p in paths:
+        if p.suffix.lower() not in (".csv", ".json"):
+            raise ValueError(f"--out {p}: write .csv or .json (the suffix chooses the format)")
+        if not p.parent.is_dir():
+            raise ValueError(f"--out {p}: folder {p.parent} does not exist")
+    return paths
+
+
+def suggestion_table(rows: List[Any]) -> str:
+    """``suggest``'s printed ranking: one line per scan, the chosen ones marked."""
+    width = max([4] + [len(r.name) for r in rows])
+    lines = [f"  {'rank':>4}  {'chosen':<6}  {'scan':<{width}}  {'uncertainty':>11}  {'gain':>8}  reason"]
+    for r in rows:
+        lines.append(f"  {r.rank:>4}  {'yes' if r.chosen else '':<6}  {r.name:<{width}}  "
+                     f"{_cell(r.uncertainty, '.4f') or '-':>11}  {_cell(r.gain, '.4f') or '-':>8}  {r.reason}")
+    return "\n".join(lines)
+
+
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    import csv
+    import io
+    import math
+
+    from .atomic import atomic_write_text
+    from .bundle import load_bundle
+    from .images import read_image
+    from .suggestive import LazyScans, rank_for_annotation
+
+    pool, labelled, where = _suggest_sources(args.images, args.labelled)
+    if args.n < 1 or args.n > len(pool):
+        raise ValueError(f"-n {args.n}: choose between 1 and the {len(pool)} unlabelled scan(s) of {where}")
+    if not args.candidates_factor >= 1:
+        raise ValueError(f"--candidates-factor must be at least 1, got {args.candidates_factor}")
+    outs = _suggest_outputs(args.out)
+    bundle = load_bundle(args.model)
+    used = labelled if args.strategy == "suggestive" else {}
+    print(f"[suggest] model {bundle.model_card.name!r}; {len(pool)} unlabelled scan(s): {where}; "
+          f"{len(labelled)} labelled" + ("" if used or not labelled else " (only the suggestive strategy uses them)"))
+    how = {"suggestive": f"the {min(len(pool), max(args.n, math.ceil(args.candidates_factor * args.n - 1e-9)))} "
+                         "most uncertain are candidates, then the greedy max-cover of representativeness"
+                         + (", the labelled scans counting as covered" if used else "")
+                         + " (Yang et al., MICCAI 2017)",
+           "uncertainty": "the most uncertain", "random": f"at random (seed {args.seed})"}[args.strategy]
+    print(f"[suggest] strategy {args.strategy}: {args.n} chosen, {how}", flush=True)
+
+    def reader(cid: str, path: Path):
+        return lambda: read_image(path, f"image {cid} ({path})")
+
+    def progress(stage: str, fraction: float) -> None:
+        if stage != "select":
+            print(f"[suggest] {fraction:4.0%} {stage}", flush=True)
+
+    t0 = time.perf_counter()
+    rows = rank_for_annotation(bundle, LazyScans({c: reader(c, p) for c, p in pool.items()}), args.n,
+                               strategy=args.strategy,
+                               annotated=LazyScans({c: reader(c, p) for c, p in used.items()}) if used else None,
+                               seed=args.seed, progress=progress, candidates_factor=args.candidates_factor,
+                               device=args.device)
+    print(f"[suggest] ranking ({time.perf_counter() - t0:.1f} s): the {args.n} chosen first, then "
+          + ("the rest in random order" if args.strategy == "random" else "the rest from most to least uncertain"))
+    print(suggestion_table(rows))
+    classes = list(bundle.class_names[1:])
+    for out in outs:
+        if out.suffix.lower() == ".json":
+            doc = {"model": str(args.model), "model_name": bundle.model_card.name, "strategy": args.strategy,
+                   "n": args.n, "seed": args.seed, "candidates_factor": args.candidates_factor, "pool": where,
+                   "labelled": sorted(used), "classes": classes, "rows": [r.as_dict() for r in rows]}
+            atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
+        else:
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(SUGGEST_COLUMNS + [f"uncertainty {c}" for c in classes] + ["reason"])
+            for r in rows:
+                writer.writerow([r.rank, r.name, "yes" if r.chosen else "no"]
+                                + [_cell(v, ".6g") for v in (r.uncertainty, r.gain)]
+                                + [r.similar_to or "", _cell(r.similarity, ".6g")]
+                                + [_cell(r.per_class.get(c), ".6g") for c in classes] + [r.reason])
+            atomic_write_text(out, buf.getvalue())
+        print(f"[suggest] wrote {out}")
+    return 0
+
+
 def parse_agreement(text: Optional[str]) -> Optional[List[str]]:
     """``--agreement``: ``default`` (shift, gamma_low, gamma_high), ``members`` (the networks of
     an ensemble bundle), those view names, or test-time transforms (for models trained with
@@ -754,6 +895,20 @@ TRAIN_DESCRIPTION = (
     "Float-coded integer labels (2.0) are accepted; other values are an error naming the case and file.")
 
 
+SUGGEST_DESCRIPTION = (
+    "Rank the unlabelled scans of --images for annotation with a trained model and choose -n of them "
+    "(suggestive annotation, Yang et al., MICCAI 2017; imbalanceseglib.suggestive). Each scan's uncertainty "
+    "comes from the model's own prediction: per foreground class the mean normalised entropy around where the "
+    "class is predicted or plausible and 1 minus its label-free estimated Dice, every class weighing the same, so "
+    "a small uncertain structure counts as much as a large one. The suggestive strategy takes the factor x n most "
+    "uncertain scans as candidates and picks from them, greedily, the n that best represent the whole pool "
+    "(cosine similarity of the network's deepest encoder features; scans like an already labelled one count as "
+    "covered). Prints the ranking (rank, scan, uncertainty, representativeness gain, why) and writes it to --out "
+    "(.csv or .json). Every image is read and checked before the network runs; one at a time, so the pool need "
+    "not fit in memory. Errors name the problem: an empty folder, an unreadable file (named), -n outside 1 to the "
+    "pool's size, a scan both in the pool and labelled, a file that is not a model bundle.")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .estimation import REVIEW_THRESHOLD  # torch-free
 
@@ -773,6 +928,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "nnU-Net's halving weights; the config's \"deep_supervision\" levels and weights are kept); "
                         "the same as \"deep_supervision\": {\"enabled\": true} in the config's train section. "
                         "Training only: the model predicts with the plain network")
+    p.add_argument("--context-labels", action="store_true",
+                   help="train with context label learning (CoLab: a task generator splits the background into "
+                        "context classes and is meta-learned with the network; the config's \"context_labels\" "
+                        "settings are kept); the same as \"context_labels\": {\"enabled\": true} in the config's "
+                        "train section. The model predicts the config's classes (the context classes merged into "
+                        "the background); not with semi-supervised methods or asymmetric mixup")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--unlabeled", help="folder of unlabelled images for a semi-supervised method "
                                        "(cps, cps_weighted, double_mix)")
@@ -871,6 +1032,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--agreement", help=AGREEMENT_HELP)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_estimate)
+    p = sub.add_parser("suggest", help="choose which unlabelled scans to annotate next (suggestive annotation)",
+                       description=SUGGEST_DESCRIPTION)
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", required=True, help="folder of unlabelled images (the pool), or a data folder "
+                                                   "(nnU-Net v2 raw, MSD, images/ + classes.json): its images "
+                                                   "without a label map are the pool, those with one are labelled")
+    p.add_argument("--labelled", help="scans already annotated: a folder of images, or image files separated by "
+                                      "commas (default: none; for a data folder its labelled images); only the "
+                                      "suggestive strategy uses them")
+    p.add_argument("-n", type=int, required=True, help="how many scans to choose")
+    p.add_argument("--strategy", default="suggestive", choices=SUGGEST_STRATEGIES,
+                   help="suggestive (default): uncertainty, then representativeness; uncertainty: the n most "
+                        "uncertain; random: n at random (--seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default: 0)")
+    p.add_argument("--candidates-factor", type=float, default=2.0,
+                   help="suggestive: the candidates are the factor x n most uncertain scans (default: 2)")
+    p.add_argument("--out", action="append", help="write the ranking to this .csv or .json file (may be given "
+                                                  "twice, once for each)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_suggest)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

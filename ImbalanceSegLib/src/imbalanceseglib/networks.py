@@ -16,6 +16,21 @@ from torch.utils.checkpoint import checkpoint
 #: ``on_decoder(level, features)``: receives each decoder level's output (:meth:`UNet3D.walk`).
 DecoderHook = Callable[[int, torch.Tensor], None]
 
+#: The most context classes a :class:`UNet3D` may merge into its background (bundles are bounded).
+MAX_CONTEXT_CLASSES = 16
+
+
+def merge_context_logits(logits: torch.Tensor, classes: int) -> torch.Tensor:
+    """(N, classes + C, ...) logits whose last C channels are parts of the background (context
+    labels, :mod:`imbalanceseglib.context_labels`) as (N, classes, ...) logits: channel 0 becomes
+    ``logsumexp`` of channel 0 and the context channels, the others are kept.  The softmax of the
+    result is the softmax of the input with the background's and the context channels'
+    probabilities summed (both softmaxes share the normaliser ``sum_c exp(z_c)``)."""
+    if logits.shape[1] <= classes:
+        return logits
+    background = torch.logsumexp(torch.cat([logits[:, :1], logits[:, classes:]], dim=1), dim=1, keepdim=True)
+    return torch.cat([background, logits[:, 1:classes]], dim=1)
+
 
 class ConvBlock(nn.Sequential):
     """Two (conv3x3x3 -> instance norm -> leaky ReLU) layers; the first may stride."""
@@ -38,17 +53,27 @@ class UNet3D(nn.Module):
     connections concatenate. ``features`` gives the channel count at each
     resolution level; the input size must be divisible by ``2**(len(features)-1)``
     (sliding-window inference takes care of that).
+
+    ``context_classes`` (a network trained with context labels,
+    :mod:`imbalanceseglib.context_labels`): the head has ``out_channels + context_classes``
+    outputs, the last ``context_classes`` of them parts of the background, and the network
+    returns ``out_channels`` logits: those context logits merged into the background's by
+    :func:`merge_context_logits` (log-sum-exp, so the softmax gives the background the sum of
+    their probabilities) as the last step of :meth:`walk`, which every way of running it shares.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2,
-                 features: Sequence[int] = (16, 32, 64, 128)):
+                 features: Sequence[int] = (16, 32, 64, 128), context_classes: int = 0):
         super().__init__()
         if len(features) < 2:
             raise ValueError("UNet3D needs at least two resolution levels (features)")
         if in_channels < 1 or out_channels < 2:
             raise ValueError("UNet3D needs in_channels >= 1 and out_channels >= 2")
+        if not 0 <= int(context_classes) <= MAX_CONTEXT_CLASSES:
+            raise ValueError(f"UNet3D context_classes must be in 0..{MAX_CONTEXT_CLASSES}, got {context_classes!r}")
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
+        self.context_classes = int(context_classes)
         self.features = [int(f) for f in features]
         self.encoders = nn.ModuleList()
         cin = self.in_channels
@@ -60,7 +85,7 @@ class UNet3D(nn.Module):
         for f_skip, f_deep in zip(reversed(self.features[:-1]), reversed(self.features[1:])):
             self.upsamplers.append(nn.ConvTranspose3d(f_deep, f_skip, 2, stride=2, bias=False))
             self.decoders.append(ConvBlock(2 * f_skip, f_skip))
-        self.head = nn.Conv3d(self.features[0], self.out_channels, 1)
+        self.head = nn.Conv3d(self.features[0], self.out_channels + self.context_classes, 1)
         # Activation checkpointing (training only; see set_activation_checkpointing).
         self.checkpointing = False
 
@@ -89,7 +114,10 @@ class UNet3D(nn.Module):
         is made, coarsest first: level ``len(features) - 2`` (``2**level`` times coarser than
         the input, ``features[level]`` channels) down to level 0, the features the head reads.
         Deep supervision (:mod:`imbalanceseglib.deep_supervision`) puts its auxiliary heads
-        there; what the hook returns is ignored, and without it nothing else is computed."""
+        there; what the hook returns is ignored, and without it nothing else is computed.
+
+        With ``context_classes`` the head's context logits are merged into the background's
+        (:func:`merge_context_logits`) after ``head``."""
         skips: List[torch.Tensor] = []
         for enc in self.encoders:
             x = block(enc, x)
@@ -99,7 +127,8 @@ class UNet3D(nn.Module):
             x = block(dec, torch.cat([upsample(up, x), skips.pop()], dim=1))
             if on_decoder is not None:
                 on_decoder(level, x)
-        return head(self.head, x)
+        logits = head(self.head, x)
+        return merge_context_logits(logits, self.out_channels) if self.context_classes else logits
 
 
 class UNet3DEnsemble(nn.Module):
@@ -146,7 +175,7 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
 }
 
 _ALLOWED_KWARGS = {
-    "UNet3D": {"in_channels": int, "out_channels": int, "features": list},
+    "UNet3D": {"in_channels": int, "out_channels": int, "features": list, "context_classes": int},
     "UNet3DEnsemble": {"in_channels": int, "out_channels": int, "features": list, "members": int},
 }
 

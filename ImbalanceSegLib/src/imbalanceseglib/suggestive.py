@@ -51,7 +51,9 @@ volumes and imbalanced classes. Three steps, each usable on its own:
 :func:`rank_for_annotation` runs all three on a mapping of named SimpleITK images and returns one
 :class:`AnnotationSuggestion` per scan (rank, chosen, uncertainty, representativeness gain and the
 reason in words) for the command line and the Slicer module to show. ``"random"`` runs no network
-and ``"uncertainty"`` no descriptors.
+and ``"uncertainty"`` no descriptors. :class:`LazyScans` gives it a cohort read one scan at a time.
+Callers: ``imbalanceseg suggest`` (:mod:`imbalanceseglib.cli`) over a folder, and the Slicer
+module's ``ImbalanceSegLogic.suggestAnnotations`` over the scene's unlabelled volumes.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from .bundle import BundleError, ModelBundle
 from .images import ImageError, check_image, needs_resampling, normalise_intensities, resample_to_spacing, to_canonical
 from .input_checks import refuse_blank
 
-__all__ = ["STRATEGIES", "AnnotationSuggestion", "ScanUncertainty", "Selection", "SuggestionError",
+__all__ = ["STRATEGIES", "AnnotationSuggestion", "LazyScans", "ScanUncertainty", "Selection", "SuggestionError",
            "cosine_similarity", "encoder_features", "expected_dice", "prediction_uncertainty",
            "rank_for_annotation", "representativeness", "scan_features", "scan_uncertainty", "select",
            "suggestions_from"]
@@ -508,6 +510,37 @@ class AnnotationSuggestion:
         return {"name": self.name, "rank": self.rank, "chosen": self.chosen, "uncertainty": self.uncertainty,
                 "gain": self.gain, "reason": self.reason, "per_class": dict(self.per_class),
                 "similar_to": self.similar_to, "similarity": self.similarity}
+
+
+class LazyScans(Mapping[str, sitk.Image]):
+    """Scans by name, each read only when asked for and only the last one kept: the ``images`` or
+    ``annotated`` of :func:`rank_for_annotation` for a cohort that does not fit in memory at once
+    (the command line's folder, the Slicer module's volume nodes). ``loaders``: name -> a function
+    returning the scan's SimpleITK image (e.g. :func:`imbalanceseglib.images.read_image` of a
+    file); its errors are its own, so they should name the scan. :func:`rank_for_annotation`
+    reads each scan twice: once when it checks them all before any network runs, once for the
+    network (its prediction and descriptor share one read)."""
+
+    def __init__(self, loaders: Mapping[str, Callable[[], sitk.Image]]):
+        self._loaders = dict(loaders)
+        self._last: Optional[Tuple[str, sitk.Image]] = None
+        self.reads = 0  # how many times a loader ran
+
+    def __getitem__(self, name: str) -> sitk.Image:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        loader = self._loaders[name]  # KeyError for an unknown name, as any mapping
+        self._last = None  # the previous scan is freed before the next one is read
+        image = loader()
+        self.reads += 1
+        self._last = (name, image)
+        return image
+
+    def __iter__(self):
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
 
 
 def _ordinal(k: int) -> str:

@@ -4,7 +4,7 @@ semi-supervised settings, validated in one place.
 ``TrainConfig.from_dict`` fills the fields a JSON config leaves out from the named method
 (:data:`~imbalanceseglib.presets.METHOD_PRESETS`, torch-free) and validates the result with
 :meth:`TrainConfig.validate`, the only place a training method name, the class weighting,
-the augmentation, the deep supervision and the semi-supervised settings are checked.  Everything downstream (the
+the augmentation, the deep supervision, the context labels and the semi-supervised settings are checked.  Everything downstream (the
 command line, the Slicer module, the trainers in :mod:`imbalanceseglib.training` and
 :mod:`imbalanceseglib.semi_supervised`) takes the validated config: :meth:`TrainConfig.validated`
 checks again only a config whose fields changed since it was last validated.
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .presets import METHOD_PRESETS
 from .rare import RARE_FRACTION
 
-__all__ = ["DEEP_SUPERVISION_DEFAULTS", "METHOD_PRESETS", "MIXUP_DEFAULTS", "SEMI_DEFAULTS", "SEMI_METHODS",
-           "TrainConfig", "deep_supervision_settings", "make_class_weighter", "semi_supervised_settings"]
+__all__ = ["CONTEXT_LABELS_DEFAULTS", "DEEP_SUPERVISION_DEFAULTS", "METHOD_PRESETS", "MIXUP_DEFAULTS",
+           "SEMI_DEFAULTS", "SEMI_METHODS", "TrainConfig", "context_labels_settings", "deep_supervision_settings",
+           "make_class_weighter", "semi_supervised_settings"]
 
 # --------------------------------------------------------------------------- asymmetric mixup settings
 
@@ -145,6 +147,87 @@ def deep_supervision_settings(entry: Any, features: List[int]) -> Dict[str, Any]
                          f"got {weights!r}")
     return s
 
+# --------------------------------------------------------------------------- context label settings
+
+#: ``TrainConfig.context_labels`` settings and the values used where a config leaves them out
+#: (context label learning, CoLab: Li, Kamnitsas, Ouyang, Chen & Glocker, "Context label
+#: learning: improving background class representations in semantic segmentation", IEEE TMI
+#: 2023; trained as :mod:`imbalanceseglib.context_labels`, defaults from the authors' code,
+#: github.com/ZerojumpLine/CoLab):
+#:
+#: * ``enabled``: true trains the segmentation network with ``classes`` more outputs, context
+#:   classes that split the background, whose labels a task generator (a second U-Net) makes
+#:   and meta-learns; the bundle's network merges them back into the background, so it
+#:   predicts the config's classes.  Supervised training only, without asymmetric mixup, in one
+#:   process (refused otherwise); works with every loss, class weighting, adversarial training,
+#:   augmentation and deep supervision;
+#: * ``classes``: context classes added to the background (1..16; default 1: the background is
+#:   split in two, as the authors' liver-tumour command, ``--taskcls 2``);
+#: * ``update_every``: the generator's meta step runs every this many iterations (default 5,
+#:   the authors' ``--taskupdate``), the segmentation network's ordinary step every iteration;
+#: * ``generator_features``: the generator U-Net's channels per level (null: the segmentation
+#:   network's, as the authors' code; at most as many levels);
+#: * ``generator_learning_rate``: Adam's learning rate for the generator (3e-4, the authors'
+#:   ``--arch_learning_rate``), with the segmentation network's polynomial decay;
+#: * ``lookahead_learning_rate``: the step size of the segmentation network's one-step
+#:   look-ahead in the meta step (a plain gradient step; 0.01, the authors' SGD learning rate,
+#:   with the same decay);
+#: * ``near_mm`` and ``falloff_mm``: context labels are generated within ``near_mm`` of the
+#:   patch's foreground, fading out as ``exp(-(d - near_mm) / falloff_mm)`` beyond it (the rest
+#:   is plain background; a patch without foreground gets none); null ``near_mm`` generates them
+#:   on the whole background.  Defaults 60 and 40 mm: the authors' 30 and 20 voxels
+#:   (``--threshold_sub``, ``--threshold_dev``) on their 1.9 x 1.9 x 2.47 mm grid, rounded.
+CONTEXT_LABELS_DEFAULTS: Dict[str, Any] = {
+    "enabled": False,
+    "classes": 1,
+    "update_every": 5,
+    "generator_features": None,
+    "generator_learning_rate": 3e-4,
+    "lookahead_learning_rate": 1e-2,
+    "near_mm": 60.0,
+    "falloff_mm": 40.0,
+}
+MAX_CONTEXT_CLASSES = 16  # networks.MAX_CONTEXT_CLASSES (this module stays torch-free)
+
+
+def _positive_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v)) and float(v) > 0
+
+
+def context_labels_settings(entry: Any, features: List[int]) -> Dict[str, Any]:
+    """``TrainConfig.context_labels`` with the defaults filled in (``generator_features`` resolved
+    to the network's ``features`` when null); ValueError naming the key whose type or value is
+    wrong."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"context_labels must be a mapping such as {{\"enabled\": true}}, got {entry!r}")
+    unknown = sorted(set(entry) - set(CONTEXT_LABELS_DEFAULTS))
+    if unknown:
+        raise ValueError(f"context_labels: unknown settings {unknown}; known: {sorted(CONTEXT_LABELS_DEFAULTS)}")
+    s = {**copy.deepcopy(CONTEXT_LABELS_DEFAULTS), **copy.deepcopy(entry)}
+    if not isinstance(s["enabled"], bool):
+        raise ValueError(f"context_labels.enabled must be true or false, got {s['enabled']!r}")
+    for key, hi in (("classes", MAX_CONTEXT_CLASSES), ("update_every", 10 ** 6)):
+        v = s[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise ValueError(f"context_labels.{key} must be an integer in 1..{hi}, got {v!r}")
+    gf = s["generator_features"]
+    if gf is None:
+        s["generator_features"] = [int(f) for f in features]
+    elif (not isinstance(gf, list) or not 2 <= len(gf) <= len(features)
+          or not all(not isinstance(f, bool) and isinstance(f, int) and 1 <= f <= 4096 for f in gf)):
+        raise ValueError(f"context_labels.generator_features must be null (the network's) or a list of 2 to "
+                         f"{len(features)} channel counts (as many levels as features {list(features)} at most), "
+                         f"got {gf!r}")
+    for key in ("generator_learning_rate", "lookahead_learning_rate", "falloff_mm"):
+        if not _positive_number(s[key]):
+            raise ValueError(f"context_labels.{key} must be a number > 0, got {s[key]!r}")
+    near = s["near_mm"]
+    if near is not None and (isinstance(near, bool) or not isinstance(near, (int, float))
+                             or not math.isfinite(float(near)) or float(near) < 0):
+        raise ValueError(f"context_labels.near_mm must be null (the whole background) or a distance >= 0 in mm, "
+                         f"got {near!r}")
+    return s
+
 # --------------------------------------------------------------------------- semi-supervised settings
 
 SEMI_METHODS = ("none", "cps", "double_mix")
@@ -263,6 +346,11 @@ class TrainConfig:
     # deep_supervision_settings has them all).  Off, it is left out of the checkpoint's config
     # fingerprint, so runs from before it existed still resume.
     deep_supervision: Dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+    # Context label learning (CoLab): enabled, classes, update_every, generator_features,
+    # generator_learning_rate, lookahead_learning_rate, near_mm, falloff_mm
+    # (CONTEXT_LABELS_DEFAULTS explains each; context_labels_settings has them all).  Off, it is
+    # left out of the checkpoint's config fingerprint, so runs from before it existed still resume.
+    context_labels: Dict[str, Any] = field(default_factory=lambda: {"enabled": False})
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -325,6 +413,7 @@ class TrainConfig:
                 raise ValueError(f"{key}.probability must be in [0, 1], got {p!r}")
         _check_mixup(self.mixup, str(self.loss.get("name", "dice_ce")))
         deep_supervision_settings(self.deep_supervision, list(self.features))
+        context = context_labels_settings(self.context_labels, list(self.features))
         from .augment import policy_from_config  # needs torch
         for key in ("default", "rare"):
             policy_from_config(self.augmentation.get(key, "none"))  # raises naming the bad key
@@ -340,6 +429,14 @@ class TrainConfig:
         if ss["method"] != "none" and (self.mixup.get("probability", 0.0) or self.adversarial.get("probability", 0.0)):
             raise ValueError("asymmetric mixup and adversarial training are supervised-only; "
                              "turn them off for semi-supervised training")
+        if context["enabled"] and ss["method"] != "none":
+            raise ValueError(f"context_labels are supervised-only (the pseudo-labels of {ss['method']!r} have no "
+                             "context classes); turn one of them off")
+        if context["enabled"] and self.mixup.get("probability", 0.0):
+            raise ValueError("context_labels cannot be combined with asymmetric mixup (it mixes the labels of two "
+                             "patches by the classes' rarity, which the generated context labels have none of); "
+                             "set mixup.probability to 0 (e.g. method asym_focal or asym_adversarial instead of "
+                             "asym_mixup/asym_combined) or turn context labels off")
         object.__setattr__(self, "_validated_as", self._fingerprint())
 
     def validated(self) -> "TrainConfig":
@@ -368,6 +465,13 @@ class TrainConfig:
         ``levels`` resolved for this config's U-Net; the trainers read these, the checkpoint's
         config fingerprint and the model card (``training.deep_supervision``) record them."""
         return deep_supervision_settings(self.deep_supervision, list(self.features))
+
+    @property
+    def context_labels_settings(self) -> Dict[str, Any]:
+        """``context_labels`` with the defaults (:data:`CONTEXT_LABELS_DEFAULTS`) filled in and
+        ``generator_features`` resolved; the trainer reads these, the checkpoint's config
+        fingerprint and the model card (``training.context_labels``) record them."""
+        return context_labels_settings(self.context_labels, list(self.features))
 
     @property
     def semi_settings(self) -> Dict[str, Any]:

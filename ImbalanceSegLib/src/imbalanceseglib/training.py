@@ -13,6 +13,11 @@ every foreground class under ``rare_threshold`` of the training voxels:
 losses of auxiliary outputs at the coarser decoder levels to every training loss of a step (the
 clean, the mixed and the adversarial batch alike); the class weights follow the full-resolution
 output, the adversarial input is made from it alone, and the bundle holds the plain network.
+Context labels (``TrainConfig.context_labels``, :mod:`imbalanceseglib.context_labels`) train the
+network with context classes that split the background, made by a task generator that takes a
+meta step every few iterations before the network's own step; the class weights and the
+adversarial input follow the network's merged output (the context classes summed into the
+background), and the bundle holds the network with that merge built in.
 
 ``train`` takes preprocessed cases (:mod:`imbalanceseglib.training_data`) and a validated
 :class:`~imbalanceseglib.train_config.TrainConfig`; the shared loop
@@ -35,8 +40,9 @@ import torch
 from . import distributed as dd
 from . import events as ev
 from .class_weights import DistributionWeights
+from .context_labels import ContextLabels, context_loss, expand_class_weights, exported_network
 from .deep_supervision import AuxiliaryHeads, DeepSupervisionLoss, card_entry, deep_outputs, output_weights
-from .networks import build_network, set_activation_checkpointing
+from .networks import build_network, merge_context_logits, set_activation_checkpointing
 from .perturbations import asymmetric_adversarial_input, asymmetric_mixup, mixup_lambda, one_hot_voxels
 from .train_config import METHOD_PRESETS, TrainConfig, make_class_weighter  # noqa: F401  (re-exported)
 from .training_data import (Case, PatchSampler, check_training_data, make_case, prepare_case,  # noqa: F401
@@ -75,6 +81,10 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
     if unlabeled_cases:
         raise ValueError(f"unlabelled cases were given but method {config.method!r} is supervised; "
                          "choose a semi-supervised method (cps, cps_weighted, double_mix)")
+    context_settings = config.context_labels_settings
+    if context_settings["enabled"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("context labels train in one process (the task generator's meta step is not shared "
+                         "between torchrun ranks); run without torchrun or turn context labels off")
     voxel_counts = check_training_data(config, train_cases)
     ctx = dd.init_from_env()
     if ctx.active:
@@ -83,17 +93,25 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             log, events = quiet, None
     out_dir = begin_run(config, out_dir)
     n_cls = len(config.classes)
-    network = build_network("UNet3D", {"in_channels": 1, "out_channels": n_cls, "features": list(config.features)})
+    n_context = int(context_settings["classes"]) if context_settings["enabled"] else 0
+    n_out = n_cls + n_context  # the network's outputs while training
+    network = build_network("UNet3D", {"in_channels": 1, "out_channels": n_out, "features": list(config.features)})
     set_activation_checkpointing(network, config.activation_checkpointing)
     dd.broadcast_parameters(network, ctx)
     deep = config.deep_supervision_settings
-    heads = AuxiliaryHeads(config.features, n_cls, deep["levels"]) if deep["enabled"] else None
+    heads = AuxiliaryHeads(config.features, n_out, deep["levels"]) if deep["enabled"] else None
     if heads is not None:
         dd.broadcast_parameters(heads, ctx)
-    loop = TrainingLoop(config, network, out_dir, val_cases, log=log, events=events, ctx=ctx, auxiliary=heads)
+    learner = (ContextLabels(context_settings, n_cls, tuple(reversed(config.target_spacing)), config.iterations)
+               if n_context else None)
+    exported = exported_network(network, n_cls) if learner is not None else network  # merged: K classes
+    loop = TrainingLoop(config, network, out_dir, val_cases, log=log, events=events, ctx=ctx, auxiliary=heads,
+                        context=learner, exported=exported)
     names = [c["name"] for c in config.classes]
     fractions = (voxel_counts / voxel_counts.sum()).tolist()
     loss_fn, rare_names, rare_mask = build_training_loss(config, names, fractions)
+    if learner is not None:  # the same loss over the classes and the context classes
+        loss_fn = context_loss(dict(config.loss), names, rare_names, n_context)
     deep_loss = DeepSupervisionLoss(loss_fn, output_weights(deep)) if heads is not None else None
     weighter = make_class_weighter(config.class_weighting, n_cls)
     if isinstance(weighter, DistributionWeights):
@@ -110,9 +128,16 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         + f", adversarial p={adv_p:g}, "
         f"augmentation {aug.get('default', 'none')}/{aug.get('rare', 'none')}"
         + (f", deep supervision at {deep['levels']} coarser decoder level(s), output weights "
-           f"{', '.join(f'{w:.3f}' for w in output_weights(deep))}" if heads is not None else ""))
+           f"{', '.join(f'{w:.3f}' for w in output_weights(deep))}" if heads is not None else "")
+        + (f", context labels: {n_context} context class(es) split the background"
+           + (f" within {float(context_settings['near_mm']):g} mm of the foreground" if context_settings["near_mm"]
+              is not None else "")
+           + f", generator meta step every {context_settings['update_every']} iteration(s)" if learner else ""))
     sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, augmenter)
     forward = training_forward(network, log)  # the CPU training path, or the module itself
+    if learner is not None:
+        learner.generate = training_forward(learner.generator, lambda m: log(f"context labels' task generator: {m}"))
+    network_parameters = list(network.parameters())
     rng = loop.rng
     if resume:
         loop.resume(lambda state: weighter.load_state_dict(state) if weighter is not None else None)
@@ -126,6 +151,8 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             x, y, target = x[part], y[part], target[part]
             mask = mask[part] if mask is not None else None
         weights = weighter.weights if weighter is not None else None
+        if learner is not None:  # each context class weighs what the background weighs
+            weights = expand_class_weights(weights, n_context)
 
         def supervised(inputs: torch.Tensor):
             """(logits, loss): the loss deep-supervised when it is on (the logits stay the main output's)."""
@@ -136,8 +163,8 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             return out, deep_loss([out] + aux, target, class_weights=weights, mask=mask)
 
         logits, loss = supervised(x)
-        if adversarial_step:  # the adversarial input from the network's main output only
-            x_adv = asymmetric_adversarial_input(network, x, y, rare_mask,
+        if adversarial_step:  # the adversarial input from the network's main (merged) output only
+            x_adv = asymmetric_adversarial_input(exported, x, y, rare_mask,
                                                  epsilon=float(config.adversarial.get("epsilon", 10.0)))
             loss = loss + float(config.adversarial.get("weight", 1.0)) * supervised(x_adv)[1]
         global_loss = dd.mean_scalar(loss, ctx)
@@ -155,13 +182,24 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         torch.nn.utils.clip_grad_norm_(loop.parameters, 12.0)
         loop.optimizer.step()
         if update_weights and weighter is not None:  # from the whole global batch on every rank
-            update_class_weighter(weighter, dd.gather_batch(logits.detach(), ctx), dd.gather_batch(y, ctx))
+            merged = merge_context_logits(logits.detach(), n_cls)  # the classes' logits (no-op without context)
+            update_class_weighter(weighter, dd.gather_batch(merged, ctx), dd.gather_batch(y, ctx))
         return float(global_loss)
 
     def step(it: int) -> Dict[str, float]:
         x, y = sampler.batch(rng, config.batch_size)
+        out: Dict[str, float] = {}
+        target = y
+        if learner is not None:  # the generator's meta step first, then its targets for the network's step
+            if learner.due(it):
+                w = weighter.weights if weighter is not None else None
+                meta = learner.meta_step(forward, network_parameters, x, y, loss_fn, it,
+                                         class_weights=expand_class_weights(w, n_context))
+                if meta is not None:
+                    out["meta_loss"] = meta
+            target = learner.targets(x, y)
         # (x, labels, target, voxel mask, weights from it) per optimizer step of this iteration
-        batches = [(x, y, y, None, True)]
+        batches = [(x, y, target, None, True)]
         if mix_p > 0 and rng.random() < mix_p:
             x_b, y_b = sampler.batch(rng, config.batch_size)
             lam = mixup_lambda(float(mix["alpha"]), rng, float(mix["lambda_scale"]))
@@ -175,7 +213,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
         losses = [sub_step(it, bx, by, bt, bm, adversarial and bool(rare_mask[by.long()].any()), upd)
                   for bx, by, bt, bm, upd in batches]
         loop.scheduler.step()  # once per iteration, however many optimizer steps it took
-        return {"loss": sum(losses) / len(losses)}
+        return {"loss": sum(losses) / len(losses), **out}
 
     def report(done: int, mean: Dict[str, float], elapsed: float, speed: str):
         entry: Dict[str, Any] = {"iteration": done, "loss": mean["loss"], "elapsed_s": elapsed}
@@ -183,13 +221,23 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
             entry["class_weights"] = [round(float(w), 4) for w in weighter.weights]
         line = (f"iter {done:>6}/{config.iterations}  loss {mean['loss']:.4f}  {speed}"
                 + (f"  weights {named_weights(names, entry['class_weights'])}" if weighter is not None else ""))
+        if learner is not None:
+            if "meta_loss" in mean:
+                entry["context_meta_loss"] = mean["meta_loss"]
+            entry["context_background_split"] = learner.fractions
+            line += ((f"  meta {mean['meta_loss']:.4f}" if "meta_loss" in mean else "")
+                     + (f"  background split {'/'.join(f'{f:.2f}' for f in learner.fractions)}"
+                        if learner.fractions else ""))
         return entry, line
 
     loop.run(step, report, class_weights=lambda: weighter.state_dict() if weighter is not None else None)
-    return loop.finish({"arch": "UNet3D", "params": {"in_channels": 1, "out_channels": n_cls,
-                                                     "features": list(config.features)}},
+    params: Dict[str, Any] = {"in_channels": 1, "out_channels": n_cls, "features": list(config.features)}
+    if learner is not None:
+        params["context_classes"] = n_context  # merged into the background inside the network
+    return loop.finish({"arch": "UNet3D", "params": params},
                        rare_names, voxel_counts, len(train_cases),
                        extra_card=with_input_profile(extra_card, train_cases),
                        training_extra={**({"mixup": mix} if mix_p > 0 else {}),
-                                       **({"deep_supervision": card_entry(deep)} if heads is not None else {})}
+                                       **({"deep_supervision": card_entry(deep)} if heads is not None else {}),
+                                       **({"context_labels": learner.card_entry()} if learner is not None else {})}
                        or None)

@@ -302,15 +302,22 @@ class TrainingLoop:
     state is checkpointed (``{}`` when None) and restored with the rest.  ``auxiliary`` are deep
     supervision's heads (:mod:`imbalanceseglib.deep_supervision`): optimised with the network
     (:attr:`parameters` holds both, for gradient clipping), checkpointed and restored with it, and
-    never put in the bundle.
+    never put in the bundle.  ``context`` is context labels' task generator
+    (:class:`imbalanceseglib.context_labels.ContextLabels`, with its own optimizer): checkpointed
+    and restored with the rest, never put in the bundle.  ``exported`` (default ``network``) is
+    the network validation runs and the bundle holds: with context labels, the view of
+    ``network`` that merges its context outputs into the background (same parameters).
     """
 
     def __init__(self, config: TrainConfig, network: torch.nn.Module, out_dir: Path, val_cases: Sequence[Case], *,
                  log: LogFn = print, events: Optional[ev.EventFn] = None, ctx: Optional[dd.DistContext] = None,
                  teachers: Optional[torch.nn.Module] = None, with_teachers: bool = False,
-                 auxiliary: Optional[torch.nn.Module] = None):
+                 auxiliary: Optional[torch.nn.Module] = None, context: Optional[Any] = None,
+                 exported: Optional[torch.nn.Module] = None):
         self.config = config
         self.network = network
+        self.exported = exported if exported is not None else network
+        self.context = context
         self.out_dir = Path(out_dir)
         self.val_cases = val_cases
         self.log, self.events = log, events
@@ -341,7 +348,7 @@ class TrainingLoop:
         ck = resume_checkpoint(self.ckpt_path, self.config_json)
         self.history, self.start_it, self.elapsed_before, weights = restore_checkpoint(
             ck, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng,
-            teachers=self.teachers, auxiliary=self.auxiliary)
+            teachers=self.teachers, auxiliary=self.auxiliary, context=self.context)
         load_class_weights(weights)
         self.log(f"resuming from {self.ckpt_path} at iteration {self.start_it}/{self.config.iterations}")
         return True
@@ -359,7 +366,7 @@ class TrainingLoop:
             network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, rng=self.rng,
             history=self.history, iteration=iteration, elapsed=elapsed, config_json=self.config_json,
             class_weights=class_weights(), teachers=self.teachers, with_teachers=self.with_teachers,
-            auxiliary=self.auxiliary))
+            auxiliary=self.auxiliary, context=self.context))
         dd.barrier(self.ctx)
 
     def run(self, step: StepFn, report: ReportFn, class_weights: Callable[[], Any],
@@ -385,7 +392,7 @@ class TrainingLoop:
                     self.events(ev.iteration(done, cfg.iterations, entry["loss"]))
                 running = {}
             if self.val_cases and self.ctx.is_main and (done % cfg.val_every == 0 or done == cfg.iterations):
-                validation_step(self.network, self.val_cases, cfg, done, self.history, self.log, label=val_label,
+                validation_step(self.exported, self.val_cases, cfg, done, self.history, self.log, label=val_label,
                                 events=self.events)
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                 self.checkpoint(done, elapsed, class_weights)
@@ -403,11 +410,12 @@ class TrainingLoop:
         Also when a resumed run had nothing left to do."""
         cfg = self.config
         self.network.eval()
+        self.exported.eval()
         bundle_path = self.out_dir / f"{cfg.name}{BUNDLE_SUFFIX}"
         if not self.ctx.is_main:
             dd.barrier(self.ctx)  # rank 0 writes the bundle
             return bundle_path
-        validation = (evaluate_cases(self.network, self.val_cases, cfg) if self.val_cases
+        validation = (evaluate_cases(self.exported, self.val_cases, cfg) if self.val_cases
                       else {"per_class": {}, "cases": 0})
         total_time = self.elapsed_before + time.perf_counter() - self._t_start
         card = training_card(cfg, network_entry, validation, rare_names, voxel_counts, n_train, len(self.val_cases),
@@ -419,7 +427,7 @@ class TrainingLoop:
         card["training"]["never_learned"] = check["never_learned"]
         if extra_card:
             card.update(copy.deepcopy(extra_card))
-        path = save_bundle(bundle_path, card, self.network)
+        path = save_bundle(bundle_path, card, self.exported)
         if self.events is not None:
             self.events(ev.artifact("bundle", path))
         if check["message"]:

@@ -19,3 +19,25 @@ def sphere_case(seed: int, shape=(32, 32, 32), noise=0.2):
     img = lab.astype(np.float32) * np.array([0, 1.0, 2.0], np.float32)[lab] / np.maximum(lab, 1)
     img = img + rng.normal(0, noise, shape).astype(np.float32)
     return img.astype(np.float32), lab
+
+
+class Killed(Exception):
+    """Raised by :func:`train_killed_at` to stop a training run from its log callback."""
+
+
+def train_killed_at(train, iteration: int, *args, **kwargs):
+    """Run ``train(*args, **kwargs)`` and kill it when it logs ``iter  <iteration>/``, as a crash
+    would; returns the checkpoint it left (``weights_only``). The run must reach that line."""
+    import re
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    def log(msg):
+        m = re.match(r"iter\s+(\d+)/", msg)
+        if m and int(m.group(1)) == iteration:
+            raise Killed()
+    with pytest.raises(Killed):
+        train(*args, log=log, **kwargs)
+    return torch.load(Path(args[3]) / "checkpoint.pt", weights_only=True)

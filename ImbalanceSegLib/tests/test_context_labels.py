@@ -30,7 +30,7 @@ from imbalanceseglib.train_config import CONTEXT_LABELS_DEFAULTS, MAX_CONTEXT_CL
 from imbalanceseglib.training import make_case, train
 from imbalanceseglib.training_engine import ENV_VAR, TrainingPath, unsupported_reason
 
-from libtest_helpers import CLASSES, sphere_case
+from libtest_helpers import CLASSES, sphere_case, train_killed_at
 
 NAMES = [c["name"] for c in CLASSES]
 
@@ -395,15 +395,7 @@ def test_resume_with_context_labels_and_class_weights_matches_an_uninterrupted_r
                   checkpoint_every=2, log_every=1, context_labels={"enabled": True, "update_every": 2})
     full = train(cfg, tiny_cases, [], tmp_path / "full", log=lambda m: None)
 
-    class Stop(Exception):
-        pass
-
-    def kill_at_3(msg):
-        if msg.startswith("iter      3/"):
-            raise Stop()
-    with pytest.raises(Stop):
-        train(cfg, tiny_cases, [], tmp_path / "resumed", log=kill_at_3)
-    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    ck = train_killed_at(train, 3, cfg, tiny_cases, [], tmp_path / "resumed")
     assert ck["iteration"] == 2 and int(ck["context_labels"]["meta_steps"]) == 1
     resumed = train(cfg, tiny_cases, [], tmp_path / "resumed", log=lambda m: None)
     a, b = load_bundle(full), load_bundle(resumed)

@@ -27,7 +27,7 @@ from imbalanceseglib.train_config import METHOD_PRESETS, TrainConfig
 from imbalanceseglib.training import train
 from imbalanceseglib.training_engine import TrainingPath, training_forward, unsupported_reason
 
-from libtest_helpers import CLASSES, sphere_case
+from libtest_helpers import CLASSES, sphere_case, train_killed_at
 
 NAMES = [c["name"] for c in CLASSES]
 
@@ -335,15 +335,7 @@ def test_resume_with_deep_supervision_mixup_adversarial_and_class_weights_matche
     assert cfg.mixup_settings["clean_step"] and cfg.adversarial["probability"] == 1.0
     full = train(cfg, tiny_cases, [], tmp_path / "full", log=lambda m: None)
 
-    class Stop(Exception):
-        pass
-
-    def kill_at_10(msg):
-        if msg.startswith("iter     10/"):
-            raise Stop()
-    with pytest.raises(Stop):
-        train(cfg, tiny_cases, [], tmp_path / "resumed", log=kill_at_10)
-    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    ck = train_killed_at(train, 10, cfg, tiny_cases, [], tmp_path / "resumed")
     assert ck["iteration"] == 8 and len(ck["deep_supervision"]) == 4
     resumed = train(cfg, tiny_cases, [], tmp_path / "resumed", log=lambda m: None)
     a, b = load_bundle(full), load_bundle(resumed)

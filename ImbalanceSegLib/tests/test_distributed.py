@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from imbalanceseglib.bundle import load_bundle
 from imbalanceseglib.training import TrainConfig, train
 
-from libtest_helpers import CLASSES, sphere_case
+from libtest_helpers import CLASSES, sphere_case, train_killed_at
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,15 +100,7 @@ def test_two_processes_resume_a_checkpoint_and_finish_like_an_uninterrupted_run(
     full = full_bundle.card
     out = tmp_path / "resumed"
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_6(msg):
-        if msg.startswith("iter      6/"):
-            raise Stop()
-    with pytest.raises(Stop):
-        train(_config("cdifw"), _cases(), [], out, log=stop_at_6)
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    assert train_killed_at(train, 6, _config("cdifw"), _cases(), [], out)["iteration"] == 4
     result = str(tmp_path / "result")
     mp.start_processes(_rank_main, args=(2, _free_port(), str(out), "cdifw", result),
                        nprocs=2, join=True, start_method="spawn")

@@ -16,7 +16,7 @@ from imbalanceseglib.semi_supervised import (cps_loss, double_mix, ema_update, m
 from imbalanceseglib.train_config import semi_supervised_settings as settings
 from imbalanceseglib.training import TrainConfig, make_case, prepare_unlabeled_case, train
 
-from libtest_helpers import sphere_case
+from libtest_helpers import sphere_case, train_killed_at
 
 
 def _cfg(tiny_config, **changes):
@@ -192,15 +192,7 @@ def test_resume_gives_the_same_dual_model(tmp_path, tiny_config, tiny_cases):
     unl = _unlabelled(2)
     full = load_bundle(train(cfg, tiny_cases[:2], [], tmp_path / "full", log=lambda m: None, unlabeled_cases=unl))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_10(msg):
-        if msg.startswith("iter") and "10/" in msg:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, tiny_cases[:2], [], tmp_path / "cut", log=stop_at_10, unlabeled_cases=unl)
+    train_killed_at(train, 10, cfg, tiny_cases[:2], [], tmp_path / "cut", unlabeled_cases=unl)
     resumed = load_bundle(train(cfg, tiny_cases[:2], [], tmp_path / "cut", log=lambda m: None, unlabeled_cases=unl))
     for k, v in full.network.state_dict().items():
         torch.testing.assert_close(v, resumed.network.state_dict()[k], rtol=0, atol=1e-6)

@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -10,7 +8,7 @@ from imbalanceseglib.inference import predict
 from imbalanceseglib.metrics import dice_per_class
 from imbalanceseglib.training import PatchSampler, TrainConfig, prepare_case, train
 
-from libtest_helpers import CLASSES, sphere_case
+from libtest_helpers import sphere_case, train_killed_at
 
 
 def test_training_lowers_loss_and_writes_a_complete_card(tmp_path, tiny_config, tiny_cases):
@@ -33,15 +31,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_co
     # iterations 21-30 are lost and must be redone identically after the resume.
     interrupted = tmp_path / "resumed"
 
-    class Stop(Exception):
-        pass
-
-    def kill_at_30(msg):
-        if msg.startswith("iter     30/"):
-            raise Stop()
-    with pytest.raises(Stop):
-        train(cfg_half, tiny_cases, [], interrupted, log=kill_at_30)
-    ck = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    ck = train_killed_at(train, 30, cfg_half, tiny_cases, [], interrupted)
     assert ck["iteration"] == 20
     resumed = train(cfg_half, tiny_cases, [], interrupted, log=lambda m: None)
     a = load_bundle(full).network.state_dict()

@@ -7,6 +7,7 @@ import torch
 
 from imbalanceseglib.bundle import load_bundle
 from imbalanceseglib.training import METHOD_PRESETS, TrainConfig, train
+from libtest_helpers import train_killed_at
 
 
 def _cfg(tiny_config, **changes):
@@ -24,15 +25,7 @@ def test_resume_with_mixup_adversarial_class_weights_and_augmentation_matches_an
                augmentation={"default": "default", "rare": "rare"}, rare_classes=["Bead"])
     full = train(cfg, tiny_cases, [], tmp_path / "full", log=lambda m: None)
 
-    class Stop(Exception):
-        pass
-
-    def kill_at_10(msg):
-        if msg.startswith("iter     10/"):
-            raise Stop()
-    with pytest.raises(Stop):
-        train(cfg, tiny_cases, [], tmp_path / "resumed", log=kill_at_10)
-    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    ck = train_killed_at(train, 10, cfg, tiny_cases, [], tmp_path / "resumed")
     assert ck["iteration"] == 8 and json.loads(ck["class_weights"])["kind"]
     resumed = train(cfg, tiny_cases, [], tmp_path / "resumed", log=lambda m: None)
     a, b = load_bundle(full), load_bundle(resumed)

@@ -29,3 +29,33 @@ def machine(extra: str = "") -> str:
     text = (f"{platform.system()} {platform.machine()}, {cpu_model()}, {os.cpu_count()} logical cores, "
             f"{memory_gib():.0f} GiB RAM, Python {platform.python_version()}")
     return f"{text}, {extra}" if extra else text
+
+
+def write_json_atomic(path, data) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a kill mid-write leaves the old file or none),
+    creating the folder; numpy scalars are written as floats."""
+    import json
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def job_log(out_dir):
+    """``say(msg)``: append a time-stamped line to ``out_dir/train.log`` (created), flushed at once,
+    for a benchmark job running in a worker process."""
+    import time
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(out_dir / "train.log", "a")
+
+    def say(msg: str) -> None:
+        fh.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+        fh.flush()
+    say.close = fh.close
+    return say

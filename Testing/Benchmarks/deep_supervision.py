@@ -98,7 +98,7 @@ sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
 import real_imbalance as ri  # noqa: E402  (its settings, job_config and evaluate_split; nothing runs on import)
-from benchmark_common import machine  # noqa: E402
+from benchmark_common import job_log, machine, write_json_atomic  # noqa: E402
 
 WORK = ROOT / "work-tmp" / "deep_supervision"
 QUICK_WORK = ROOT / "work-tmp" / "deep_supervision_quick"
@@ -132,10 +132,6 @@ BUDGET_CPU_HOURS = 2.0
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    ri._atomic_json(path, data)
 
 
 # --------------------------------------------------------------------------- runs
@@ -242,12 +238,7 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     folder = rd.data_folder(spec)
     if folder is None:
         raise RuntimeError(rd.missing_message(spec))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(out_dir / "train.log", "a")
-
-    def say(msg: str) -> None:
-        logf.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
-        logf.flush()
+    say = job_log(out_dir)
 
     load0 = os.getloadavg()[0]
     classes = rd.classes(folder)
@@ -291,7 +282,7 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
             timeline[it] = {"cpu": session["base"] + cpu - cpu0}
         elif it in marks:
             timeline.setdefault(it, {}).update(val_wall=wall - marks[it][0], val_cpu=cpu - marks[it][1])
-        _atomic_json(tl_file, {str(k): v for k, v in sorted(timeline.items())})
+        write_json_atomic(tl_file, {str(k): v for k, v in sorted(timeline.items())})
 
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -333,10 +324,10 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     result["eval_cpu_s"] = time.process_time() - cpu0 - session_cpu
     result["loadavg_start_end"] = [load0, os.getloadavg()[0]]
     result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    _atomic_json(res_file, result)
+    write_json_atomic(res_file, result)
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     say(f"done: wall {wall:.0f} s (validation {total_val:.0f} s), evaluation {result['eval_s']:.0f} s")
-    logf.close()
+    say.close()
     return result
 
 
@@ -1089,7 +1080,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 timing = time_iterations(datasets, 1, 2, 3, work, losses)
             else:
                 timing = time_iterations(datasets, TIMING_REPS, TIMING_WARM, TIMING_IT, work, losses)
-            _atomic_json(tpath, timing)
+            write_json_atomic(tpath, timing)
         info = run_all(runs, work, max(1, args.jobs), args.max_hours, args.quick)
     results = load_results(work, runs)
     p = plot(results, datasets, losses, plot_path)

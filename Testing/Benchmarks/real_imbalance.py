@@ -126,7 +126,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -142,7 +141,7 @@ sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
-from benchmark_common import machine  # noqa: E402
+from benchmark_common import job_log, machine, write_json_atomic  # noqa: E402
 
 WORK = ROOT / "work-tmp" / "real_imbalance"
 QUICK_WORK = ROOT / "work-tmp" / "real_imbalance_quick"
@@ -359,14 +358,6 @@ def job_config(job: Dict[str, Any], classes: List[Dict[str, Any]], threads: int,
     return cfg
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1, default=float)
-    os.replace(tmp, path)
-
-
 def _stats(values: np.ndarray) -> Dict[str, Any]:
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
@@ -553,12 +544,7 @@ def run_job(job: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     folder = rd.data_folder(spec)
     if folder is None:
         raise RuntimeError(rd.missing_message(spec))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(out_dir / "train.log", "a")
-
-    def say(msg: str) -> None:
-        logf.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
-        logf.flush()
+    say = job_log(out_dir)
 
     load0 = os.getloadavg()[0]
     classes = rd.classes(folder)
@@ -616,10 +602,10 @@ def run_job(job: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     result["loadavg_start_end"] = [load0, os.getloadavg()[0]]
     result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     result_file.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(result_file, result)
+    write_json_atomic(result_file, result)
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     say(f"done: train {train_s:.0f} s, evaluation {result['eval_s']:.0f} s")
-    logf.close()
+    say.close()
     return result
 
 

@@ -54,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 sys.path.insert(0, str(HERE))
+from benchmark_common import write_json_atomic  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
 CONFIG = ROOT / "Resources" / "Models" / "demo_hippocampus.train.json"
 SPLIT = ROOT / "Resources" / "Models" / "demo_hippocampus.split.json"
@@ -68,14 +69,6 @@ WORK = ROOT / "work-tmp" / "suggestive_annotation"
 #: committed with the report, so that a run resumes across sessions and clones; the models stay
 #: in WORK (a missing one is trained again only for a round not yet done).
 RESULTS = HERE / "reports" / "suggestive_annotation_results"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (a kill mid-write leaves the old file or none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def kept(work: Path) -> Path:
@@ -204,7 +197,7 @@ def model_for(labelled: Sequence[str], seed: int, args, base, data: Data, work: 
     t1 = time.perf_counter()
     ev = evaluate(bundle, data, test)
     meta = {"labelled": sorted(labelled), "seed": seed, "train_s": train_s, "eval_s": time.perf_counter() - t1, **ev}
-    write_json(meta_path, meta)
+    write_json_atomic(meta_path, meta)
     return bundle, meta
 
 
@@ -252,7 +245,7 @@ def run_round(strategy: str, seed: int, rnd: int, labelled: List[str], pool: Lis
             result["pool_mean_dice"] = statistics.mean(1 - e for e in err.values())
             result["picks_mean_dice"] = statistics.mean(1 - err[n] for n in result["picks"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, result)
+    write_json_atomic(path, result)
     return result
 
 
@@ -645,7 +638,7 @@ def main(argv=None) -> int:
     if args.plan or not (kept(work) / "plan.json").exists():
         log("measuring for the plan (a short training and one ranking)")
         est = plan(args, base, data, split, work)
-        write_json(kept(work) / "plan.json", est)
+        write_json_atomic(kept(work) / "plan.json", est)
         print_plan(est, args)
         if args.plan:
             return 0
@@ -655,7 +648,7 @@ def main(argv=None) -> int:
     log(mach)
     meta = {"command": command, "machine": mach, "started": started, "classes": classes, "elapsed_min": None,
             "plan": est, "args": {k: v for k, v in vars(args).items() if k not in ("report_only", "plan", "out")}}
-    write_json(kept(work) / "meta.json", meta)  # so that --report-only can report a partial run
+    write_json_atomic(kept(work) / "meta.json", meta)  # so that --report-only can report a partial run
     for seed in range(args.seeds):
         initial, pool = seed_split(split, seed, args.initial, args.pool)
         labelled = {s: list(initial) for s in args.strategies}
@@ -670,7 +663,7 @@ def main(argv=None) -> int:
                     f"{'–' if md is None else f'{md:.3f}'}{extra}")
                 labelled[s] = labelled[s] + r["picks"]
     meta["elapsed_min"] = (time.perf_counter() - t_all) / 60
-    write_json(kept(work) / "meta.json", meta)
+    write_json_atomic(kept(work) / "meta.json", meta)
     write_report(out, meta, collect(work, args.strategies), args.strategies)
     log(f"report written to {out}")
     return 0

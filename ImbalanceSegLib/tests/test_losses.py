@@ -54,6 +54,42 @@ def test_dice_batch_versus_image_reduction_for_a_class_absent_from_one_image():
     assert image > batch + 0.15  # the absent class is pushed to zero only with per-image reduction
 
 
+def test_dice_of_a_soft_target_is_smallest_where_the_prediction_equals_it():
+    dice = build_loss({"name": "dice", "smooth_nr": 0.0, "smooth_dr": 1e-12})
+    # one voxel, half of class 1: the product form's Dice would be 2*(1/2*1/2)/(1/2+1/2) = 1/2 at p = 1/2
+    # and 2*(1*1/2)/(1+1/2) = 2/3 at p = 1; the semimetric overlap (sum p + sum t - sum |p - t|)/2 gives
+    # 1/2 and 1/2 -> Dice 1 and 2/3
+    half = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1, 1)
+    at_t = dice(torch.zeros(1, 2, 1, 1, 1), half).item()
+    sure = dice(torch.tensor([-30.0, 30.0]).view(1, 2, 1, 1, 1), half).item()
+    assert at_t == pytest.approx(0.0, abs=1e-6)
+    assert sure == pytest.approx(1 - 2 / 3, rel=1e-5)
+    # a random soft target over 4x4x4 voxels and 3 classes: any move of p away from t costs Dice
+    g = torch.Generator().manual_seed(0)
+    t = torch.softmax(3 * torch.randn(2, 3, 4, 4, 4, generator=g), 1)
+    best = dice(torch.log(t), t).item()
+    assert best == pytest.approx(0.0, abs=1e-5)
+    for _ in range(5):
+        moved = torch.log(t) + 0.3 * torch.randn(t.shape, generator=g)
+        assert dice(moved, t).item() > best + 1e-3
+
+
+def test_dice_of_a_one_hot_target_is_the_product_form_value_and_gradient():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 3, 3, 3, generator=g, requires_grad=True)
+    y = torch.randint(0, 3, (2, 1, 3, 3, 3), generator=g)
+    s = 1e-5
+    loss = build_loss({"name": "dice", "smooth_nr": s, "smooth_dr": s})(z, y)
+    p = torch.softmax(z, 1)
+    t = torch.nn.functional.one_hot(y[:, 0], 3).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)
+    product = (1 - (2 * (p * t).sum(dims) + s) / (p.sum(dims) + t.sum(dims) + s))[1:].mean()
+    assert loss.item() == pytest.approx(product.item(), rel=1e-6)
+    (g1,) = torch.autograd.grad(loss, z)
+    (g2,) = torch.autograd.grad(product, z)
+    assert torch.allclose(g1, g2, atol=1e-7)
+
+
 def test_rare_mask_by_threshold_and_by_name():
     assert resolve_rare_mask(NAMES, [0.9, 0.099, 0.001]).tolist() == [False, False, True]
     assert resolve_rare_mask(NAMES, [0.9, 0.099, 0.001], threshold=0.1).tolist() == [False, True, True]

@@ -150,7 +150,16 @@ def per_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, batch: bool, 
                         smooth_dr: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """1 - soft Dice per class: (C,) with ``batch``, else (N, C).  With a voxel ``mask``
     (boolean (N, 1, ...)) the probabilities and targets of the voxels where it is False are
-    left out of every sum (a zero target alone would still count their probabilities)."""
+    left out of every sum (a zero target alone would still count their probabilities).
+
+    The overlap is the Dice semimetric's ``(sum p + sum t - sum |p - t|) / 2`` (Wang & Blaschko,
+    "Dice semimetric losses: optimizing the Dice score with soft labels", MICCAI 2023; MONAI's
+    ``DiceLoss(soft_label=True)``), not ``sum p * t``: for a one-hot target the two are equal
+    (``|p - t| = p + t - 2 p t``), value and gradient, but for a soft target (deep supervision's
+    block-averaged targets, context labels, mixup) the product form is not smallest at ``p = t``
+    (one voxel half of class c: its Dice is 1/2 at ``p = 1/2`` and 2/3 at ``p = 1``), which pushes
+    the outputs away from the fractions they are given; the semimetric form is smallest there
+    (Dice 1, loss 0 up to the smoothing terms)."""
     m = voxel_mask(mask, probs)
     if m is not None:
         probs = torch.where(m, probs, torch.zeros_like(probs))
@@ -158,8 +167,8 @@ def per_class_dice_loss(probs: torch.Tensor, target: torch.Tensor, batch: bool, 
     dims = tuple(range(2, probs.ndim))
     if batch:
         dims = (0,) + dims
-    inter = (probs * target).sum(dims)
     denom = probs.sum(dims) + target.sum(dims)
+    inter = 0.5 * (denom - (probs - target).abs().sum(dims))
     return 1.0 - (2.0 * inter + smooth_nr) / (denom + smooth_dr)
 
 

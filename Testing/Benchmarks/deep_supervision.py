@@ -119,6 +119,9 @@ DEFAULT_LOSSES = ("dice_ce",)
 LOSS_LABELS = {"dice_ce": "Dice + CE", "asym_large_margin": "asym. large margin (m = 1) + Dice"}
 #: The deep supervision setting of the "ds" arm (library defaults: all decoder levels, halving weights).
 DS_SETTING = {"enabled": True, "levels": None, "weights": "halving"}
+#: The context-label arm of ``context_labels.py``, which runs through this script's runs (same
+#: pipeline, same "plain" runs as its baseline): CoLab with the library's defaults.
+COLAB_SETTING = {"enabled": True}
 ARMS = ("plain", "ds")
 ARM_LABELS = {"plain": "without DS", "ds": "with DS"}
 N_VAL = {"acdc": 8, "chaos": 4}
@@ -199,6 +202,8 @@ def run_config(run: Dict[str, Any], classes: List[Dict[str, Any]], threads: int)
     cfg.update(val_every=every, log_every=every, checkpoint_every=max(every, it // 10),
                description=f"deep_supervision benchmark run {run['id']}")
     cfg["deep_supervision"] = copy.deepcopy(DS_SETTING) if run["arm"] == "ds" else {"enabled": False}
+    if run["arm"] == "colab":  # context_labels.py's arm: CoLab with the library's defaults, nothing else changed
+        cfg["context_labels"] = copy.deepcopy(COLAB_SETTING)
     return cfg
 
 
@@ -308,7 +313,7 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
         "seed": run["seed"], "iterations": run["iterations"], "quick": quick, "threads": threads,
         "train_patients": patients, "train_volumes": train_ids, "validation_volumes": val_ids,
         "test_volumes": test_ids, "classes": names, "rare": list(spec.rare), "config": config.to_dict(),
-        "deep_supervision_card": tr.get("deep_supervision"),
+        "deep_supervision_card": tr.get("deep_supervision"), "context_labels_card": tr.get("context_labels"),
         "wall_time_s": wall, "validation_s": total_val, "validation_cpu_s": total_val_cpu,
         # training only, up to the last iteration (the curve's last point: the validations before it subtracted)
         "train_s": train_wall, "seconds_per_iteration": train_wall / max(1, run["iterations"]),
@@ -324,11 +329,26 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     result["eval_cpu_s"] = time.process_time() - cpu0 - session_cpu
     result["loadavg_start_end"] = [load0, os.getloadavg()[0]]
     result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result["commit"] = code_commit()
     write_json_atomic(res_file, result)
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     say(f"done: wall {wall:.0f} s (validation {total_val:.0f} s), evaluation {result['eval_s']:.0f} s")
     say.close()
     return result
+
+
+def code_commit() -> Optional[str]:
+    """The checkout's commit (with ``+changes`` when the library or benchmarks differ from it): which
+    code a result came from."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ImbalanceSegLib/src", "Testing/Benchmarks/*.py"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+changes" if dirty else "")) or None
 
 
 def _worker(run: Dict[str, Any], work: str, threads: int, quick: bool) -> Tuple[str, Optional[str], float]:

@@ -874,6 +874,44 @@ def findings(results, timing, datasets, losses) -> List[str]:
     return out
 
 
+#: The deep-supervision runs made before the Dice term took soft targets in the semimetric form
+#: (commit bf30074): the auxiliary outputs' Dice used sum(p * t) on block-averaged targets.
+PRODUCT_DICE_RESULTS = RESULTS / "product_dice_aux"
+
+
+def product_dice_section(results: Dict[str, Dict[str, Any]], datasets: Sequence[str]) -> List[str]:
+    """The earlier runs with DS (product-form Dice on the auxiliary outputs' soft targets) beside
+    the current ones of the same id: rare-class test Dice per seed."""
+    if not PRODUCT_DICE_RESULTS.is_dir():
+        return []
+    rows = []
+    for f in sorted(PRODUCT_DICE_RESULTS.glob("*.json")):
+        try:
+            old = json.loads(f.read_text())
+        except ValueError:
+            continue
+        if old.get("dataset") not in datasets:
+            continue
+        new = results.get(old["id"])
+        base = results.get(old["id"].replace("-ds-", "-plain-"))
+        for cls in rd.DATASETS[old["dataset"]].rare:
+            rows.append(f"| `{old['id']}` | {cls} | {fmt(_cm(base['test'], cls, 'dice') if base else None)} | "
+                        f"{fmt(_cm(old['test'], cls, 'dice'))} | {fmt(_cm(new['test'], cls, 'dice') if new else None)} | "
+                        f"{fmt(_cm(old['test'], cls, 'precision'))} / "
+                        f"{fmt(_cm(new['test'], cls, 'precision') if new else None)} |")
+    if not rows:
+        return []
+    return ["## Earlier runs: product-form Dice on the auxiliary outputs", "",
+            "Until commit bf30074 the Dice term used the overlap sum(p * t), which for the auxiliary outputs' "
+            "block-averaged (soft) targets is not smallest at p = t; it now uses the Dice semimetric overlap "
+            "(sum p + sum t - sum |p - t|) / 2, equal for one-hot targets (so the runs without DS are unchanged). "
+            "The runs with DS made before the fix are kept in `deep_supervision_results/product_dice_aux/`; their "
+            "rare-class test Dice beside the rerun of the same id (same seed, patients, initial network and "
+            "sampling):", "",
+            "| run | class | test Dice without DS | with DS, product form (before) | with DS, semimetric (now) | "
+            "test precision before / now |", "|---|---|---|---|---|---|"] + rows + [""]
+
+
 def literature_lines() -> List[str]:
     return [
         "## Against the published effect",
@@ -997,7 +1035,8 @@ def write_report(results, runs, timing, command: str, work: Path, out: Path, plo
         + " iterations; training seed = the seed.",
         "* The only difference between the arms: `\"deep_supervision\": " + json.dumps(DS_SETTING)
         + "`, i.e. 1x1x1 heads on the decoder outputs at 1/2 and 1/4 resolution, losses (the same loss as the main "
-        "output) against the targets averaged over 2x2x2 / 4x4x4 blocks, output weights 4/7 (full), 2/7, 1/7. The "
+        "output, its Dice term in the semimetric form that soft targets need) against the targets averaged over "
+        "2x2x2 / 4x4x4 blocks, output weights 4/7 (full), 2/7, 1/7. The "
         "heads are dropped at inference (the bundle is the plain network).",
         "* Losses: " + ", ".join(f"{LOSS_LABELS[lo]} (`{lo}`)" for lo in losses)
         + ("" if "asym_large_margin" in losses else
@@ -1025,6 +1064,7 @@ def write_report(results, runs, timing, command: str, work: Path, out: Path, plo
         lines += ["## Curves", "", f"![deep_supervision]({os.path.relpath(plot_path, out.parent)})", "",
                   "Validation Dice against iterations, per class (CHAOS, first column: the mean of its two rare "
                   "classes); thin lines: seeds, thick: mean over seeds.", ""]
+    lines += product_dice_section(results, datasets)
     lines += literature_lines()
     lines += ["## Runs", "", "| run | status | training CPU s / wall s (validation excluded) | CPU s/iteration | "
               "validation CPU s | final evaluation CPU s | finished |", "|---|---|---|---|---|---|---|"]

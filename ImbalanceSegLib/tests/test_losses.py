@@ -74,6 +74,17 @@ def test_dice_of_a_soft_target_is_smallest_where_the_prediction_equals_it():
         assert dice(moved, t).item() > best + 1e-3
 
 
+@pytest.mark.parametrize("name", ["generalized_dice", "tversky", "soft_dice"])
+def test_monai_overlap_losses_are_smallest_at_a_soft_target(name):
+    g = torch.Generator().manual_seed(2)
+    t = torch.softmax(3 * torch.randn(2, 3, 4, 4, 4, generator=g), 1)
+    loss = build_loss({"name": name})
+    best = loss(torch.log(t), t).item()
+    assert best == pytest.approx(0.0, abs=1e-4)
+    for _ in range(5):
+        assert loss(torch.log(t) + 0.3 * torch.randn(t.shape, generator=g), t).item() > best + 1e-3
+
+
 def test_dice_of_a_one_hot_target_is_the_product_form_value_and_gradient():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 3, 3, 3, 3, generator=g, requires_grad=True)

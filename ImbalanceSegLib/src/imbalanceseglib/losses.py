@@ -27,8 +27,9 @@ Names (:data:`LOSS_NAMES`):
   (``lambda_ce``, ``lambda_dice``);
 * ``generalized_dice``, ``focal``, ``tversky``, ``soft_dice`` - MONAI's
   GeneralizedDiceLoss, FocalLoss (softmax, ``gamma``), TverskyLoss (``alpha``,
-  ``beta``) and DiceLoss for soft labels (``soft_label=True``); they take no
-  per-call class weights;
+  ``beta``) and DiceLoss; the overlap losses with ``soft_label=True`` (the same
+  values for one-hot targets, smallest at ``p = t`` for soft ones, as ``dice``
+  here: :func:`per_class_dice_loss`); they take no per-call class weights;
 * ``asym_focal`` and ``asym_large_margin`` - the asymmetric losses of Li,
   Kamnitsas & Glocker ("Analyzing overfitting under class imbalance in neural
   networks for image segmentation", IEEE TMI 40(3), 2021, early access 2020):
@@ -356,13 +357,13 @@ def build_loss(settings: Optional[Dict[str, Any]] = None, class_names: Optional[
     if name == "dice_ce":
         return DiceCE(cfg)
     if name == "generalized_dice":
-        return _MonaiWrapped(name, GeneralizedDiceLoss(softmax=True, **common))
+        return _MonaiWrapped(name, GeneralizedDiceLoss(softmax=True, soft_label=True, **common))
     if name == "focal":
         return _MonaiWrapped(name, FocalLoss(include_background=cfg["include_background"], use_softmax=True,
                                              gamma=float(cfg.get("gamma", 2.0))))
     if name == "tversky":
         return _MonaiWrapped(name, TverskyLoss(softmax=True, alpha=float(cfg.get("alpha", 0.3)),
-                                               beta=float(cfg.get("beta", 0.7)), **common))
+                                               beta=float(cfg.get("beta", 0.7)), soft_label=True, **common))
     if name == "soft_dice":
         return _MonaiWrapped(name, DiceLoss(softmax=True, soft_label=True, **common))
     # asymmetric losses

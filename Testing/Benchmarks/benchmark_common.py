@@ -45,6 +45,16 @@ def write_json_atomic(path, data) -> None:
     os.replace(tmp, path)
 
 
+def write_report_atomic(path, lines) -> None:
+    """Write a report's ``lines`` (joined by newlines, with a final one) to ``path`` atomically,
+    creating the folder: a kill mid-write leaves the old report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
 def job_log(out_dir):
     """``say(msg)``: append a time-stamped line to ``out_dir/train.log`` (created), flushed at once,
     for a benchmark job running in a worker process."""

@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE))
 
 import deep_supervision as dsb  # noqa: E402  (its runs, pipeline and helpers; nothing runs on import)
 import real_data as rd  # noqa: E402
-from benchmark_common import machine  # noqa: E402
+from benchmark_common import machine, write_report_atomic  # noqa: E402
 
 REPORT = HERE / "reports" / "context_labels.md"
 PLOT = HERE / "reports" / "context_labels.png"
@@ -293,10 +293,7 @@ def write_report(results, runs, command: str, out: Path, plot_path: Optional[Pat
                         f"{dsb.fmt(res.get('cpu_seconds_per_iteration'), 3)} | {res['finished']} |" if res
                         else "- | - | - |"))
     lines.append("")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_report_atomic(out, lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -98,7 +98,7 @@ sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
 import real_imbalance as ri  # noqa: E402  (its settings, job_config and evaluate_split; nothing runs on import)
-from benchmark_common import job_log, machine, write_json_atomic  # noqa: E402
+from benchmark_common import job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
 
 WORK = ROOT / "work-tmp" / "deep_supervision"
 QUICK_WORK = ROOT / "work-tmp" / "deep_supervision_quick"
@@ -1075,10 +1075,7 @@ def write_report(results, runs, timing, command: str, work: Path, out: Path, plo
                         f"{fmt(res.get('cpu_seconds_per_iteration'), 3)} | {fmt(res.get('validation_cpu_s'), 0)} | "
                         f"{fmt(res.get('eval_cpu_s'), 0)} | {res['finished']} |" if res else "- | - | - | - | - |"))
     lines.append("")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_report_atomic(out, lines)
 
 
 # --------------------------------------------------------------------------- main

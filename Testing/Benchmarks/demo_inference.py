@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_common import machine as _machine  # noqa: E402
+from benchmark_common import machine as _machine, write_report_atomic  # noqa: E402
 sys.path[:0] = [str(ROOT / "ImbalanceSeg"), str(ROOT / "ImbalanceSegLib" / "src")]
 
 
@@ -73,9 +73,7 @@ def main() -> int:
         vals = [r[k] for r in runs]
         lines.append(f"| {k} | {statistics.median(vals):.2f} | {min(vals):.2f} | {max(vals):.2f} |")
     out = ROOT / "Testing" / "Benchmarks" / "reports" / "demo_inference.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
+    write_report_atomic(out, lines)
     print("\n".join(lines))
     return 0
 

@@ -170,7 +170,6 @@ def main(argv=None) -> int:
              "dir": str(work / "runs" / f"{m}_n{n}_s{s}_it{iterations}_lr{args.lr:g}")}
             for s in seeds for n in sizes for m in methods]
     results: List[Dict] = []
-    t_run = time.perf_counter()
     if args.report_only:
         for j in jobs:
             p = Path(j["dir"]) / "result.json"
@@ -187,7 +186,6 @@ def main(argv=None) -> int:
             small = group_values([r], SMALL, "dice")
             log(f"done {len(results)}/{len(jobs)}: {j['method']:<18} n={j['size']:<3} seed={j['seed']}  "
                 f"{r['wall_time_s']:.0f} s  small-class Dice {small[0] if small else float('nan'):.3f}")
-    run_s = time.perf_counter() - t_run
 
     import SimpleITK as sitk
     lab0 = sitk.GetArrayFromImage(sitk.ReadImage(files["train"][0][1]))

@@ -141,7 +141,7 @@ sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
-from benchmark_common import job_log, machine, write_json_atomic  # noqa: E402
+from benchmark_common import job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
 
 WORK = ROOT / "work-tmp" / "real_imbalance"
 QUICK_WORK = ROOT / "work-tmp" / "real_imbalance_quick"
@@ -1223,10 +1223,7 @@ def write_report(results, jobs, command: str, work: Path, out: Path, plot_path: 
         lines.append(f"| `{j['id']}` | {j['part']} | {'done' if j['id'] in results else 'missing'} | "
                      f"{estimated_minutes(j, 1):.0f} |")
     lines.append("")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_report_atomic(out, lines)
 
 
 # --------------------------------------------------------------------------- main

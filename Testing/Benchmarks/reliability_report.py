@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_common import machine  # noqa: E402
+from benchmark_common import machine, write_report_atomic  # noqa: E402
 
 FILES = ["ImbalanceSegLib/tests/test_reliability.py", "ImbalanceSegLib/tests/test_hostile_files.py"]
 
@@ -83,9 +83,7 @@ def main() -> int:
         esc = lambda t: t.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {esc(case)} | {esc(observed)} | {outcome} | `{node}` |")
     out = ROOT / "Testing" / "Benchmarks" / "reports" / "reliability.md"
-    tmp_out = out.with_suffix(".md.tmp")
-    tmp_out.write_text("\n".join(lines) + "\n")
-    tmp_out.replace(out)
+    write_report_atomic(out, lines)
     print(f"wrote {out}")
     return 0 if counts["failed"] == 0 else 1
 

@@ -6,6 +6,8 @@ import os
 import platform
 from pathlib import Path
 
+_ROOT = Path(__file__).resolve().parents[2]
+
 
 def cpu_model() -> str:
     try:
@@ -43,6 +45,20 @@ def write_json_atomic(path, data) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=1, default=float)
     os.replace(tmp, path)
+
+
+def code_commit():
+    """The checkout's commit (with ``+changes`` when the library or benchmarks differ from it): which
+    code a result came from."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ImbalanceSegLib/src", "Testing/Benchmarks/*.py"],
+                               cwd=_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+changes" if dirty else "")) or None
 
 
 def write_report_atomic(path, lines) -> None:

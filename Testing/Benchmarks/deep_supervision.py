@@ -98,7 +98,7 @@ sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
 import real_imbalance as ri  # noqa: E402  (its settings, job_config and evaluate_split; nothing runs on import)
-from benchmark_common import job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
+from benchmark_common import code_commit, job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
 
 WORK = ROOT / "work-tmp" / "deep_supervision"
 QUICK_WORK = ROOT / "work-tmp" / "deep_supervision_quick"
@@ -335,20 +335,6 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     say(f"done: wall {wall:.0f} s (validation {total_val:.0f} s), evaluation {result['eval_s']:.0f} s")
     say.close()
     return result
-
-
-def code_commit() -> Optional[str]:
-    """The checkout's commit (with ``+changes`` when the library or benchmarks differ from it): which
-    code a result came from."""
-    import subprocess
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ImbalanceSegLib/src", "Testing/Benchmarks/*.py"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+changes" if dirty else "")) or None
 
 
 def _worker(run: Dict[str, Any], work: str, threads: int, quick: bool) -> Tuple[str, Optional[str], float]:

@@ -141,7 +141,7 @@ sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
-from benchmark_common import job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
+from benchmark_common import code_commit, job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
 
 WORK = ROOT / "work-tmp" / "real_imbalance"
 QUICK_WORK = ROOT / "work-tmp" / "real_imbalance_quick"
@@ -601,7 +601,7 @@ def run_job(job: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     result["eval_s"] = time.perf_counter() - t0
     result["loadavg_start_end"] = [load0, os.getloadavg()[0]]
     result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result["commit"] = code_commit()
     write_json_atomic(result_file, result)
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)
     say(f"done: train {train_s:.0f} s, evaluation {result['eval_s']:.0f} s")

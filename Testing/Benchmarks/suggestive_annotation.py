@@ -54,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "ImbalanceSegLib" / "src"))
 sys.path.insert(0, str(HERE))
-from benchmark_common import write_json_atomic  # noqa: E402
+from benchmark_common import code_commit, write_json_atomic  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
 CONFIG = ROOT / "Resources" / "Models" / "demo_hippocampus.train.json"
 SPLIT = ROOT / "Resources" / "Models" / "demo_hippocampus.split.json"
@@ -244,7 +244,7 @@ def run_round(strategy: str, seed: int, rnd: int, labelled: List[str], pool: Lis
             result["spearman_uncertainty_error"] = spearman([unc[n] for n in remaining], [err[n] for n in remaining])
             result["pool_mean_dice"] = statistics.mean(1 - e for e in err.values())
             result["picks_mean_dice"] = statistics.mean(1 - err[n] for n in result["picks"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    result["commit"] = code_commit()
     write_json_atomic(path, result)
     return result
 

@@ -591,7 +591,7 @@ class ImbalanceSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         run_settings.add_model_folder(qt.QSettings(), str(job.bundlePath.parent))
         self._refreshChoices(selectModel=str(job.bundlePath))
-        # the trainer's plain summary of classes never learned (or not checked), one line each
+        # the trainer's plain summary of classes never or barely learned (or not checked), one line each
         notes = [str(w.get("message", "")).replace("[train] ", "", 1) for w in getattr(job, "warnings", [])]
         self.ui.trainStatusLabel.text = (f"Model written: {job.bundlePath} (selected in the model list)."
                                          + "".join(f"\n{note[:1].upper()}{note[1:]}" for note in notes))

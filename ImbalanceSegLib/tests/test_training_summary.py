@@ -139,10 +139,22 @@ COUNTS = np.array([9000, 900, 100])
 
 def test_learning_check_says_what_it_saw_and_only_suggests_real_options():
     assert set(training_loop._SUGGESTED_SUPERVISED + training_loop._SUGGESTED_SEMI_SUPERVISED) <= set(METHOD_PRESETS)
-    # every class learned, even a poorly learned one: nothing to warn about
-    check = learning_check(_config(), _validation(0.9, 0.02), [], [], COUNTS)
-    assert check == {"never_learned": [], "warnings": [],
-                     "message": "[train] every class was learned (validation Dice above 0 at iteration 2)."}
+    # every class learned, a poorly learned one too (Dice 0.3): nothing to warn about
+    check = learning_check(_config(), _validation(0.9, 0.3), [], [], COUNTS)
+    assert check == {"never_learned": [], "barely_learned": [], "warnings": [],
+                     "message": "[train] every class was learned (validation Dice at least 0.05 at iteration 2)."}
+    # found but under 0.05 (0.010): barely learned, said with what it had before and what to try
+    history = [{"iteration": 1, "val": {"Liver": {"dice": 0.5}, "Right kidney": {"dice": 0.2}}}]
+    check = learning_check(_config(), _validation(0.9, 0.01, predicted_kidney=7), history, [], COUNTS)
+    assert (check["never_learned"], check["barely_learned"], check["message"]) == ([], ["Right kidney"], None)
+    assert check["warnings"] == [{"kind": "barely_learned", "classes": ["Right kidney"], "message": (
+        "[train] barely learned: Right kidney (validation Dice 0.010 at iteration 2, under 0.05; it had Dice 0.200 "
+        'at iteration 1; 1% of the training voxels). Try: a rare-class method (method "asym_combined" or "cdifw"), '
+        "more iterations (this run: 2), a larger foreground_fraction (now 0.67), or check that it is labelled the "
+        "same way in the training and the validation cases.")}]
+    assert training_loop.BARELY_LEARNED_DICE == 0.05
+    # exactly at the threshold counts as learned
+    assert learning_check(_config(), _validation(0.9, 0.05), [], [], COUNTS)["barely_learned"] == []
     # an asymmetric method that does not treat the class as rare; learned earlier, then lost
     cfg = _config(method="asym_focal", rare_classes=["Liver"], foreground_fraction=1.0, iterations=300)
     history = [{"iteration": 100, "val": {"Liver": {"dice": 0.5}, "Right kidney": {"dice": 0.0}}},
@@ -158,13 +170,13 @@ def test_learning_check_says_what_it_saw_and_only_suggests_real_options():
     # a class in no validation case cannot be checked: said so, not called learned or unlearned
     check = learning_check(_config(), _validation(0.6, None), [], [], COUNTS)
     assert check["never_learned"] == []
-    assert check["message"] == "[train] learned: Liver (validation Dice above 0 at iteration 2)."
+    assert check["message"] == "[train] learned: Liver (validation Dice at least 0.05 at iteration 2)."
     assert check["warnings"] == [{"kind": "not_checked", "classes": ["Right kidney"], "message": (
         "[train] not checked whether Right kidney was learned: in no validation case (and never predicted "
         "there). Add validation cases that contain it.")}]
     # no validation cases: nothing can be checked, and the card says so with null
     check = learning_check(_config(), {"per_class": {}, "cases": 0}, [], [], COUNTS)
-    assert check["never_learned"] is None and check["message"] is None
+    assert check["never_learned"] is None and check["barely_learned"] is None and check["message"] is None
     assert [(w["kind"], w["classes"]) for w in check["warnings"]] == [("not_checked", ["Liver", "Right kidney"])]
     assert "there were no validation cases" in check["warnings"][0]["message"]
     # two classes never learned, semi-supervised without class weights

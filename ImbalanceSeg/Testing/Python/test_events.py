@@ -152,8 +152,9 @@ def test_trainers_send_events_only_when_asked(synthetic, tmp_path):
     kinds = [e["event"] for e in got]
     assert kinds[:4] == ["iteration", "validation", "artifact", "artifact"] and set(kinds[4:]) <= {"warning"}
     assert got[0]["iteration"] == 2 and math.isfinite(got[0]["loss"]) and got[3] == ev.artifact("bundle", path)
-    never = load_bundle(path).card["training"]["never_learned"]
-    assert [e["classes"] for e in got[4:] if e["kind"] == "never_learned"] == ([never] if never else [])
+    card = load_bundle(path).card["training"]
+    for kind in ("never_learned", "barely_learned"):
+        assert [e["classes"] for e in got[4:] if e["kind"] == kind] == ([card[kind]] if card[kind] else [])
     history = load_bundle(path).card["training"]["history"]
     assert got[0]["loss"] == history[0]["loss"]
     # events=None (the default): the same training, nothing sent, same weights

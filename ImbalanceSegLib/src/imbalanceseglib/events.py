@@ -18,7 +18,8 @@ is a JSON object whose ``"event"`` names its kind:
 ================  =============================================================================
 
 Warnings (``warning``) so far come at the end of training: ``never_learned`` names the foreground
-classes whose validation Dice at the end is 0 and says what to try; ``not_checked`` the classes
+classes whose validation Dice at the end is 0 and says what to try, ``barely_learned`` those
+whose Dice is above 0 but under 0.05 (``training_loop.BARELY_LEARNED_DICE``); ``not_checked`` the classes
 that could not be checked (no validation cases, or none containing the class).
 
 Producers take an ``events`` callback (``Callable[[dict], None]``, default None: no events);
@@ -40,7 +41,7 @@ EventFn = Callable[[Event], None]
 
 KINDS = ("progress", "iteration", "validation", "artifact", "log", "warning", "done", "error")
 ARTIFACT_KINDS = ("bundle", "checkpoint")
-WARNING_KINDS = ("never_learned", "not_checked")
+WARNING_KINDS = ("never_learned", "barely_learned", "not_checked")
 
 
 def progress(stage: str, fraction: float) -> Event:

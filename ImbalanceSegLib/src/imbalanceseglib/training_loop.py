@@ -14,8 +14,9 @@ for both:
   ``checkpoint_every`` a checkpoint and an ``artifact`` event (:mod:`imbalanceseglib.events`);
 * at the end the model bundle with its card (:func:`training_card`) and a ``bundle`` event, then
   the plain summary of :func:`learning_check`: which classes the final validation shows were never
-  learned (Dice 0) and what to try, as a log line and a ``warning`` event, also recorded in the
-  card (``training.never_learned``).
+  learned (Dice 0) or barely learned (Dice under 0.05) and what to try, as log lines and
+  ``warning`` events, also recorded in the card (``training.never_learned``,
+  ``training.barely_learned``).
 
 Under torchrun (``ctx``) only rank 0 validates and writes; the others wait at barriers.
 """
@@ -132,27 +133,35 @@ def _listed(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+#: Below this final validation Dice a class that was found at all is reported as *barely
+#: learned*: it is as good as missing to a user (e.g. 0.010 for a kidney after a run whose other
+#: seeds reached 0.6), and a plain "every class was learned" would hide it.
+BARELY_LEARNED_DICE = 0.05
+
+
 def learning_check(config: TrainConfig, validation: Dict[str, Any], history: Sequence[Dict[str, Any]],
                    rare_names: Sequence[str], voxel_counts: np.ndarray) -> Dict[str, Any]:
-    """Which foreground classes the final model never learned, said plainly, with what to try.
+    """Which foreground classes the final model never or barely learned, said plainly, with what to try.
 
     A class is *never learned* when its validation Dice at the end of training
     (``validation``, from :func:`evaluate_cases`) is 0: in every validation case where it is
     defined, not one voxel of it was found (never predicted, or predicted only outside the
-    reference). Low but non-zero Dice is not flagged. A class in no validation case (Dice
-    undefined) cannot be checked, and without validation cases nothing can: both are said
-    too. ``history`` (the validations during training) adds the best earlier Dice of a class
-    that was learned and lost; ``voxel_counts`` (the training data) its share of the voxels.
+    reference). It is *barely learned* when that Dice is above 0 but under
+    :data:`BARELY_LEARNED_DICE` (0.05). A class in no validation case (Dice undefined) cannot be
+    checked, and without validation cases nothing can: both are said too. ``history`` (the
+    validations during training) adds the best earlier Dice of a class that was learned and
+    lost; ``voxel_counts`` (the training data) its share of the voxels.
 
-    Returns ``{"never_learned": [names] or None (not checked: no validation cases), "warnings":
-    [{"kind", "classes", "message"}], "message": one line saying which classes were learned when
-    none was flagged and at least one was checked, else None}``; each warning is what an
-    :func:`imbalanceseglib.events.warning` event carries (kinds :data:`imbalanceseglib.events.WARNING_KINDS`).
-    The methods suggested are names of :data:`imbalanceseglib.presets.METHOD_PRESETS`; the
-    settings, fields of :class:`~imbalanceseglib.train_config.TrainConfig`."""
+    Returns ``{"never_learned": [names] or None (not checked: no validation cases),
+    "barely_learned": [names] or None, "warnings": [{"kind", "classes", "message"}], "message":
+    one line saying which classes were learned when none was flagged and at least one was
+    checked, else None}``; each warning is what an :func:`imbalanceseglib.events.warning` event
+    carries (kinds :data:`imbalanceseglib.events.WARNING_KINDS`). The methods suggested are names
+    of :data:`imbalanceseglib.presets.METHOD_PRESETS`; the settings, fields of
+    :class:`~imbalanceseglib.train_config.TrainConfig`."""
     names = [c["name"] for c in config.classes[1:]]
     if not validation.get("cases"):
-        return {"never_learned": None, "message": None, "warnings": [{
+        return {"never_learned": None, "barely_learned": None, "message": None, "warnings": [{
             "kind": "not_checked", "classes": names,
             "message": "[train] not checked whether every class was learned: there were no validation cases. Add "
                        "some (val_images/val_labels or val_folder in the config's data section; validation "
@@ -161,48 +170,40 @@ def learning_check(config: TrainConfig, validation: Dict[str, Any], history: Seq
     per_class = validation.get("per_class", {})
     total = float(np.sum(voxel_counts)) or 1.0
     fraction = {c["name"]: float(voxel_counts[i]) / total for i, c in enumerate(config.classes)}
-    never, absent, details = [], [], []
+    never, barely, absent = [], [], []
+    details: Dict[str, List[str]] = {"never": [], "barely": []}
     for name in names:
         entry = per_class.get(name) or {}
         dice = entry.get("dice")
         if dice is None:
             absent.append(name)
             continue
-        if dice > 0.0:
+        if dice >= BARELY_LEARNED_DICE:
             continue
-        never.append(name)
-        facts = [f"validation Dice 0.000 at iteration {config.iterations}"]
+        tier = "never" if dice <= 0.0 else "barely"
+        (never if tier == "never" else barely).append(name)
+        facts = [f"validation Dice {dice:.3f} at iteration {config.iterations}"
+                 + ("" if tier == "never" else f", under {BARELY_LEARNED_DICE:g}")]
         predicted = entry.get("predicted_voxels")
         if predicted == 0:
             facts.append("never predicted")
-        elif predicted:
+        elif predicted and tier == "never":
             facts.append(f"predicted only outside its reference ({predicted} voxels)")
         earlier = [(h["iteration"], h["val"][name]["dice"]) for h in history
                    if isinstance(h.get("val"), dict) and (h["val"].get(name) or {}).get("dice")]
         if earlier:
             it, best = max(earlier, key=lambda e: e[1])
-            facts.append(f"it had Dice {best:.3f} at iteration {it}")
+            if best > dice:
+                facts.append(f"it had Dice {best:.3f} at iteration {it}")
         facts.append(f"{100 * fraction.get(name, 0.0):.2g}% of the training voxels")
-        details.append(f"{name} ({'; '.join(facts)})")
+        details[tier].append(f"{name} ({'; '.join(facts)})")
     warnings = []
-    if never:
-        suggested = _SUGGESTED_SEMI_SUPERVISED if config.is_semi_supervised else _SUGGESTED_SUPERVISED
-        others = " or ".join(f'"{m}"' for m in suggested if m != config.method)
-        weighted = any(w.get("method", "none") != "none" for w in (
-            config.class_weighting, config.semi_settings["weights_a"], config.semi_settings["weights_b"]))
-        tips = [f"{'another' if weighted or _uses_rare_mask(config) else 'a'} rare-class method (method {others})"]
-        not_rare = [n for n in never if n not in rare_names]
-        if _uses_rare_mask(config) and not_rare:
-            tips.append(f"naming {_listed(not_rare)} in rare_classes (the rare classes now: "
-                        f"{', '.join(rare_names) or 'none'})")
-        tips.append(f"more iterations (this run: {config.iterations})")
-        if float(config.foreground_fraction) < 1.0:
-            tips.append(f"a larger foreground_fraction (now {float(config.foreground_fraction):g})")
-        tips.append(f"check that {'it is' if len(never) == 1 else 'they are'} labelled the same way in the "
-                    "training and the validation cases")
-        warnings.append({"kind": "never_learned", "classes": never,
-                         "message": f"[train] never learned: {', '.join(details)}. Try: "
-                                    f"{', '.join(tips[:-1])}, or {tips[-1]}."})
+    for kind, flagged, said in (("never_learned", never, "never learned"), ("barely_learned", barely, "barely learned")):
+        if flagged:
+            tips = _what_to_try(config, flagged, rare_names)
+            warnings.append({"kind": kind, "classes": flagged,
+                             "message": f"[train] {said}: {', '.join(details[kind.split('_')[0]])}. Try: "
+                                        f"{', '.join(tips[:-1])}, or {tips[-1]}."})
     if absent:
         warnings.append({"kind": "not_checked", "classes": absent,
                          "message": f"[train] not checked whether {_listed(absent)} "
@@ -211,11 +212,30 @@ def learning_check(config: TrainConfig, validation: Dict[str, Any], history: Seq
                                     f"{'it' if len(absent) == 1 else 'them'}."})
     learned = [n for n in names if n not in absent]
     message = None
-    if learned and not never:
-        message = (f"[train] every class was learned (validation Dice above 0 at iteration {config.iterations})."
-                   if not absent else
-                   f"[train] learned: {_listed(learned)} (validation Dice above 0 at iteration {config.iterations}).")
-    return {"never_learned": never, "warnings": warnings, "message": message}
+    if learned and not never and not barely:
+        said = f"validation Dice at least {BARELY_LEARNED_DICE:g} at iteration {config.iterations}"
+        message = (f"[train] every class was learned ({said})." if not absent else
+                   f"[train] learned: {_listed(learned)} ({said}).")
+    return {"never_learned": never, "barely_learned": barely, "warnings": warnings, "message": message}
+
+
+def _what_to_try(config: TrainConfig, flagged: Sequence[str], rare_names: Sequence[str]) -> List[str]:
+    """The suggestions of :func:`learning_check` for the classes ``flagged``."""
+    suggested = _SUGGESTED_SEMI_SUPERVISED if config.is_semi_supervised else _SUGGESTED_SUPERVISED
+    others = " or ".join(f'"{m}"' for m in suggested if m != config.method)
+    weighted = any(w.get("method", "none") != "none" for w in (
+        config.class_weighting, config.semi_settings["weights_a"], config.semi_settings["weights_b"]))
+    tips = [f"{'another' if weighted or _uses_rare_mask(config) else 'a'} rare-class method (method {others})"]
+    not_rare = [n for n in flagged if n not in rare_names]
+    if _uses_rare_mask(config) and not_rare:
+        tips.append(f"naming {_listed(not_rare)} in rare_classes (the rare classes now: "
+                    f"{', '.join(rare_names) or 'none'})")
+    tips.append(f"more iterations (this run: {config.iterations})")
+    if float(config.foreground_fraction) < 1.0:
+        tips.append(f"a larger foreground_fraction (now {float(config.foreground_fraction):g})")
+    tips.append(f"check that {'it is' if len(flagged) == 1 else 'they are'} labelled the same way in the "
+                "training and the validation cases")
+    return tips
 
 
 def update_class_weighter(weighter, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -405,8 +425,9 @@ class TrainingLoop:
                training_extra: Optional[Dict[str, Any]] = None) -> Path:
         """Validate, write ``<out_dir>/<name>.imbseg`` (card: :func:`training_card`, with
         ``training_extra`` in its ``training`` entry and ``extra_card`` on top) and return its path;
-        then say which classes were never learned (:func:`learning_check`: log lines and ``warning``
-        events; the names in the card's ``training.never_learned``, null without validation cases).
+        then say which classes were never or barely learned (:func:`learning_check`: log lines and
+        ``warning`` events; the names in the card's ``training.never_learned`` and
+        ``training.barely_learned``, null without validation cases).
         Also when a resumed run had nothing left to do."""
         cfg = self.config
         self.network.eval()
@@ -425,6 +446,7 @@ class TrainingLoop:
         card["training"].update(training_extra or {})
         check = learning_check(cfg, validation, self.history, rare_names, voxel_counts)
         card["training"]["never_learned"] = check["never_learned"]
+        card["training"]["barely_learned"] = check["barely_learned"]
         if extra_card:
             card.update(copy.deepcopy(extra_card))
         path = save_bundle(bundle_path, card, self.exported)

@@ -127,6 +127,14 @@ def findings(results, datasets) -> List[str]:
                        f"{stats(diffs(pp, 'test', cls, 'precision'))}; HD95 ({'nominal ' if ds == 'acdc' else ''}mm) "
                        f"{stats(diffs(pp, 'test', cls, 'hd95'), 1)}; training Dice "
                        f"{stats(diffs(pp, 'train', cls, 'dice'))}.")
+            d = diffs(pp, "test", cls, "dice")
+            if len(d) > 2:
+                out.append(f"  Median paired test Dice difference {np.median(d):+.3f}.")
+            lost = [(p["seed"], dsb._cm(p["train"], cls, "dice"), dsb._cm(q["train"], cls, "dice")) for p, q in pp
+                    if (dsb._cm(p["train"], cls, "dice") or 0) >= 0.8 and (dsb._cm(q["train"], cls, "dice") or 0) < 0.5]
+            for seed, a, b in lost:
+                out.append(f"  **Seed {seed}: with CoLab the run did not learn {cls} even on its own training volumes** "
+                           f"(training Dice {b:.3f}, against {a:.3f} without; see its validation curve).")
         others = [c for c in pp[0][0]["classes"][1:] if c not in spec.rare]
         if others:
             out.append(f"* {tag}, other classes, test Dice with minus without: "

@@ -108,6 +108,7 @@ def cost_line() -> str:
 
 
 def findings(results, datasets) -> List[str]:
+    """The findings lines; ``results`` may hold deep_supervision.py's runs too (the "ds" arm)."""
     out = []
     for ds in datasets:
         spec = rd.DATASETS[ds]
@@ -133,8 +134,15 @@ def findings(results, datasets) -> List[str]:
             lost = [(p["seed"], dsb._cm(p["train"], cls, "dice"), dsb._cm(q["train"], cls, "dice")) for p, q in pp
                     if (dsb._cm(p["train"], cls, "dice") or 0) >= 0.8 and (dsb._cm(q["train"], cls, "dice") or 0) < 0.5]
             for seed, a, b in lost:
+                first = next((pt["iteration"] for p, _ in pp if p["seed"] == seed for pt in p["curve"]
+                              if (pt["dice"].get(cls) or 0) >= 0.2), None)
+                other = next((r for r in results.values() if r["dataset"] == ds and r["loss"] == LOSS
+                              and r["arm"] == "ds" and r["seed"] == seed), None)
                 out.append(f"  **Seed {seed}: with CoLab the run did not learn {cls} even on its own training volumes** "
-                           f"(training Dice {b:.3f}, against {a:.3f} without; see its validation curve).")
+                           f"(training Dice {b:.3f}, against {a:.3f} without, whose validation Dice first reached "
+                           f"0.2 at iteration {first}"
+                           + (f"; the run with deep supervision of this seed: training Dice "
+                              f"{dsb._cm(other['train'], cls, 'dice'):.3f}" if other else "") + ").")
         others = [c for c in pp[0][0]["classes"][1:] if c not in spec.rare]
         if others:
             out.append(f"* {tag}, other classes, test Dice with minus without: "
@@ -330,9 +338,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = plan_runs(datasets, dsb.SEEDS, {ds: dsb.ITERATIONS[ds] for ds in datasets})
     info = None if args.report_only else dsb.run_all(runs, work, max(1, args.jobs), args.max_hours, args.quick)
     results = dsb.load_results(work, runs)
+    n_done = len(results)
+    # deep_supervision.py's runs with DS of the same seeds, for the findings' cross-reference
+    results.update(dsb.load_results(work, [dict(r, arm="ds", id=r["id"].replace("-plain-", "-ds-"))
+                                           for r in runs if r["arm"] == "plain"]))
     p = plot(results, datasets, plot_path)
     write_report(results, runs, command, out, p, datasets, info)
-    dsb.log(f"report: {out} ({len(results)} of {len(runs)} runs done)")
+    dsb.log(f"report: {out} ({n_done} of {len(runs)} runs done)")
     return 1 if info and info["failed"] else 0
 
 

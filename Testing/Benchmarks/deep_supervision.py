@@ -821,6 +821,12 @@ def findings(results, timing, datasets, losses) -> List[str]:
                            f"{diff_stats(d)}; sensitivity {diff_stats(dsens)}; precision "
                            f"{diff_stats(paired('precision'))}; HD95 ({'nominal ' if ds == 'acdc' else ''}mm) "
                            f"{diff_stats(paired('hd95'), 1)}.")
+                for p, q in pp:
+                    a, b = _cm(p["train"], cls, "dice"), _cm(q["train"], cls, "dice")
+                    if (a or 0) >= 0.8 and (b or 0) < 0.5:
+                        out.append(f"  **Seed {p['seed']}: with DS the run did not learn {cls} even on its own "
+                                   f"training volumes** (training Dice {b:.3f}, against {a:.3f} without; its "
+                                   "validation curve shows whether it was starting to).")
             others = [c for c in pp[0][0]["classes"][1:] if c not in spec.rare]
             od = []
             for cls in others:

@@ -321,12 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="6 iterations, 1 seed, 2 test volumes (work-tmp only)")
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
-    datasets = []
-    for ds in [d for d in args.datasets.split(",") if d]:
-        if rd.data_folder(rd.DATASETS[ds]) is None:
-            print(rd.missing_message(rd.DATASETS[ds]))
-        else:
-            datasets.append(ds)
+    datasets = rd.available([d for d in args.datasets.split(",") if d])
     if not datasets:
         return 0
     work = dsb.QUICK_WORK if args.quick else dsb.WORK

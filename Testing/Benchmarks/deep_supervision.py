@@ -1090,12 +1090,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
 
-    datasets = []
-    for ds in [d for d in args.datasets.split(",") if d]:
-        if rd.data_folder(rd.DATASETS[ds]) is None:
-            print(rd.missing_message(rd.DATASETS[ds]))
-        else:
-            datasets.append(ds)
+    datasets = rd.available([d for d in args.datasets.split(",") if d])
     if not datasets:
         return 0
     losses = [lo for lo in args.losses.split(",") if lo]

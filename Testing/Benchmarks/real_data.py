@@ -88,6 +88,18 @@ def missing_message(spec: DataSpec) -> str:
             f"../shared/data (see its README.md: {spec.title}); they are never part of the repository.")
 
 
+def available(keys) -> List[str]:
+    """Those of the data set ``keys`` (keys of :data:`DATASETS`, in order) whose data is present;
+    a :func:`missing_message` is printed for each of the others."""
+    out = []
+    for k in keys:
+        if data_folder(DATASETS[k]) is None:
+            print(missing_message(DATASETS[k]))
+        else:
+            out.append(k)
+    return out
+
+
 # --------------------------------------------------------------------------- splits
 
 

@@ -1249,11 +1249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
 
-    available = {k: rd.data_folder(s) is not None for k, s in rd.DATASETS.items()}
-    for k, ok in available.items():
-        if not ok:
-            print(rd.missing_message(rd.DATASETS[k]))
-    datasets = [k for k, ok in available.items() if ok]
+    datasets = rd.available(list(rd.DATASETS))
     if not datasets:
         return 0
     parts = ("imbalance", "semi") if args.part == "all" else (args.part,)

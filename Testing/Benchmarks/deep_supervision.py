@@ -98,7 +98,7 @@ sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
 import real_imbalance as ri  # noqa: E402  (its settings, job_config and evaluate_split; nothing runs on import)
-from benchmark_common import code_commit, job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
+from benchmark_common import machine, write_json_atomic, write_report_atomic  # noqa: E402
 
 WORK = ROOT / "work-tmp" / "deep_supervision"
 QUICK_WORK = ROOT / "work-tmp" / "deep_supervision_quick"
@@ -234,22 +234,12 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     res_file = result_path(Path(work), run["id"])
     if res_file.is_file():
         return json.loads(res_file.read_text())
-    import torch
-    torch.set_num_threads(threads)
     from imbalanceseglib.bundle import load_bundle
     from imbalanceseglib.training import TrainConfig, train
 
-    spec = rd.DATASETS[run["dataset"]]
-    folder = rd.data_folder(spec)
-    if folder is None:
-        raise RuntimeError(rd.missing_message(spec))
-    say = job_log(out_dir)
-
-    load0 = os.getloadavg()[0]
-    classes = rd.classes(folder)
-    names = [c["name"] for c in classes]
+    start = ri.open_job(run["dataset"], out_dir, threads)
+    spec, folder, sp, classes, names, say = start.spec, start.folder, start.split, start.classes, start.names, start.say
     config = TrainConfig.from_dict(run_config(run, classes, threads))
-    sp = rd.split(spec, folder)
     patients = rd.training_patients(sp, run["n"], run["seed"])
     train_ids = sp.volumes(patients)
     val_ids = validation_ids(spec, folder, 2 if quick else N_VAL[spec.key])
@@ -327,14 +317,8 @@ def run_one(run: Dict[str, Any], work: str, threads: int, quick: bool = False) -
     }
     result["eval_s"] = time.perf_counter() - t1
     result["eval_cpu_s"] = time.process_time() - cpu0 - session_cpu
-    result["loadavg_start_end"] = [load0, os.getloadavg()[0]]
-    result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    result["commit"] = code_commit()
-    write_json_atomic(res_file, result)
-    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
-    say(f"done: wall {wall:.0f} s (validation {total_val:.0f} s), evaluation {result['eval_s']:.0f} s")
-    say.close()
-    return result
+    return ri.close_job(start, result, res_file, out_dir,
+                        f"wall {wall:.0f} s (validation {total_val:.0f} s), evaluation {result['eval_s']:.0f} s")
 
 
 def _worker(run: Dict[str, Any], work: str, threads: int, quick: bool) -> Tuple[str, Optional[str], float]:

@@ -131,7 +131,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -529,29 +529,58 @@ def mix_audit(bundle, labelled, unlabelled_true, spec: rd.DataSpec, config, n_ba
     return out
 
 
+class JobStart(NamedTuple):
+    spec: rd.DataSpec
+    folder: Path
+    split: Any
+    classes: List[Dict[str, Any]]
+    names: List[str]
+    say: Any        # the job's log (benchmark_common.job_log)
+    load0: float    # the 1-minute load average when the job started
+
+
+def open_job(dataset: str, out_dir: Path, threads: int) -> JobStart:
+    """What every training job of this benchmark and of deep_supervision.py does first: torch's
+    thread count, the data set's folder (a clear error where it is absent), the job's log, its
+    classes and its split."""
+    import torch
+    torch.set_num_threads(threads)
+    spec = rd.DATASETS[dataset]
+    folder = rd.data_folder(spec)
+    if folder is None:
+        raise RuntimeError(rd.missing_message(spec))
+    say = job_log(out_dir)
+    load0 = os.getloadavg()[0]
+    classes = rd.classes(folder)
+    return JobStart(spec, folder, rd.split(spec, folder), classes, [c["name"] for c in classes], say, load0)
+
+
+def close_job(start: JobStart, result: Dict[str, Any], result_file: Path, out_dir: Path, summary: str) -> Dict[str, Any]:
+    """What every job does last: the load averages, finish time and code commit in its result,
+    the result written atomically, the checkpoint removed (the bundle stays) and the log closed."""
+    result["loadavg_start_end"] = [start.load0, os.getloadavg()[0]]
+    result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result["commit"] = code_commit()
+    write_json_atomic(result_file, result)
+    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    start.say(f"done: {summary}")
+    start.say.close()
+    return result
+
+
 def run_job(job: Dict[str, Any], work: str, threads: int, quick: bool = False) -> Dict[str, Any]:
     """Train and evaluate one job (in a worker process); returns its result (also in result.json)."""
     out_dir = Path(work) / job["id"]
     result_file = result_path(Path(work), job["id"])
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    import torch
-    torch.set_num_threads(threads)
     from imbalanceseglib.bundle import load_bundle
     from imbalanceseglib.training import TrainConfig, train
 
-    spec = rd.DATASETS[job["dataset"]]
-    folder = rd.data_folder(spec)
-    if folder is None:
-        raise RuntimeError(rd.missing_message(spec))
-    say = job_log(out_dir)
-
-    load0 = os.getloadavg()[0]
-    classes = rd.classes(folder)
-    names = [c["name"] for c in classes]
+    start = open_job(job["dataset"], out_dir, threads)
+    spec, folder, sp, classes, names, say = start.spec, start.folder, start.split, start.classes, start.names, start.say
     config = TrainConfig.from_dict(job_config(job, classes, threads, quick))
     cache = Path(work).parent / "real_imbalance_cache"
-    sp = rd.split(spec, folder)
     patients = rd.training_patients(sp, job["n"], job["seed"])
     train_ids = sp.volumes(patients)
     t0 = time.perf_counter()
@@ -599,14 +628,7 @@ def run_job(job: Dict[str, Any], work: str, threads: int, quick: bool = False) -
         result["mix_audit"] = mix_audit(bundle, train_cases, unl_true, spec, config,
                                         2 if quick else N_AUDIT_BATCHES, job["seed"])
     result["eval_s"] = time.perf_counter() - t0
-    result["loadavg_start_end"] = [load0, os.getloadavg()[0]]
-    result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    result["commit"] = code_commit()
-    write_json_atomic(result_file, result)
-    (out_dir / "checkpoint.pt").unlink(missing_ok=True)
-    say(f"done: train {train_s:.0f} s, evaluation {result['eval_s']:.0f} s")
-    say.close()
-    return result
+    return close_job(start, result, result_file, out_dir, f"train {train_s:.0f} s, evaluation {result['eval_s']:.0f} s")
 
 
 def _worker(job: Dict[str, Any], work: str, threads: int, quick: bool) -> Tuple[str, Optional[str], float]:

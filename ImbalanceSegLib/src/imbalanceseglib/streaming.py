@@ -111,7 +111,9 @@ class _Tuner:
     faster by more than ``ENGINE_MARGIN`` (the engine's advantage grows with the volume, the
     module's shows mostly in noisy trials: a module plan chosen on one lucky timing made a
     128x256x256 run 0.87x MONAI's speed, Testing/Benchmarks/reports/streaming_inference.md).
-    Given values are fixed; the measured choice is cached for the process by network, window,
+    On an x86-64 CPU (:func:`~imbalanceseglib.cpu_engine.measured_faster_here`) with
+    ``engine="auto"`` only the engine's plans are tried; the module's are tried only if the engine
+    fails its check (or is asked for with ``engine="module"``). Given values are fixed; the measured choice is cached for the process by network, window,
     device, precision, thread count and candidates."""
 
     def __init__(self, network: torch.nn.Module, roi: Sequence[int], dev: torch.device, n_windows: int,
@@ -144,31 +146,49 @@ class _Tuner:
             raise ValueError("layout='contiguous' is for engine='module'; the oneDNN engine runs channels-last")
         # a given layout is the module's: with engine='auto' it means the module
         use_engine = engine == "onednn" or (engine == "auto" and engine_available and layout == "auto")
+        from .cpu_engine import measured_faster_here
+        module_plans: List[Candidate] = []
+        if engine in ("auto", "module"):
+            for lay in (list(LAYOUTS) if layout == "auto" else [layout]):
+                module_plans += [("module", lay, bs, w) for w in worker_counts for bs in sizes(w)]
         self.candidates: List[Candidate] = []
         if use_engine:  # first: it is usually the fastest, and sets the bar for pruning
             self.candidates += [("onednn", "channels_last", bs, w) for w in worker_counts for bs in sizes(w)]
-        if engine in ("auto", "module"):
-            for lay in (list(LAYOUTS) if layout == "auto" else [layout]):
-                self.candidates += [("module", lay, bs, w) for w in worker_counts for bs in sizes(w)]
+        # Where the engine is known to be faster (x86-64: 1.5-1.7x the module's best plan per window
+        # in every trial of the streaming benchmark) the module's plans are not tried: their trial
+        # windows cost time and could only win on a noisy timing. They come back if the engine
+        # fails its check (drop_engine); elsewhere they compete.
+        self._module_plans = module_plans
+        if not (use_engine and engine == "auto" and measured_faster_here()):
+            self.candidates += module_plans
+        self.n_windows = n_windows
+        self.given = {"sw_batch_size": sw_batch_size, "layout": layout, "workers": workers}
         self.trials: List[Dict[str, Any]] = []
         self.queue: List[Tuple[Candidate, bool]] = []
         self.source = "given"
-        self.key = (id(network), type(network).__name__, precision, tuple(tuple(p.shape) for p in network.parameters()),
-                    tuple(int(r) for r in roi), str(dev), threads, tuple(self.candidates))
+        self._key_base = (id(network), type(network).__name__, precision,
+                          tuple(tuple(p.shape) for p in network.parameters()), tuple(int(r) for r in roi), str(dev),
+                          threads)
         self.best: Optional[Candidate] = None
+        self._set_up(use_engine and (engine == "onednn" or measured_faster_here()))
+
+    def _set_up(self, engine_default: bool) -> None:
+        """Choose between a single candidate, a cached choice, the defaults and trials."""
+        self.key = self._key_base + (tuple(self.candidates),)
+        self.trials, self.queue = [], []
         if len(self.candidates) == 1:
             self.best = self.candidates[0]
+            self.source = "given"
         elif self.key in _TUNED:
             self.best, self.trials = _TUNED[self.key]
             self.source = "tuned (cached)"
-        elif n_windows < 1.5 * sum(3 * bs * w for _, _, bs, w in self.candidates):
+        elif self.n_windows < 1.5 * sum(3 * bs * w for _, _, bs, w in self.candidates):
             # too few windows left after the trials for them to pay off
-            from .cpu_engine import measured_faster_here
-            if use_engine and (engine == "onednn" or measured_faster_here()):
-                self.best = ("onednn", "channels_last", int(sw_batch_size or 1), int(workers or 1))
+            bs, lay, w = self.given["sw_batch_size"], self.given["layout"], self.given["workers"]
+            if engine_default:
+                self.best = ("onednn", "channels_last", int(bs or 1), int(w or 1))
             else:
-                self.best = ("module", DEFAULT_LAYOUT if layout == "auto" else layout,
-                             int(sw_batch_size or DEFAULT_SW_BATCH), int(workers or 1))
+                self.best = ("module", DEFAULT_LAYOUT if lay == "auto" else lay, int(bs or DEFAULT_SW_BATCH), int(w or 1))
             self.source = "default"
         else:
             self.queue = [(cand, timed) for timed in (False, True, True) for cand in self.candidates]
@@ -181,11 +201,13 @@ class _Tuner:
         return any(c[0] == "onednn" for c, _ in self.queue) or (self.best is not None and self.best[0] == "onednn")
 
     def drop_engine(self) -> None:
-        """The engine failed its check (before any window ran): the module runs instead."""
-        self.candidates = [c for c in self.candidates if c[0] != "onednn"]
-        self.queue = [q for q in self.queue if q[0][0] != "onednn"]
-        if not self.queue and (self.best is None or self.best[0] == "onednn"):
-            self.best = _MODULE_DEFAULT
+        """The engine failed its check (before any window ran): the module runs instead, its plans
+        tried as they would be without the engine."""
+        self.candidates = list(self._module_plans)
+        self.best = None
+        if not self.candidates:
+            self.candidates = [_MODULE_DEFAULT]
+        self._set_up(False)
 
     def _finish(self) -> None:
         fastest = min(self.trials, key=lambda r: r["seconds_per_window"])
@@ -257,7 +279,8 @@ def stream_logits(network: torch.nn.Module, volume: np.ndarray, roi_size: Sequen
     ``sw_batch_size`` (windows per network call), ``layout`` (``"contiguous"``,
     ``"channels_last"``; a given layout means the module) and ``workers`` (network calls run at once, each in its
     own thread with its share of torch's threads): given values are used as they are;
-    ``None``/``"auto"`` are measured on the run's own first windows (see :class:`_Tuner`) when
+    ``None``/``"auto"`` are measured on the run's own first windows (see :class:`_Tuner`; on an
+    x86-64 CPU where the engine applies, only the engine's plans) when
     the volume has enough of them, else the defaults are used (the engine with one window per
     call where it applies on an x86-64 CPU, otherwise the module with 2, contiguous; one call at
     once). Before any window, if the engine may run, engine and module both run one fixed random

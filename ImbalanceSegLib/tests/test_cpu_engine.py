@@ -171,3 +171,36 @@ def test_probe_is_remembered_while_the_network_is_unchanged_and_redone_after_a_c
     assert probe_agreement(wrong, net, (1, 16, 16, 16)) > 0.1 and len(calls) == 4
     assert probe_agreement(wrong, net, (1, 16, 16, 16)) > 0.1 and len(calls) == 5
     hook.remove()
+
+
+def test_a_one_channel_input_reaches_onednn_as_channels_last_so_the_first_level_needs_no_layout_copy():
+    """With one channel PyTorch's channels-last strides look contiguous to oneDNN, whose output is
+    then contiguous and has to be copied; ``to_channels_last`` gives the channel stride 1 instead
+    (the same memory), and the first convolution writes channels-last itself."""
+    from imbalanceseglib.cpu_engine import to_channels_last
+    cl = torch.channels_last_3d
+    x = torch.randn(2, 1, 8, 10, 12)
+    w, b = torch.randn(4, 1, 3, 3, 3), torch.randn(4)
+
+    def conv(t):
+        return torch.ops.aten.mkldnn_convolution(t, w, b, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
+    plain = conv(x.contiguous(memory_format=cl))
+    assert not plain.is_contiguous(memory_format=cl)  # what the engine had to copy before
+    v = to_channels_last(x)
+    assert v.data_ptr() == x.data_ptr() and torch.equal(v, x) and v.stride(1) == 1
+    out = conv(v)
+    assert out.is_contiguous(memory_format=cl) and out.stride(1) == 1
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+    # more channels: the usual channels-last copy, unchanged
+    y = torch.randn(1, 3, 4, 5, 6)
+    assert torch.equal(to_channels_last(y), y) and to_channels_last(y).is_contiguous(memory_format=cl)
+    # the engine on a one-channel network input: no copy of a first-level activation
+    net = _net()
+    eng = cpu_engine(net)
+    copies = []
+    with torch.profiler.profile(record_shapes=True) as prof:
+        eng(torch.randn(1, 1, 16, 16, 16))
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key == "aten::copy_" and e.input_shapes and list(e.input_shapes[0])[2:] == [16, 16, 16]:
+            copies.append(e.input_shapes[0])
+    assert copies == []

@@ -46,6 +46,21 @@ Engine = Callable[[torch.Tensor], torch.Tensor]
 TOLERANCE = 1e-3  # largest |engine - module| / largest |logit| accepted on the probe window
 
 
+def to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the channels-last layout, in a form oneDNN recognises as such.
+
+    With one channel, ``contiguous(memory_format=channels_last_3d)`` gives the channel dimension
+    the batch dimension's stride (the same memory either way), and ``mkldnn_convolution`` then
+    writes a contiguous output, which costs a layout copy of the first level's activations. A
+    channel stride of 1 makes the output channels-last."""
+    if not t.is_contiguous(memory_format=_CL):
+        t = t.contiguous(memory_format=_CL)
+    if t.ndim == 5 and t.shape[1] == 1 and t.stride(1) != 1:
+        d, h, w = t.shape[2:]
+        t = t.as_strided(tuple(t.shape), (d * h * w, 1, h * w, w, 1))
+    return t
+
+
 def measured_faster_here() -> bool:
     """Whether this is a CPU family we measured the engine faster on (x86-64), so that it may
     run without trials; elsewhere (e.g. Arm, not measured by us) it has to win them first."""
@@ -114,7 +129,7 @@ class _UNetEngine:
     def _conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
         y = torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
                                               list(conv.dilation), conv.groups)
-        return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+        return to_channels_last(y)
 
     @staticmethod
     def _up(x: torch.Tensor, up: nn.ConvTranspose3d) -> torch.Tensor:
@@ -165,7 +180,7 @@ class _UNetEngine:
             raise ValueError(f"the CPU engine takes a float32 CPU tensor (N, C, D, H, W), got {x.dtype} "
                              f"{x.device} shape {tuple(x.shape)}")
         with torch.inference_mode():
-            return self.net.walk(x.contiguous(memory_format=_CL), lambda blk, t: self._block(t, blk),
+            return self.net.walk(to_channels_last(x), lambda blk, t: self._block(t, blk),
                                  lambda up, t: self._up(t, up), lambda head, t: self._conv(t, head))
 
 

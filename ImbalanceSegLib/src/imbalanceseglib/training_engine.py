@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cpu_engine import measured_faster_here, supported_unet
+from .cpu_engine import measured_faster_here, supported_unet, to_channels_last
 from .networks import DecoderHook, UNet3D, UNet3DEnsemble
 
 __all__ = ["ENV_VAR", "TOLERANCE", "TrainingPath", "gradient_agreement", "training_forward", "unsupported_reason"]
@@ -89,7 +89,7 @@ _ZERO = [0, 0, 0]
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous(memory_format=_CL) else t.contiguous(memory_format=_CL)
+    return to_channels_last(t)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:

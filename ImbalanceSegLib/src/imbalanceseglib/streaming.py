@@ -159,18 +159,19 @@ class _Tuner:
         # windows cost time and could only win on a noisy timing. They come back if the engine
         # fails its check (drop_engine); elsewhere they compete.
         self._module_plans = module_plans
-        if not (use_engine and engine == "auto" and measured_faster_here()):
+        known_faster = measured_faster_here()
+        if not (use_engine and engine == "auto" and known_faster):
             self.candidates += module_plans
         self.n_windows = n_windows
         self.given = {"sw_batch_size": sw_batch_size, "layout": layout, "workers": workers}
         self.trials: List[Dict[str, Any]] = []
         self.queue: List[Tuple[Candidate, bool]] = []
-        self.source = "given"
+        self.source = ""
         self._key_base = (id(network), type(network).__name__, precision,
                           tuple(tuple(p.shape) for p in network.parameters()), tuple(int(r) for r in roi), str(dev),
                           threads)
         self.best: Optional[Candidate] = None
-        self._set_up(use_engine and (engine == "onednn" or measured_faster_here()))
+        self._set_up(use_engine and (engine == "onednn" or known_faster))  # sets trials, queue, source, best
 
     def _set_up(self, engine_default: bool) -> None:
         """Choose between a single candidate, a cached choice, the defaults and trials."""

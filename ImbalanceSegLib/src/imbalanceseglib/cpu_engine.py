@@ -138,7 +138,7 @@ class _UNetEngine:
                 x, up.weight, up.bias, [0, 0, 0], [0, 0, 0], [2, 2, 2], [1, 1, 1], 1, "none", [], "")
         except (RuntimeError, AttributeError):  # a torch build without the fused op
             y = F.conv_transpose3d(x, up.weight, up.bias, stride=2)
-        return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+        return to_channels_last(y)
 
     def _norm_act(self, x: torch.Tensor, norm: nn.InstanceNorm3d, slope: float) -> torch.Tensor:
         """Instance norm and leaky ReLU in place on a channels-last conv output."""

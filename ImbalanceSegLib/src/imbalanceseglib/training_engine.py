@@ -88,8 +88,7 @@ _ONE = [1, 1, 1]
 _ZERO = [0, 0, 0]
 
 
-def _cl(t: torch.Tensor) -> torch.Tensor:
-    return to_channels_last(t)
+_cl = to_channels_last
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import numpy as np
 
 from imbalanceseglib.estimation import REVIEW_THRESHOLD
 from imbalanceseglib.events import parse_event
+from imbalanceseglib.presets import semi_supervised_choice
 
 CREATED, RUNNING, DONE, FAILED, CANCELLED = "created", "running", "done", "failed", "cancelled"
 
@@ -506,7 +507,7 @@ class TrainingJob(_ProcessJob):
         self.config.validated()  # checks again only a config changed since it was validated
         if self.unlabeledVolumeNodes and not self.config.is_semi_supervised:
             raise ValueError(f"unlabelled volumes were given but method {self.config.method!r} is supervised; "
-                             "choose cps, cps_weighted or double_mix")
+                             f"choose {semi_supervised_choice()}")
         self.outputFolder.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix="imbalanceseg-train-"))
         try:

@@ -182,6 +182,34 @@ def test_confidence_folding_and_absent_classes():
     assert w.confidence_weights.tolist() == pytest.approx(expected, rel=1e-6)
 
 
+def test_difficulty_and_confidence_weights_floor():
+    # DifW after one update from Dice 0 (uniform by hand above is not needed here): the weights a floor of 1
+    # leaves alone are the unfloored ones, and the learned class (near 0 unfloored) is lifted to exactly 1
+    seq = [([0.9, 0.3, 0.1], [0.95, 0.7, 0.2]), ([0.95, 0.2, 0.15], [0.97, 0.6, 0.3])]
+    for make in (lambda **k: DifficultyWeights(3, tau=2, **k),
+                 lambda **k: ConfidenceDifficultyWeights(3, tau=2, conf_momentum=0.5, **k)):
+        plain, floored = make(), make(min_weight=1.0)
+        for dice, conf in seq:
+            args = (dice,) if isinstance(plain, DifficultyWeights) else (dice, conf)
+            plain.update(*args)
+            floored.update(*args)
+        raw = plain.weights.tolist()
+        assert raw[0] < 0.5 and max(raw) == pytest.approx(3.0)  # the learned class 0 is near 0 without the floor
+        assert floored.weights.tolist() == pytest.approx([max(1.0, v) for v in raw], abs=1e-6)
+        # the floor is read, not folded into the state: the same state as without it
+        ps, fs = plain.state_dict(), floored.state_dict()
+        assert fs.pop("min_weight") == 1.0 and ps.pop("min_weight") == 0.0 and ps == fs
+        for bad in (-1, 3.5, float("nan"), True, "1"):
+            with pytest.raises(ValueError, match="min_weight"):
+                make(min_weight=bad)
+        # a state saved before the floor existed loads into a floor-0 object only
+        old = make().state_dict()
+        del old["min_weight"]
+        make().load_state_dict(old)
+        with pytest.raises(ValueError, match="min_weight"):
+            make(min_weight=1.0).load_state_dict(old)
+
+
 def test_state_dict_roundtrip_is_exact():
     rng = np.random.default_rng(0)
     objs = [DistributionWeights(4, momentum=0.7), DifficultyWeights(4, tau=3),

@@ -185,6 +185,24 @@ def test_double_mix_training_writes_a_dual_bundle_predicting_the_mean(tmp_path, 
         torch.testing.assert_close(bundle.network(x), (a(x) + b(x)) / 2)
 
 
+def test_cps_weighted_floor_keeps_every_weight_at_least_one(tmp_path, tiny_config, tiny_cases):
+    # the same run with the DHC weights and with the floored preset: the background's weight falls below 1
+    # without the floor (DisW gives the most frequent class 0) and stays at 1 with it
+    hists = {}
+    for method in ("cps_weighted", "cps_weighted_floor"):
+        cfg = _cfg(tiny_config, method=method, iterations=6, log_every=2, checkpoint_every=6)
+        card = load_bundle(train(cfg, tiny_cases[:2], [], tmp_path / method, log=lambda m: None,
+                                 unlabeled_cases=_unlabelled())).card
+        ss = card["training"]["semi_supervised"]
+        assert [ss[k].get("min_weight", 0.0) for k in ("weights_a", "weights_b")] == [float(method.endswith("floor"))] * 2
+        hists[method] = [h for h in card["training"]["history"] if "loss" in h]
+    low = min(min(h["class_weights_a"] + h["class_weights_b"]) for h in hists["cps_weighted"])
+    assert low < 0.5, hists["cps_weighted"]
+    for h in hists["cps_weighted_floor"]:
+        assert min(h["class_weights_a"] + h["class_weights_b"]) >= 1.0 - 1e-6, h
+        assert max(h["class_weights_b"]) > 1.0  # the rarer classes still weigh more
+
+
 def test_resume_gives_the_same_dual_model(tmp_path, tiny_config, tiny_cases):
     cfg = _cfg(tiny_config, method="double_mix", iterations=12, checkpoint_every=4,
                semi_supervised={"method": "double_mix", "weights_a": {"method": "cdifw", "tau": 5},

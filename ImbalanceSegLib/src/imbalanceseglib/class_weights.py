@@ -158,6 +158,22 @@ def _as_float_list(t: torch.Tensor) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
+def _check_min_weight(min_weight: Any, num_classes: int) -> float:
+    """A floor on the weights: a number in [0, C] (C = the largest weight before the floor)."""
+    number = isinstance(min_weight, (int, float, np.integer, np.floating)) and not isinstance(min_weight, bool)
+    value = float(min_weight) if number else float("nan")
+    if not 0.0 <= value <= num_classes:
+        raise ValueError(f"min_weight must be in [0, {num_classes}] (the number of classes), got {min_weight!r}")
+    return value
+
+
+def _with_min_weight(state: Any) -> Any:
+    """A state saved before the floor existed has none: 0, the rule it was trained with."""
+    if isinstance(state, dict) and "min_weight" not in state:
+        return {**state, "min_weight": 0.0}
+    return state
+
+
 def _check_state(state: dict, kind: str, expected: dict) -> None:
     if not isinstance(state, dict):
         raise TypeError("state must be a dict as returned by state_dict()")
@@ -340,9 +356,7 @@ class DistributionWeights:
         self.eps = float(eps)
         if not self.eps > 0:
             raise ValueError("eps must be > 0")
-        self.min_weight = float(min_weight)
-        if not 0.0 <= self.min_weight <= self.num_classes:
-            raise ValueError(f"min_weight must be in [0, {self.num_classes}] (the number of classes), got {min_weight!r}")
+        self.min_weight = _check_min_weight(min_weight, self.num_classes)
         self._w = torch.full((self.num_classes,), float(self.num_classes), dtype=torch.float64)
         self.initialized = False
         self.num_updates = 0
@@ -378,8 +392,7 @@ class DistributionWeights:
                 "num_updates": self.num_updates, "weights": _as_float_list(self._w)}
 
     def load_state_dict(self, state: dict) -> None:
-        if isinstance(state, dict) and "min_weight" not in state:
-            state = {**state, "min_weight": 0.0}  # saved before the floor existed
+        state = _with_min_weight(state)
         _check_state(state, self.kind, {"num_classes": self.num_classes, "momentum": self.momentum, "eps": self.eps,
                                         "min_weight": self.min_weight})
         self._w = _vector(state["weights"], self.num_classes, "weights")
@@ -422,13 +435,18 @@ class DifficultyWeights:
     target (``present=False``, or ``ClassDice.present``) leaves its state
     untouched (DHC's smoothed Dice gives such a class Dice 0.5 every time); and
     the state lives on the CPU in float64.
+
+    ``min_weight`` (default 0: DHC's rule) is a floor on the normalised weights,
+    as in :class:`DistributionWeights`: a class the network has learned (the
+    background, soon) otherwise gets a weight near 0.
     """
 
     kind = "DifficultyWeights"
 
     def __init__(self, num_classes: int, tau: int = 50, alpha: float = 0.2, momentum: float | None = None,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, min_weight: float = 0.0):
         self.num_classes = _check_num_classes(num_classes)
+        self.min_weight = _check_min_weight(min_weight, self.num_classes)
         if isinstance(tau, bool) or not isinstance(tau, (int, np.integer)) or tau < 1:
             raise ValueError(f"tau must be an integer >= 1, got {tau!r}")
         self.tau = int(tau)
@@ -484,18 +502,21 @@ class DifficultyWeights:
 
     @property
     def weights(self) -> torch.Tensor:
-        """Current class weights, float32 (C,), largest weight C."""
-        return _normalise_to_max(self.raw_weights(), self.num_classes).to(torch.float32)
+        """Current class weights, float32 (C,), largest weight C, at least ``min_weight``."""
+        w = _normalise_to_max(self.raw_weights(), self.num_classes)
+        return w.clamp_min(self.min_weight).to(torch.float32)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "version": _STATE_VERSION, "num_classes": self.num_classes, "tau": self.tau,
-                "alpha": self.alpha, "momentum": self.momentum, "eps": self.eps, "num_updates": self.num_updates,
+                "alpha": self.alpha, "momentum": self.momentum, "eps": self.eps, "min_weight": self.min_weight,
+                "num_updates": self.num_updates,
                 "last_dice": _as_float_list(self._last), "learn": _as_float_list(self._learn),
                 "unlearn": _as_float_list(self._unlearn), "dice_weight": _as_float_list(self._dicew)}
 
     def load_state_dict(self, state: dict) -> None:
+        state = _with_min_weight(state)
         _check_state(state, self.kind, {"num_classes": self.num_classes, "tau": self.tau, "alpha": self.alpha,
-                                        "momentum": self.momentum, "eps": self.eps})
+                                        "momentum": self.momentum, "eps": self.eps, "min_weight": self.min_weight})
         c = self.num_classes
         self._last = _vector(state["last_dice"], c, "last_dice")
         self._learn = _vector(state["learn"], c, "learn")
@@ -533,16 +554,18 @@ class ConfidenceDifficultyWeights:
     normalised to a largest weight of C like DisW and DifW (Double-Mix's code
     uses the product of the max-C DifW and ``conf`` unnormalised, so its weights
     are these times ``max_j(difw_j conf_j) / C``; the ratios between classes are
-    the same).
+    the same).  ``min_weight`` (default 0) is a floor on these normalised weights,
+    as in :class:`DistributionWeights`.
     """
 
     kind = "ConfidenceDifficultyWeights"
 
     def __init__(self, num_classes: int, tau: int = 50, alpha: float = 0.2, momentum: float | None = None,
                  eps: float = 1e-8, *, conf_momentum: float = 0.99, conf_alpha: float = 0.2,
-                 conf_eps: float = 1e-2, fold_every: int = 1):
+                 conf_eps: float = 1e-2, fold_every: int = 1, min_weight: float = 0.0):
         self.difficulty = DifficultyWeights(num_classes, tau=tau, alpha=alpha, momentum=momentum, eps=eps)
         self.num_classes = self.difficulty.num_classes
+        self.min_weight = _check_min_weight(min_weight, self.num_classes)
         self.conf_momentum = _check_momentum("conf_momentum", conf_momentum)
         self.conf_alpha = float(conf_alpha)
         self.conf_eps = float(conf_eps)
@@ -607,20 +630,23 @@ class ConfidenceDifficultyWeights:
 
     @property
     def weights(self) -> torch.Tensor:
-        """Current class weights, float32 (C,), largest weight C."""
-        return _normalise_to_max(self.difficulty.raw_weights() * self._conf, self.num_classes).to(torch.float32)
+        """Current class weights, float32 (C,), largest weight C, at least ``min_weight``."""
+        w = _normalise_to_max(self.difficulty.raw_weights() * self._conf, self.num_classes)
+        return w.clamp_min(self.min_weight).to(torch.float32)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "version": _STATE_VERSION, "num_classes": self.num_classes,
                 "conf_momentum": self.conf_momentum, "conf_alpha": self.conf_alpha, "conf_eps": self.conf_eps,
-                "fold_every": self.fold_every, "difficulty": self.difficulty.state_dict(),
+                "fold_every": self.fold_every, "min_weight": self.min_weight,
+                "difficulty": self.difficulty.state_dict(),
                 "confidence": _as_float_list(self._conf), "pending_sum": _as_float_list(self._acc_sum),
                 "pending_count": _as_float_list(self._acc_n), "pending_updates": self._pending}
 
     def load_state_dict(self, state: dict) -> None:
+        state = _with_min_weight(state)
         _check_state(state, self.kind, {"num_classes": self.num_classes, "conf_momentum": self.conf_momentum,
                                         "conf_alpha": self.conf_alpha, "conf_eps": self.conf_eps,
-                                        "fold_every": self.fold_every})
+                                        "fold_every": self.fold_every, "min_weight": self.min_weight})
         c = self.num_classes
         conf = _vector(state["confidence"], c, "confidence")
         acc_sum = _vector(state["pending_sum"], c, "pending_sum")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .presets import semi_supervised_choice  # torch-free
 
 
 def _silent(*args, **kwargs) -> None:
@@ -96,7 +97,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         unlabeled += folder_images(Path(args.unlabeled))
     if unlabeled and not config.is_semi_supervised:
         message = (f"{len(unlabeled)} unlabelled images given but method {config.method!r} is "
-                   "supervised; choose cps, cps_weighted or double_mix")
+                   f"supervised; choose {semi_supervised_choice()}")
         say(f"[train] error: {message}", file=sys.stderr)
         if emit:
             emit(ev.error("ValueError", message))
@@ -936,7 +937,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "the background); not with semi-supervised methods or asymmetric mixup")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--unlabeled", help="folder of unlabelled images for a semi-supervised method "
-                                       "(cps, cps_weighted, double_mix)")
+                                       f"({semi_supervised_choice()})")
     p.add_argument("--events", action="store_true", help=EVENTS_HELP)
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("predict", help="segment one volume", description=PREDICT_DESCRIPTION)

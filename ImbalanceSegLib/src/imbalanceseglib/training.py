@@ -44,6 +44,7 @@ from .context_labels import ContextLabels, context_loss, expand_class_weights, e
 from .deep_supervision import AuxiliaryHeads, DeepSupervisionLoss, card_entry, deep_outputs, output_weights
 from .networks import build_network, merge_context_logits, set_activation_checkpointing
 from .perturbations import asymmetric_adversarial_input, asymmetric_mixup, mixup_lambda, one_hot_voxels
+from .presets import semi_supervised_choice
 from .train_config import METHOD_PRESETS, TrainConfig, make_class_weighter  # noqa: F401  (re-exported)
 from .training_data import (Case, PatchSampler, check_training_data, make_case, prepare_case,  # noqa: F401
                             prepare_unlabeled_case)
@@ -80,7 +81,7 @@ def train(config: TrainConfig, train_cases: Sequence[Case], val_cases: Sequence[
                                      resume=resume, log=log, extra_card=extra_card, events=events)
     if unlabeled_cases:
         raise ValueError(f"unlabelled cases were given but method {config.method!r} is supervised; "
-                         "choose a semi-supervised method (cps, cps_weighted, double_mix)")
+                         f"choose a semi-supervised method ({semi_supervised_choice()})")
     context_settings = config.context_labels_settings
     if context_settings["enabled"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("context labels train in one process (the task generator's meta step is not shared "

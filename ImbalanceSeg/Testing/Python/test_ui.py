@@ -161,3 +161,12 @@ def test_run_settings_pack_declares_the_remembered_settings_with_the_same_defaul
     assert {k: a for k, (a, _) in pack.items()} == {k: "str" for k in RUN_SETTINGS_DEFAULTS}
     assert set(SETTINGS_KEYS) == set(RUN_SETTINGS_DEFAULTS)
     assert len(set(SETTINGS_KEYS.values())) == len(SETTINGS_KEYS)
+
+
+def test_the_unlabelled_volumes_tooltip_names_exactly_the_semi_supervised_methods():
+    from imbalanceseglib.presets import semi_supervised_method_names
+    widgets, _ = _widgets()
+    props = {p.get("name"): p for p in widgets["unlabeledVolumesSelector"].findall("property")}
+    tip = props["toolTip"].find("string").text
+    named = re.search(r"\(([^)]*)\)", tip).group(1).split(", ")
+    assert named == semi_supervised_method_names(), tip

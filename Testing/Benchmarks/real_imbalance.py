@@ -937,6 +937,40 @@ def imbalance_section(results, jobs) -> List[str]:
     return lines
 
 
+def _history_at(r: Dict[str, Any], iteration: int) -> Optional[Dict[str, Any]]:
+    """The logged training entry of a job nearest to ``iteration`` (None without a history)."""
+    hist = [h for h in (r.get("history") or []) if "loss" in h]
+    return min(hist, key=lambda h: abs(h["iteration"] - iteration)) if hist else None
+
+
+def semi_loss_lines(results, n: int, methods: Sequence[str]) -> List[str]:
+    """How well each method fits its labelled patches: the supervised loss per network during training,
+    and the pseudo-label terms beside it (what Double-Mix's mixing costs the labelled data)."""
+    from imbalanceseglib.train_config import SEMI_DEFAULTS  # the presets' mix weight and start
+    its = [100, PLAN_IT["semi"] // 2, PLAN_IT["semi"]]
+    mix_w, mix_start = SEMI_DEFAULTS["mix_weight"], SEMI_DEFAULTS["mix_start"]
+    rows = []
+    for m in methods:
+        g = _group(results, "acdc", n, m, "semi")
+        cells = []
+        for it in its:
+            hs = [_history_at(r, it) for r in g]
+            # two-network methods log the sum of both networks' supervised losses
+            cells.append(_ms([(h["sup"] / 2 if "sup" in h else h["loss"]) for h in hs if h], 3))
+        last = [_history_at(r, PLAN_IT["semi"]) for r in g]
+        last = [h for h in last if h and "sup" in h]
+        cps = _ms([h["cps"] * h["unsup_weight"] / 2 for h in last], 3) if last else "-"
+        mix = _ms([h["mix"] * mix_w / 2 for h in last], 3) if last and m == "double_mix" else "-"
+        rows.append(f"| {METHODS[m][0]} | " + " | ".join(cells) + f" | {cps} | {mix} |")
+    return ["Training losses per network (mean over the last logged 25 iterations; class-weighted methods weigh "
+            "them with their class weights): the supervised loss on the labelled patches at three points of "
+            "training, and at the end the weighted pseudo-label terms (CPS: its loss times the ramped weight; "
+            f"Double-Mix: the mix loss times `mix_weight` {mix_w:g}, from iteration "
+            f"{int(mix_start * PLAN_IT['semi'])} on, not ramped).", "",
+            "| method | " + " | ".join(f"supervised loss, iteration {it}" for it in its)
+            + " | CPS term at the end | mix term at the end |", "|---|" + "---|" * (len(its) + 2)] + rows + [""]
+
+
 def semi_section(results, jobs) -> List[str]:
     lines: List[str] = []
     semi_jobs = [j for j in jobs if j["part"] in ("semi", "both")]
@@ -965,6 +999,7 @@ def semi_section(results, jobs) -> List[str]:
                          + f" | {_ms([(r['test'].get('end_slices') or {}).get('sensitivity') for r in g])}"
                          + f" | {_ms([r['seconds_per_iteration'] for r in g], 2)} |")
         lines.append("")
+        lines += semi_loss_lines(results, n, methods)
         semi = [m for m in methods if m != "dice_ce"]
         if semi:
             lines += ["Why mixing helps or hurts: each network's Dice on 20 unlabelled training volumes (pseudo-label "
@@ -1140,6 +1175,22 @@ def semi_findings(results) -> List[str]:
                    + ", ".join(f"{c} {class_diff(c):+.3f}" for c in classes) + ")"
                    + (f"; CPS + DisW/CDifW minus supervised {np.mean(vs_sup):+.3f}" if vs_sup else "")
                    + f". Audit: {audit}.")
+    from imbalanceseglib.train_config import SEMI_DEFAULTS
+    mix_w = SEMI_DEFAULTS["mix_weight"]
+    for frac, n in SEMI_PATIENTS.items():
+        end = {}
+        for m in ("cps", "cps_weighted", "double_mix"):
+            hs = [_history_at(r, PLAN_IT["semi"]) for r in _group(results, "acdc", n, m, "semi")]
+            end[m] = [h for h in hs if h and "sup" in h]
+        if end["double_mix"] and end["cps_weighted"]:
+            dm_sup = np.mean([h["sup"] / 2 for h in end["double_mix"]])
+            dm_mix = np.mean([h["mix"] * mix_w / 2 for h in end["double_mix"]])
+            out.append(f"* ACDC {frac}: supervised loss per network at the end of training (labelled patches): "
+                       f"Double-Mix {dm_sup:.3f}, CPS + DisW/CDifW "
+                       f"{np.mean([h['sup'] / 2 for h in end['cps_weighted']]):.3f}"
+                       + (f", CPS {np.mean([h['sup'] / 2 for h in end['cps']]):.3f}" if end["cps"] else "")
+                       + f"; Double-Mix's weighted mix term {dm_mix:.3f} per network, "
+                       + ("larger than" if dm_mix > dm_sup else "smaller than") + " its supervised loss.")
     for frac, n in SEMI_PATIENTS.items():
         floor = dict(zip(*_seeds_and_means(results, n, "cps_weighted_floor")))
         if not floor:

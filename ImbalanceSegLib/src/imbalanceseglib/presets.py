@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-__all__ = ["METHOD_PRESETS", "method_names", "semi_supervised_method_names"]
+__all__ = ["METHOD_PRESETS", "method_names", "semi_supervised_choice", "semi_supervised_method_names"]
 
 #: Asymmetric mixup as in the reference code of Li, Kamnitsas & Glocker: lambda ~ 0.8 * Beta(0.3, 0.3), a
 #: rare label kept hard where its image weighs more than 0.2,

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from imbalanceseglib.bundle import load_bundle
 from imbalanceseglib.inference import predict
 from imbalanceseglib.networks import UNet3D, UNet3DEnsemble, build_network
-from imbalanceseglib.semi_supervised import (cps_loss, double_mix, ema_update, mix_through_mask,
+from imbalanceseglib.semi_supervised import (cps_loss, double_mix, ema_update, mix_loss, mix_through_mask,
                                              sample_mix_classes, sigmoid_rampup)
 from imbalanceseglib.train_config import semi_supervised_settings as settings
 from imbalanceseglib.training import TrainConfig, make_case, prepare_unlabeled_case, train
@@ -126,8 +127,38 @@ def test_cps_loss_is_weighted_ce_against_the_other_argmax_without_gradient_into_
     assert logits.grad is not None and other.grad is None
 
 
+def test_mix_loss_learns_from_the_mixed_labels_or_from_the_networks_own_argmax():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 1)
+    x = torch.randn(2, 1, 2, 3, 3)
+    labels = torch.randint(0, 3, (2, 1, 2, 3, 3))
+    other = (labels + 1) % 3
+
+    def ce(out, y, class_weights=None):  # a stand-in loss: weighted CE against integer labels
+        return F.cross_entropy(out, y[:, 0], weight=class_weights)
+
+    w = torch.tensor([0.5, 1.0, 2.0])
+    _f = lambda t: float(t.detach())  # noqa: E731
+    # mixed labels: the loss against those labels, so other labels give another loss
+    assert _f(mix_loss(net, x, labels, ce, w)) == pytest.approx(_f(ce(net(x), labels, w)), rel=1e-6)
+    assert _f(mix_loss(net, x, other, ce, w)) != pytest.approx(_f(mix_loss(net, x, labels, ce, w)))
+    # own prediction: the labels given are not used; the target is the network's argmax, without gradient
+    own = net(x).detach().argmax(1, keepdim=True)
+    for y in (labels, other):
+        loss = mix_loss(net, x, y, ce, w, target="own_prediction")
+        assert _f(loss) == pytest.approx(_f(ce(net(x), own, w)), rel=1e-6)
+    net.zero_grad()
+    mix_loss(net, x, labels, ce, w, target="own_prediction").backward()
+    assert net.weight.grad is not None and float(net.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="own_prediction"):
+        mix_loss(net, x, labels, ce, w, target="teacher")
+
+
 def test_settings_are_validated():
     assert settings({"method": "cps"})["unsup_weight"] == 0.1
+    assert settings({"method": "double_mix"})["mix_target"] == "mixed_labels"
+    with pytest.raises(ValueError, match="mix_target"):
+        settings({"method": "double_mix", "mix_target": "teacher"})
     with pytest.raises(ValueError, match="semi_supervised.method"):
         settings({"method": "fixmatch"})
     with pytest.raises(ValueError, match="unknown settings"):
@@ -183,6 +214,23 @@ def test_double_mix_training_writes_a_dual_bundle_predicting_the_mean(tmp_path, 
     x = torch.from_numpy(tiny_cases[0].image[None, None, :16, :16, :16].copy())
     with torch.no_grad():
         torch.testing.assert_close(bundle.network(x), (a(x) + b(x)) / 2)
+
+
+def test_double_mix_can_learn_from_its_own_prediction_on_the_mixed_patches(tmp_path, tiny_config, tiny_cases):
+    # the same run with each mix target: identical until mixing starts, then the mix terms differ
+    hists = {}
+    for target in ("mixed_labels", "own_prediction"):
+        cfg = _cfg(tiny_config, method="double_mix", iterations=8, log_every=2, checkpoint_every=8,
+                   semi_supervised={"method": "double_mix", "weights_a": {"method": "cdifw"},
+                                    "weights_b": {"method": "disw"}, "mix_start": 0.5, "mix_target": target})
+        card = load_bundle(train(cfg, tiny_cases[:2], [], tmp_path / target, log=lambda m: None,
+                                 unlabeled_cases=_unlabelled())).card
+        assert card["training"]["semi_supervised"]["mix_target"] == target
+        hists[target] = [h for h in card["training"]["history"] if "loss" in h]
+    a, b = hists["mixed_labels"], hists["own_prediction"]
+    assert [h["mix"] > 0 for h in b] == [False, False, True, True]
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)  # no mixing yet: the same step
+    assert a[2]["mix"] != pytest.approx(b[2]["mix"], rel=1e-3)
 
 
 def test_cps_weighted_floor_keeps_every_weight_at_least_one(tmp_path, tiny_config, tiny_cases):

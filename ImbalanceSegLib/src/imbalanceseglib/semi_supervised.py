@@ -36,6 +36,11 @@ Settings (``TrainConfig.semi_supervised``, validated with the config by
 ``mix_weight``        weight of the Double-Mix loss (default 0.5)
 ``mix_start``         fraction of the iterations before mixing starts (teachers must have
                       learned something first; default 0.1)
+``mix_target``        what a network learns from on a mixed patch: ``mixed_labels`` (default, the
+                      paper's description: the ground truth and the teacher's pseudo-label, mixed
+                      as the images were) or ``own_prediction`` (the network's own argmax on the
+                      mixed patch, as the authors' published training script does; it adds no
+                      teacher pseudo-label as a target, so a teacher's mistakes are not taught)
 ``ema_decay``         teacher EMA decay (default 0.99, with the usual ``min(1 - 1/(t+1), decay)`` warm-up)
 ``unlabeled_batch_size`` unlabelled patches per iteration (default: ``batch_size``)
 
@@ -142,6 +147,19 @@ def double_mix(x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, q_u: tor
     return torch.stack(xs), torch.stack(ys)
 
 
+def mix_loss(forward, mixed_images: torch.Tensor, mixed_labels: torch.Tensor, loss_fn,
+             weights: Optional[torch.Tensor], target: str = "mixed_labels") -> torch.Tensor:
+    """The Double-Mix term of one network: ``loss_fn`` of its output on the mixed patches against
+    ``mixed_labels`` (``target="mixed_labels"``) or against its own argmax on those patches
+    (``"own_prediction"``, no gradient through the target)."""
+    out = forward(mixed_images)
+    if target == "own_prediction":
+        mixed_labels = out.detach().argmax(1, keepdim=True)
+    elif target != "mixed_labels":
+        raise ValueError(f"mix target must be mixed_labels or own_prediction, got {target!r}")
+    return loss_fn(out, mixed_labels, class_weights=weights)
+
+
 def cps_loss(logits: torch.Tensor, other_logits: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """(Weighted) cross-entropy of ``logits`` against the argmax of the other network (no gradient
     into the other network): the cross pseudo supervision term of one network."""
@@ -206,7 +224,8 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
         f"{len(unlabelled_cases)} unlabelled cases; loss {config.loss.get('name')}; weights A "
         f"{ss['weights_a'].get('method')}, B {ss['weights_b'].get('method')}; unsupervised weight "
         f"{ss['unsup_weight']:g} ramped over {ramp_len:.0f} iterations"
-        + (f"; Double-Mix from iteration {mix_from}, weight {ss['mix_weight']:g}" if use_mix else "")
+        + (f"; Double-Mix from iteration {mix_from}, weight {ss['mix_weight']:g}, targets "
+           f"{ss['mix_target'].replace('_', ' ')}" if use_mix else "")
         + (f"; deep supervision of the supervised losses at {deep['levels']} coarser decoder level(s)"
            if heads is not None else ""))
 
@@ -256,7 +275,8 @@ def train_semi_supervised(config: TrainConfig, labelled_cases: Sequence[Case], u
                 q_b = teachers.members[1](x_u[:n]).argmax(1, keepdim=True)
             mx_a, my_a = double_mix(x_l[:n], y_l[:n], x_u[:n], q_a, w_a, gen)  # A's view: trains B
             mx_b, my_b = double_mix(x_l[:n], y_l[:n], x_u[:n], q_b, w_b, gen)  # B's view: trains A
-            mix = loss_fn(fwd_b(mx_a), my_a, class_weights=w_b) + loss_fn(fwd_a(mx_b), my_b, class_weights=w_a)
+            mix = (mix_loss(fwd_b, mx_a, my_a, loss_fn, w_b, ss["mix_target"])
+                   + mix_loss(fwd_a, mx_b, my_b, loss_fn, w_a, ss["mix_target"]))
             loss = loss + ss["mix_weight"] * mix
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -231,6 +231,8 @@ def context_labels_settings(entry: Any, features: List[int]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- semi-supervised settings
 
 SEMI_METHODS = ("none", "cps", "double_mix")
+#: What a network learns from on a Double-Mix patch (see :mod:`imbalanceseglib.semi_supervised`).
+MIX_TARGETS = ("mixed_labels", "own_prediction")
 
 #: ``TrainConfig.semi_supervised`` defaults (see :mod:`imbalanceseglib.semi_supervised`).
 SEMI_DEFAULTS: Dict[str, Any] = {
@@ -241,6 +243,7 @@ SEMI_DEFAULTS: Dict[str, Any] = {
     "rampup": 0.4,
     "mix_weight": 0.5,
     "mix_start": 0.1,
+    "mix_target": "mixed_labels",
     "ema_decay": 0.99,
     "unlabeled_batch_size": None,
 }
@@ -264,6 +267,8 @@ def semi_supervised_settings(config_entry: Optional[Dict[str, Any]]) -> Dict[str
         v = s[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= float(v) <= hi:
             raise ValueError(f"semi_supervised.{key} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    if s["mix_target"] not in MIX_TARGETS:
+        raise ValueError(f"semi_supervised.mix_target must be one of {', '.join(MIX_TARGETS)}, got {s['mix_target']!r}")
     ub = s["unlabeled_batch_size"]
     if ub is not None and (isinstance(ub, bool) or not isinstance(ub, int) or ub < 1):
         raise ValueError(f"semi_supervised.unlabeled_batch_size must be a positive integer, got {ub!r}")

@@ -85,7 +85,9 @@ Measured since (20 jobs, 2026-12-03, ``--jobs 2`` at one thread each): an iterat
 takes its minutes from the finished jobs (:func:`calibrate_from_results`) and gives about 25 CPU-hours,
 12.8 h of wall time with ``--jobs 2``: twice the budget. The plan was not cut again for it: what
 remains is in the order above, so a shorter run still ends with whole groups. Run order:
-:func:`plan_jobs` (baseline and large margin at the small sizes over 3 seeds first).
+:func:`plan_jobs` (baseline and large margin at the small sizes over 3 seeds first). The two
+semi-supervised follow-ups (:data:`SEMI_FOLLOW_UP`, 18 jobs, about 6 CPU-hours) bring the plan to
+about 27 CPU-hours; they come last.
 
 Settings (see :data:`COMMON`, :data:`METHODS`) and where they differ from the reference code of
 Li, Kamnitsas & Glocker:
@@ -150,6 +152,7 @@ sys.path.insert(0, str(HERE))
 
 import real_data as rd  # noqa: E402
 from benchmark_common import code_commit, job_log, machine, write_json_atomic, write_report_atomic  # noqa: E402
+from imbalanceseglib.presets import METHOD_PRESETS  # noqa: E402  (torch-free)
 
 WORK = ROOT / "work-tmp" / "real_imbalance"
 QUICK_WORK = ROOT / "work-tmp" / "real_imbalance_quick"
@@ -223,6 +226,12 @@ METHODS: Dict[str, Tuple[str, Dict[str, Any], float]] = {
     "cps_weighted": ("CPS + DisW/CDifW", {"method": "cps_weighted"}, 4.3),
     "cps_weighted_floor": ("CPS + DisW/CDifW (weights >= 1)", {"method": "cps_weighted_floor"}, 4.3),
     "double_mix": ("Double-Mix", {"method": "double_mix"}, 9.0),
+    # Double-Mix whose mix term targets each network's own argmax on the mixed patch (as the authors'
+    # published script, lzhang30/Double-Mix dmp/code/train_cdifw_dmp_ours.py at 88da0e0), the rest the preset
+    "double_mix_own": ("Double-Mix, own-prediction targets",
+                       {"method": "double_mix",
+                        "semi_supervised": {**METHOD_PRESETS["double_mix"]["semi_supervised"],
+                                            "mix_target": "own_prediction"}}, 9.0),
 }
 IMBALANCE_METHODS = ["dice_ce", "asym_large_margin", "asym_focal", "asym_mixup", "asym_adversarial",
                      "asym_combined", "disw_floor", "difw", "cdifw"]
@@ -239,9 +248,17 @@ SEMI_METHODS = ["dice_ce", "cps", "cps_weighted", "double_mix"]
 #: A follow-up the seed-0 reading raised (not in the issue's plan, run after everything else): the DHC
 #: weights gave the background a weight near 0 in both networks (0.0001 in B, 0.30-0.36 in A) and both
 #: over-segmented; the library's ``cps_weighted_floor`` keeps every weight at least 1, as ``disw_floor``.
-SEMI_FOLLOW_UP = ["cps_weighted_floor"]
+#: The second: Double-Mix fits its labelled patches far worse than CPS + DisW/CDifW while its mixed targets
+#: are 23-45 % wrong voxels; ``double_mix_own`` changes only what the mix term learns from (the network's
+#: own argmax on the mixed patch, as the authors' published script), so it tests that reading.
+SEMI_FOLLOW_UP = ["cps_weighted_floor", "double_mix_own"]
+#: What each follow-up is compared with, paired by seed (the first is the method it changes).
+FOLLOW_UP_BASES = {"cps_weighted_floor": ("cps_weighted", "cps", "dice_ce"),
+                   "double_mix_own": ("double_mix", "cps_weighted", "cps", "dice_ce")}
+#: Methods with a Double-Mix term.
+MIX_METHODS = {"double_mix", "double_mix_own"}
 #: Two-network (semi-supervised) methods: evaluated per network, on unlabelled volumes and with the mix audit.
-TWO_NETWORK = {"cps", "cps_weighted", "cps_weighted_floor", "double_mix"}
+TWO_NETWORK = {"cps", "cps_weighted", "cps_weighted_floor", "double_mix", "double_mix_own"}
 ASYMMETRIC = {"asym_large_margin", "asym_focal", "asym_mixup", "asym_adversarial", "asym_combined"}
 
 #: Seconds per Dice + CE iteration with one torch thread, measured on 2026-12-02 with ``--measure`` and
@@ -961,7 +978,7 @@ def semi_loss_lines(results, n: int, methods: Sequence[str]) -> List[str]:
         last = [_history_at(r, PLAN_IT["semi"]) for r in g]
         last = [h for h in last if h and "sup" in h]
         cps = _ms([h["cps"] * h["unsup_weight"] / 2 for h in last], 3) if last else "-"
-        mix = _ms([h["mix"] * mix_w / 2 for h in last], 3) if last and m == "double_mix" else "-"
+        mix = _ms([h["mix"] * mix_w / 2 for h in last], 3) if last and m in MIX_METHODS else "-"
         rows.append(f"| {METHODS[m][0]} | " + " | ".join(cells) + f" | {cps} | {mix} |")
     return ["Training losses per network (mean over the last logged 25 iterations; class-weighted methods weigh "
             "them with their class weights): the supervised loss on the labelled patches at three points of "
@@ -1009,7 +1026,10 @@ def semi_section(results, jobs) -> List[str]:
                       "fraction of wrong target voxels, and the share of the mixed patch pasted from the unlabelled "
                       "one; beside it the fraction of wrong voxels in the plain pseudo-labels of unlabelled patches, "
                       "what CPS trains the other network on). For CPS and CPS + DisW/CDifW the mixing is "
-                      "hypothetical (they do not mix); it shows what their networks' pseudo-labels would give.", "",
+                      "hypothetical (they do not mix); it shows what their networks' pseudo-labels would give."
+                      + (" Double-Mix with own-prediction targets mixes the same way but learns from its own argmax "
+                         "on the mixed patch, so its mixed targets are not what it is taught."
+                         if "double_mix_own" in semi else ""), "",
                       "| method | network | " + " | ".join(f"{c}: pseudo-label Dice" for c in classes) + " | "
                       + " | ".join(f"{c}: mixed-target Dice" for c in classes)
                       + " | wrong pseudo-label voxels | wrong mixed-target voxels | pasted from unlabelled |",
@@ -1192,18 +1212,19 @@ def semi_findings(results) -> List[str]:
                        + (f", CPS {np.mean([h['sup'] / 2 for h in end['cps']]):.3f}" if end["cps"] else "")
                        + f"; Double-Mix's weighted mix term {dm_mix:.3f} per network, "
                        + ("larger than" if dm_mix > dm_sup else "smaller than") + " its supervised loss.")
-    for frac, n in SEMI_PATIENTS.items():
-        floor = dict(zip(*_seeds_and_means(results, n, "cps_weighted_floor")))
-        if not floor:
-            continue
-        parts = []
-        for other in ("cps_weighted", "cps", "dice_ce"):
-            o = dict(zip(*_seeds_and_means(results, n, other)))
-            d = [floor[k] - o[k] for k in sorted(set(floor) & set(o))]
-            if d:
-                parts.append(f"minus {METHODS[other][0]} {np.mean(d):+.3f} ({', '.join(f'{x:+.3f}' for x in d)})")
-        out.append(f"* ACDC {frac} ({n} labelled patients, {len(floor)} seed(s)): {METHODS['cps_weighted_floor'][0]}, "
-                   f"mean test Dice {np.mean(list(floor.values())):.3f}; paired by seed: " + "; ".join(parts) + ".")
+    for m in SEMI_FOLLOW_UP:
+        for frac, n in SEMI_PATIENTS.items():
+            got = dict(zip(*_seeds_and_means(results, n, m)))
+            if not got:
+                continue
+            parts = []
+            for other in FOLLOW_UP_BASES[m]:
+                o = dict(zip(*_seeds_and_means(results, n, other)))
+                d = [got[k] - o[k] for k in sorted(set(got) & set(o))]
+                if d:
+                    parts.append(f"minus {METHODS[other][0]} {np.mean(d):+.3f} ({', '.join(f'{x:+.3f}' for x in d)})")
+            out.append(f"* ACDC {frac} ({n} labelled patients, {len(got)} seed(s)): {METHODS[m][0]}, "
+                       f"mean test Dice {np.mean(list(got.values())):.3f}; paired by seed: " + "; ".join(parts) + ".")
     return out
 
 
@@ -1283,7 +1304,7 @@ def plot(results, jobs, path: Path) -> Optional[Path]:
         ax.set_title("ACDC semi-supervised: mean test Dice", fontsize=9)
         ax.legend(fontsize=7)
         ax = axes[1][-1]
-        for m in ("cps_weighted", "double_mix"):
+        for m in ("cps_weighted", "double_mix", "double_mix_own"):
             pts = []
             for k, (frac, n) in enumerate(fr):
                 g = _group(results, "acdc", n, m, "semi")
@@ -1406,6 +1427,12 @@ def write_report(results, jobs, command: str, work: Path, out: Path, plot_path: 
         "| method | settings on top of Dice + CE |", "|---|---|"]
     for m in IMBALANCE_METHODS + SEMI_METHODS[1:] + SEMI_FOLLOW_UP:
         f = {k: v for k, v in METHODS[m][1].items() if k != "method"}
+        base = METHODS[m][1].get("method")
+        if base != m and base in METHOD_PRESETS:  # a preset with some settings changed: name only those
+            diff = {f"{k}.{kk}": vv for k, v in f.items() if isinstance(v, dict) for kk, vv in v.items()
+                    if METHOD_PRESETS[base].get(k, {}).get(kk) != vv}
+            lines.append(f"| {METHODS[m][0]} (`{m}`) | library preset {base} with `{json.dumps(diff)}` |")
+            continue
         lines.append(f"| {METHODS[m][0]} (`{m}`) | `{json.dumps(f) if f else 'library preset ' + m}` |")
     lines.append("")
     lines += ["## Findings (computed from the tables below)", "",

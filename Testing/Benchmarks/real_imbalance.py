@@ -1163,6 +1163,44 @@ def findings(results, jobs) -> List[str]:
                                          " (every seed worse)" if all(x < 0 for x in d) else ""))
                 if better:
                     out.append(f"  Test change against the baseline (paired seeds): {'; '.join(better)}.")
+        out += size_findings(results, jobs, ds)
+    return out
+
+
+def size_findings(results, jobs, ds: str) -> List[str]:
+    """The paper's claim depends on the training-set size: per rare class, the baseline's train - test
+    gaps (sensitivity, median rare-voxel margin) at the smallest and the largest size, and what the
+    asymmetric methods run at both sizes changed on the test set (paired seeds)."""
+    sizes = sorted(n for n in {j["n"] for j in jobs if j["dataset"] == ds and j["part"] in ("imbalance", "both")}
+                   if _group(results, ds, n, "dice_ce"))
+    if len(sizes) < 2:
+        return []
+    lo, hi = sizes[0], sizes[-1]
+    out = []
+    for cls in rd.DATASETS[ds].rare:
+        def gaps(n):
+            base = _group(results, ds, n, "dice_ce")
+            sens = [(_case_mean(r["train"], cls, "sensitivity") or 0.0) - (_case_mean(r["test"], cls, "sensitivity") or 0.0)
+                    for r in base]
+            marg = [r["train"]["margins"][cls]["positives"]["median"] - r["test"]["margins"][cls]["positives"]["median"]
+                    for r in base if r["train"]["margins"][cls]["positives"].get("median") is not None
+                    and r["test"]["margins"][cls]["positives"].get("median") is not None]
+            return sens, marg
+
+        (s_lo, m_lo), (s_hi, m_hi) = gaps(lo), gaps(hi)
+        changes = []
+        for m in IMBALANCE_METHODS[1:]:
+            per = []
+            for n in (lo, hi):
+                base = {r["seed"]: r for r in _group(results, ds, n, "dice_ce")}
+                d = [(_case_mean(r["test"], cls, "dice") or 0.0) - (_case_mean(base[r["seed"]]["test"], cls, "dice") or 0.0)
+                     for r in _group(results, ds, n, m) if r["seed"] in base]
+                per.append(d)
+            if all(len(d) >= 2 for d in per):
+                changes.append(f"{m} test Dice {np.mean(per[0]):+.3f} with {lo} vs {np.mean(per[1]):+.3f} with {hi}")
+        out.append(f"* {ds.upper()} {cls}, {lo} vs {hi} training patients (baseline): train - test sensitivity "
+                   f"{_ms(s_lo)} vs {_ms(s_hi)}; train - test median rare-voxel margin {_ms(m_lo, 2)} vs {_ms(m_hi, 2)}"
+                   + (f"; against the baseline, paired seeds: {'; '.join(changes)}" if changes else "") + ".")
     return out
 
 

@@ -1238,7 +1238,7 @@ def semi_findings(results) -> List[str]:
     mix_w = SEMI_DEFAULTS["mix_weight"]
     for frac, n in SEMI_PATIENTS.items():
         end = {}
-        for m in ("cps", "cps_weighted", "double_mix"):
+        for m in ("cps", "cps_weighted", "double_mix", "double_mix_own"):
             hs = [_history_at(r, PLAN_IT["semi"]) for r in _group(results, "acdc", n, m, "semi")]
             end[m] = [h for h in hs if h and "sup" in h]
         if end["double_mix"] and end["cps_weighted"]:
@@ -1249,7 +1249,11 @@ def semi_findings(results) -> List[str]:
                        f"{np.mean([h['sup'] / 2 for h in end['cps_weighted']]):.3f}"
                        + (f", CPS {np.mean([h['sup'] / 2 for h in end['cps']]):.3f}" if end["cps"] else "")
                        + f"; Double-Mix's weighted mix term {dm_mix:.3f} per network, "
-                       + ("larger than" if dm_mix > dm_sup else "smaller than") + " its supervised loss.")
+                       + ("larger than" if dm_mix > dm_sup else "smaller than") + " its supervised loss"
+                       + (f"; with own-prediction targets ({len(end['double_mix_own'])} seed(s)) supervised "
+                          f"{np.mean([h['sup'] / 2 for h in end['double_mix_own']]):.3f}, weighted mix term "
+                          f"{np.mean([h['mix'] * mix_w / 2 for h in end['double_mix_own']]):.3f}"
+                          if end["double_mix_own"] else "") + ".")
     for m in SEMI_FOLLOW_UP:
         for frac, n in SEMI_PATIENTS.items():
             got = dict(zip(*_seeds_and_means(results, n, m)))

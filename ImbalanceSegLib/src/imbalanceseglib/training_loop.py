@@ -116,8 +116,8 @@ def named_weights(names: Sequence[str], weights) -> str:
 
 
 # Rare-class methods the summary suggests (names of METHOD_PRESETS).  Semi-supervised: only
-# cps_weighted, whose class weights raised the ACDC right ventricle's sensitivity (end slices 0.67-0.85
-# against 0.37-0.64 for CPS, means of 2-3 seeds); double_mix is not suggested, it lost most of its Dice there at every
+# cps_weighted, whose class weights raised the ACDC right ventricle's sensitivity (end slices 0.67-0.84
+# against 0.37-0.63 for CPS, means of 3 seeds); double_mix is not suggested, it lost most of its Dice there at every
 # labelled fraction (Testing/Benchmarks/reports/real_imbalance.md).
 _SUGGESTED_SUPERVISED = ("asym_combined", "cdifw")
 _SUGGESTED_SEMI_SUPERVISED = ("cps_weighted",)

@@ -70,7 +70,7 @@ from .class_weights import DistributionWeights, class_voxel_counts as batch_voxe
 from .deep_supervision import AuxiliaryHeads, DeepSupervisionLoss, card_entry, deep_outputs, output_weights
 from .losses import weighted_ce
 from .networks import build_network, set_activation_checkpointing
-from .train_config import TrainConfig, make_class_weighter
+from .train_config import MIX_TARGETS, TrainConfig, make_class_weighter
 from .training_data import Case, PatchSampler, check_training_data
 from .training_engine import training_forward
 from .training_loop import (LogFn, TrainingLoop, begin_run, build_augmenter, build_training_loss, named_weights,
@@ -155,8 +155,8 @@ def mix_loss(forward, mixed_images: torch.Tensor, mixed_labels: torch.Tensor, lo
     out = forward(mixed_images)
     if target == "own_prediction":
         mixed_labels = out.detach().argmax(1, keepdim=True)
-    elif target != "mixed_labels":
-        raise ValueError(f"mix target must be mixed_labels or own_prediction, got {target!r}")
+    elif target not in MIX_TARGETS:
+        raise ValueError(f"mix target must be one of {', '.join(MIX_TARGETS)}, got {target!r}")
     return loss_fn(out, mixed_labels, class_weights=weights)
 
 

@@ -1150,19 +1150,17 @@ def findings(results, jobs) -> List[str]:
                 better = []
                 for m in IMBALANCE_METHODS[1:]:
                     g = _group(results, ds, n, m)
-                    if not g:
+                    paired = [(r, b) for r in g for b in base if b["seed"] == r["seed"]]
+                    if len(paired) < 2:
                         continue
-                    d = [(_case_mean(r["test"], cls, "sensitivity") or 0.0)
-                         - (_case_mean(b["test"], cls, "sensitivity") or 0.0)
-                         for r in g for b in base if b["seed"] == r["seed"]]
-                    dd = [(_case_mean(r["test"], cls, "dice") or 0.0) - (_case_mean(b["test"], cls, "dice") or 0.0)
-                          for r in g for b in base if b["seed"] == r["seed"]]
-                    if len(d) >= 2:
-                        better.append(f"{m} {np.mean(d):+.3f} sens. / {np.mean(dd):+.3f} Dice"
-                                      + (" (every seed better)" if all(x > 0 for x in d) else
-                                         " (every seed worse)" if all(x < 0 for x in d) else ""))
+                    parts = []
+                    for metric, name in (("sensitivity", "sens."), ("precision", "precision"), ("dice", "Dice")):
+                        d = [(_case_mean(r["test"], cls, metric) or 0.0) - (_case_mean(b["test"], cls, metric) or 0.0)
+                             for r, b in paired]
+                        parts.append(f"{name} {np.mean(d):+.3f} (up in {sum(x > 0 for x in d)}/{len(d)})")
+                    better.append(f"{m}: " + ", ".join(parts))
                 if better:
-                    out.append(f"  Test change against the baseline (paired seeds): {'; '.join(better)}.")
+                    out.append(f"  Test change against the baseline (paired seeds; up in k/n = higher than the paired baseline in k of n seeds): {'; '.join(better)}.")
         out += size_findings(results, jobs, ds)
     return out
 

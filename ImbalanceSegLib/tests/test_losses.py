@@ -130,12 +130,22 @@ def test_asymmetric_focal_applies_only_to_frequent_voxels():
 def test_asymmetric_large_margin_subtracts_the_margin_at_rare_voxels_only():
     z = _logits([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     y = _labels([1, 2])
-    loss = build_loss({"name": "asym_large_margin", "margin": 2.0, "rare_classes": ["tiny"]}, NAMES)
+    loss = build_loss({"name": "asym_large_margin", "margin": 2.0, "lambda_dice": 0.0, "rare_classes": ["tiny"]},
+                      NAMES)
     p = math.e / (math.e + 2)
     p_margin = math.exp(-1) / (math.exp(-1) + 2)       # rare voxel: true logit 1 - 2 = -1
     assert loss(z, y).item() == pytest.approx((-math.log(p) - math.log(p_margin)) / 2, rel=1e-5)
-    zero = build_loss({"name": "asym_large_margin", "margin": 0.0, "rare_classes": ["tiny"]}, NAMES)
+    zero = build_loss({"name": "asym_large_margin", "margin": 0.0, "lambda_dice": 0.0, "rare_classes": ["tiny"]},
+                      NAMES)
     assert zero(z, y).item() == pytest.approx(build_loss({"name": "ce"})(z, y).item(), rel=1e-6)
+    # by default (the reference code's margin 1, on top of Dice + CE): exactly Dice + CE plus the margin
+    z2 = torch.randn(2, 3, 4, 4, 4)
+    y2 = torch.randint(0, 3, (2, 1, 4, 4, 4))
+    default = build_loss({"name": "asym_large_margin", "rare_classes": ["tiny"]}, NAMES)
+    assert default.margin == 1.0 and default.lambda_dice == 1.0 and default.gamma == 0.0
+    no_margin = build_loss({"name": "asym_large_margin", "margin": 0.0, "rare_classes": ["tiny"]}, NAMES)
+    assert no_margin(z2, y2).item() == pytest.approx(build_loss({"name": "dice_ce"})(z2, y2).item(), rel=1e-6)
+    assert default(z2, y2).item() > no_margin(z2, y2).item()
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)

@@ -142,7 +142,7 @@ def test_clean_step_weights_equal_two_steps_by_hand(tmp_path, tiny_config, tiny_
     torch.manual_seed(cfg.seed)           # the trainer's initial weights
     ref = build_network("UNet3D", {"in_channels": 1, "out_channels": 3, "features": list(cfg.features)})
     opt = torch.optim.AdamW(ref.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    loss_fn = build_loss({"name": "ce"}, NAMES, [0.9, 0.09, 0.01])
+    loss_fn = build_loss({"name": "dice_ce"}, NAMES, [0.9, 0.09, 0.01])   # the preset: Dice + CE
     after = []
     for inp, target, mask in ((x, y, None), (x_mix, t_mix, one_hot_voxels(t_mix))):
         opt.zero_grad(set_to_none=True)

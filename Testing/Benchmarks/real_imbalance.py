@@ -96,8 +96,8 @@ Li, Kamnitsas & Glocker:
 
 * focal gamma 4 and large margin 1 as the reference; both losses here are the library's
   ``asym_focal`` / ``asym_large_margin`` with the Dice term kept (``lambda_dice`` 1), so that they
-  are Dice + CE plus the asymmetry (the library's own ``asym_large_margin`` preset drops the Dice
-  term and uses margin 2; its ``asym_focal`` preset uses gamma 2);
+  are Dice + CE plus the asymmetry (since 2026-12-04 the library's presets and loss defaults are
+  these settings; the runs before that date set them explicitly, as :data:`METHODS` still does);
 * mixup: as the reference: ``lambda ~ 0.8 * Beta(0.3, 0.3)`` (``mixup.lambda_scale`` 0.8), rare
   labels kept hard when their image weighs more than 0.2 (``mixup.margin`` 0.2), the voxels whose
   mixed target is not one-hot left out of the loss, Dice and CE alike (``mixup.soft_targets``
@@ -1470,8 +1470,8 @@ def write_report(results, jobs, command: str, work: Path, out: Path, plot_path: 
         "centred on a class drawn uniformly among those present, no augmentation, no validation set; evaluation on the "
         "working grid with sliding windows (overlap 0.5) and `imbalanceseglib.evaluation.evaluate_labels`.",
         "* Methods (every one Dice + CE plus one change; see the script's docstring for where they differ from the "
-        "reference code of Li et al.: no clean step before the mixed one and no lambda scaling in the library's "
-        "mixup, DisW with a floor of 1):",
+        "reference code of Li et al.: the combined variant's cheaper mixup, no augmentation, DisW with a floor "
+        "of 1):",
         "",
         "| method | settings on top of Dice + CE |", "|---|---|"]
     for m in IMBALANCE_METHODS + SEMI_METHODS[1:] + SEMI_FOLLOW_UP:

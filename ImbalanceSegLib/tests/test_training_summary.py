@@ -109,7 +109,7 @@ def test_summary_names_exactly_the_class_never_learned_also_when_resumed_after_t
     kidney_share = card["training"]["class_voxel_fractions"]["Right kidney"]
     expected = ("[train] never learned: Right kidney (validation Dice 0.000 at iteration 2; never predicted; "
                 f"{100 * kidney_share:.2g}% of the training voxels). Try: a rare-class method (method "
-                '"asym_large_margin" or "disw_floor"), more iterations (this run: 2), a larger foreground_fraction '
+                '"disw_floor" or "asym_large_margin"), more iterations (this run: 2), a larger foreground_fraction '
                 "(now 0.67), or check that it is labelled the same way in the training and the validation cases.")
     assert [m for m in logs if m.startswith("[train]")] == [expected]
     warnings = [e for e in got if e["event"] == "warning"]
@@ -150,7 +150,7 @@ def test_learning_check_says_what_it_saw_and_only_suggests_real_options():
     assert (check["never_learned"], check["barely_learned"], check["message"]) == ([], ["Right kidney"], None)
     assert check["warnings"] == [{"kind": "barely_learned", "classes": ["Right kidney"], "message": (
         "[train] barely learned: Right kidney (validation Dice 0.010 at iteration 2, under 0.05; it had Dice 0.200 "
-        'at iteration 1; 1% of the training voxels). Try: a rare-class method (method "asym_large_margin" or "disw_floor"), '
+        'at iteration 1; 1% of the training voxels). Try: a rare-class method (method "disw_floor" or "asym_large_margin"), '
         "more iterations (this run: 2), a larger foreground_fraction (now 0.67), or check that it is labelled the "
         "same way in the training and the validation cases.")}]
     assert training_loop.BARELY_LEARNED_DICE == 0.05
@@ -165,7 +165,7 @@ def test_learning_check_says_what_it_saw_and_only_suggests_real_options():
     assert check["warnings"] == [{"kind": "never_learned", "classes": ["Right kidney"], "message": (
         "[train] never learned: Right kidney (validation Dice 0.000 at iteration 300; predicted only outside its "
         "reference (12 voxels); it had Dice 0.250 at iteration 200; 1% of the training voxels). Try: another "
-        'rare-class method (method "asym_large_margin" or "disw_floor"), naming Right kidney in rare_classes (the rare '
+        'rare-class method (method "disw_floor" or "asym_large_margin"), naming Right kidney in rare_classes (the rare '
         "classes now: Liver), more iterations (this run: 300), or check that it is labelled the same way in the "
         "training and the validation cases.")}]
     # a class in no validation case cannot be checked: said so, not called learned or unlearned

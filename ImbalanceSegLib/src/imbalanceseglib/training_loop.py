@@ -115,16 +115,19 @@ def named_weights(names: Sequence[str], weights) -> str:
     return " ".join(f"{name}={float(w):.2f}" for name, w in zip(names, weights))
 
 
-# Rare-class methods the summary suggests (names of METHOD_PRESETS), the ones that raised the rare
-# classes' test sensitivity on real patients without costing the other classes' Dice
-# (Testing/Benchmarks/reports/real_imbalance.md, 3 seeds, paired with Dice + CE).  Supervised: the large
-# margin (ACDC right ventricle sensitivity +0.064 and Dice +0.071 in 3 of 3 seeds, CHAOS kidneys
-# sensitivity +0.031 / +0.013) and DisW with weights >= 1 (+0.007 / +0.036 / +0.053); not asym_mixup or
-# asym_combined (sensitivity +0.18 to +0.31 but precision -0.12 to -0.37 in every seed, the combined one
-# also losing the liver) nor asym_focal (liver Dice -0.149).  Semi-supervised: cps_weighted_floor (right
-# ventricle end-slice sensitivity 0.54-0.74 against CPS's 0.37-0.63, mean Dice within -0.10 to +0.01 of
-# CPS); not cps_weighted (0.14-0.27 under supervised) nor double_mix (0.40-0.47 under).
-_SUGGESTED_SUPERVISED = ("asym_large_margin", "disw_floor")
+# Rare-class methods the summary suggests (names of METHOD_PRESETS) for a class it finds never or barely
+# learned.  Supervised, first disw_floor: in that regime (synthetic variants of one anatomy, 600 iterations,
+# Testing/Benchmarks/reports/imbalance_training.md) it raised the small classes' test Dice from 0.165 / 0.116
+# (dice_ce) to 0.603 / 0.636 with 2 / 12 training cases, where the CE-based asymmetric variants stayed at 0
+# and DifW/CDifW reached 0.34-0.47; then asym_large_margin, the one that helped a rare class learned on few
+# training patients but lost on new ones (Testing/Benchmarks/reports/real_imbalance.md, 3 seeds paired with
+# Dice + CE: ACDC right ventricle test Dice +0.071 and sensitivity +0.064 in 3 of 3 seeds), not measured on
+# a never-learned class.  Not asym_mixup or asym_combined (there: sensitivity +0.18 to +0.31 but precision
+# -0.12 to -0.37 in every seed, the combined one also losing the liver) nor asym_focal (liver Dice -0.149).
+# Semi-supervised: cps_weighted_floor (right ventricle end-slice sensitivity 0.54-0.74 against CPS's
+# 0.37-0.63, mean Dice within -0.10 to +0.01 of CPS); not cps_weighted (0.14-0.27 under supervised) nor
+# double_mix (0.40-0.47 under).
+_SUGGESTED_SUPERVISED = ("disw_floor", "asym_large_margin")
 _SUGGESTED_SEMI_SUPERVISED = ("cps_weighted_floor",)
 
 

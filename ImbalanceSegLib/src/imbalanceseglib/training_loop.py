@@ -121,8 +121,9 @@ def named_weights(names: Sequence[str], weights) -> str:
 # (dice_ce) to 0.603 / 0.636 with 2 / 12 training cases, where the CE-based asymmetric variants stayed at 0
 # and DifW/CDifW reached 0.34-0.47; then asym_large_margin, the one that helped a rare class learned on few
 # training patients but lost on new ones (Testing/Benchmarks/reports/real_imbalance.md, 3 seeds paired with
-# Dice + CE: ACDC right ventricle test Dice +0.071 and sensitivity +0.064 in 3 of 3 seeds), not measured on
-# a never-learned class.  Not asym_mixup or asym_combined (there: sensitivity +0.18 to +0.31 but precision
+# Dice + CE: ACDC right ventricle test Dice +0.071 and sensitivity +0.064 in 3 of 3 seeds; asym_adversarial
+# helped more there, +0.03 to +0.09, at 2.6-2.7 times the time per iteration); neither was measured on a
+# never-learned class.  Not asym_mixup or asym_combined (there: sensitivity +0.18 to +0.31 but precision
 # -0.12 to -0.37 in every seed, the combined one also losing the liver) nor asym_focal (liver Dice -0.149).
 # Semi-supervised: cps_weighted_floor (right ventricle end-slice sensitivity 0.54-0.74 against CPS's
 # 0.37-0.63, mean Dice within -0.10 to +0.01 of CPS); not cps_weighted (0.14-0.27 under supervised) nor

@@ -1418,7 +1418,10 @@ def estimate_basis() -> str:
 
 
 def write_report(results, jobs, command: str, work: Path, out: Path, plot_path: Optional[Path],
-                 run_info: Optional[Dict[str, Any]] = None, extended: bool = False) -> None:
+                 run_info: Optional[Dict[str, Any]] = None, extended: bool = False,
+                 default_ids: Optional[Sequence[str]] = None) -> None:
+    """``default_ids``: with ``extended``, the jobs of the default plan, whose completion the header
+    gives apart from the extras'."""
     done = [j for j in jobs if j["id"] in results]
     missing = [j for j in jobs if j["id"] not in results]
     stale = [j["id"] for j in jobs if j["id"] not in results and result_path(work, j["id"]).is_file()]
@@ -1438,6 +1441,11 @@ def write_report(results, jobs, command: str, work: Path, out: Path, plot_path: 
         + (f"; {len(stale)} result(s) from other settings ignored" if stale else "") + ".",
         "",
     ]
+    if extended and default_ids:
+        n_default = sum(1 for i in default_ids if i in results)
+        lines[-2] += (f" Of these, the default plan (the budget's; without `--extended`): {n_default} of "
+                      f"{len(default_ids)} done; the extended plan's extras: {len(done) - n_default} of "
+                      f"{len(jobs) - len(default_ids)}.")
     if missing:
         lines += [f"Missing ({len(missing)}; rerun the command to continue, finished jobs are skipped): "
                   + ", ".join(f"`{j['id']}`" for j in missing[:60]) + (" ..." if len(missing) > 60 else ""), ""]
@@ -1580,7 +1588,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         info = run_jobs(jobs, work, max(1, args.jobs), args.max_hours, args.quick)
     results = load_results(work, jobs)
     p = plot(results, jobs, plot_path)
-    write_report(results, jobs, command, work, out, p, info, extended=args.extended)
+    default_ids = ([j["id"] for j in plan_jobs(parts, SEEDS, its, datasets)] if args.extended and not args.quick
+                   else None)
+    write_report(results, jobs, command, work, out, p, info, extended=args.extended, default_ids=default_ids)
     log(f"report: {out} ({len(results)} of {len(jobs)} jobs done)")
     return 1 if info and info["failed"] else 0
 

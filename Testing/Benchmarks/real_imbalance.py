@@ -55,8 +55,8 @@ results are kept in ``Testing/Benchmarks/reports/real_imbalance_results/<id>.jso
 resumes across sessions and clones). Preprocessed cases are
 cached in ``work-tmp/real_imbalance_cache``. ``--jobs N`` runs N processes with 2/N torch threads
 each; ``--max-hours H`` starts no new job after H hours (running ones finish); ``--only SUBSTR``
-keeps the jobs whose id contains one of the comma-separated substrings and runs them in the
-substrings' order; ``--plan`` lists the jobs
+runs only the jobs whose id contains one of the comma-separated substrings, in the substrings'
+order (the report still covers the whole plan, and its command line leaves ``--only`` out); ``--plan`` lists the jobs
 in run order with estimated minutes and cumulative CPU-hours; ``--report-only`` writes the report
 from the jobs done so far. ``--measure`` times a few iterations of each kind of job (the numbers
 in :data:`SECONDS_PER_ITERATION`, which ``--plan`` uses).
@@ -1417,6 +1417,21 @@ def estimate_basis() -> str:
             + ".")
 
 
+def report_command(args: Sequence[str]) -> str:
+    """The command a report made after an ``--only`` run is reproduced by: the same arguments without
+    ``--only`` (the report covers the whole plan; finished jobs are read, not rerun)."""
+    kept: List[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--only":
+            skip = True
+        elif not a.startswith("--only="):
+            kept.append(a)
+    return "python " + " ".join([os.path.relpath(__file__, ROOT)] + kept)
+
+
 def write_report(results, jobs, command: str, work: Path, out: Path, plot_path: Optional[Path],
                  run_info: Optional[Dict[str, Any]] = None, extended: bool = False,
                  default_ids: Optional[Sequence[str]] = None) -> None:
@@ -1573,11 +1588,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         its = {k: args.iterations for k in ITERATIONS} if args.iterations else dict(ITERATIONS)
         jobs = plan_jobs(parts, SEEDS, its, datasets, extended=args.extended)
     PLAN_IT.update(its)
+    plan = jobs   # the report covers the whole plan, also when --only runs a part of it
     if args.only:
         subs = [s for s in args.only.split(",") if s]
         first = {j["id"]: min((i for i, s in enumerate(subs) if s in j["id"]), default=-1) for j in jobs}
         # run order: by the first substring a job matches, plan order within one substring
         jobs = sorted((j for j in jobs if first[j["id"]] >= 0), key=lambda j: first[j["id"]])
+        command = report_command(argv if argv is not None else sys.argv[1:])
     threads = max(1, 2 // max(1, args.jobs))
     calibrate_from_results(finished_results(work))
     if args.plan:
@@ -1586,12 +1603,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = None
     if not args.report_only:
         info = run_jobs(jobs, work, max(1, args.jobs), args.max_hours, args.quick)
-    results = load_results(work, jobs)
-    p = plot(results, jobs, plot_path)
+    results = load_results(work, plan)
+    p = plot(results, plan, plot_path)
     default_ids = ([j["id"] for j in plan_jobs(parts, SEEDS, its, datasets)] if args.extended and not args.quick
                    else None)
-    write_report(results, jobs, command, work, out, p, info, extended=args.extended, default_ids=default_ids)
-    log(f"report: {out} ({len(results)} of {len(jobs)} jobs done)")
+    write_report(results, plan, command, work, out, p, info, extended=args.extended, default_ids=default_ids)
+    log(f"report: {out} ({len(results)} of {len(plan)} jobs done)")
     return 1 if info and info["failed"] else 0
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,6 +44,16 @@ CLASS_REGIONS: List[Tuple[str, List[str]]] = [
 ]
 COLORS = [(0.8, 0.62, 0.62), (0.9, 0.58, 0.13), (0.0, 0.57, 0.55), (0.48, 0.73, 0.86), (0.93, 0.53, 0.79),
           (0.86, 0.85, 0.08), (0.56, 0.35, 0.76), (0.4, 1.0, 1.0), (0.95, 0.3, 0.2)]
+
+
+def missing(templates: Path = TEMPLATES) -> Optional[str]:
+    """Why the cohort cannot be built here (a message naming the absent files and the package that
+    installs them), or None."""
+    absent = [n for n in ("ch2.nii.gz", "aal.nii.gz", "aal.nii.txt") if not (templates / n).is_file()]
+    if not absent:
+        return None
+    return (f"skipped: {', '.join(absent)} not found in {templates}; this benchmark's cohort is built from "
+            "Colin27 + AAL of the Debian package mricron-data (apt-get install mricron-data)")
 
 
 def class_table() -> List[Dict]:

@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -43,6 +44,17 @@ METHODS = ["ce", "dice_ce", "asym_focal", "asym_large_margin", "asym_mixup", "as
 SMALL = ["Pallidum", "Amygdala", "Heschl gyrus"]          # < 0.1 % of the voxels
 MEDIUM = ["Thalamus", "Caudate", "Putamen", "Hippocampus"]  # 0.2 - 0.3 %
 LARGE = ["Cerebral cortex", "Cerebellum"]                   # > 1 %
+
+
+def method_settings(method: str) -> Dict[str, Any]:
+    """The library preset a method name stands for now (recorded with each run, and part of its folder
+    name, so a run cached under an older preset of the same name is not reused)."""
+    from imbalanceseglib.presets import METHOD_PRESETS
+    return METHOD_PRESETS[method]
+
+
+def settings_tag(settings: Dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def log(msg: str) -> None:
@@ -106,7 +118,7 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
                                   "hd95": r.hd95_mm, "asd": r.assd_mm} for r in res.classes})
     card = bundle.card
     result = {"method": job["method"], "size": job["size"], "seed": job["seed"], "n_unlabeled": n_unl,
-              "train_s": train_s,
+              "settings": job.get("settings"), "train_s": train_s,
               "wall_time_s": card["training"]["wall_time_s"],
               "seconds_per_iteration": card["training"]["seconds_per_iteration"],
               "rare_classes": card["training"]["rare_classes"], "test": per_case,
@@ -153,6 +165,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "Testing" / "Benchmarks" / "reports" / "imbalance_training.md"))
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
+    why = brain_cohort.missing()
+    if why:
+        print(why, flush=True)
+        return 0
     methods = args.methods.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = list(range(args.seeds))
@@ -166,8 +182,10 @@ def main(argv=None) -> int:
     log(f"cohort ready in {time.perf_counter() - t0:.0f} s: {len(files['train'])} training, "
         f"{len(files['val'])} validation, {len(files['test'])} test cases")
     # seed-major order: every method and size gets seed 0 first, so a partial run is balanced
+    settings = {m: method_settings(m) for m in methods}
     jobs = [{"method": m, "size": n, "seed": s, "iterations": iterations, "lr": args.lr, "files": files,
-             "dir": str(work / "runs" / f"{m}_n{n}_s{s}_it{iterations}_lr{args.lr:g}")}
+             "settings": settings[m],
+             "dir": str(work / "runs" / f"{m}_{settings_tag(settings[m])}_n{n}_s{s}_it{iterations}_lr{args.lr:g}")}
             for s in seeds for n in sizes for m in methods]
     results: List[Dict] = []
     if args.report_only:
@@ -231,7 +249,16 @@ def main(argv=None) -> int:
               "published (the most frequent class, here the background, gets weight 0); `disw_floor` is the same "
               "with every weight at least 1 (`class_weighting.min_weight`), added after `disw` over-segmented the "
               "large classes.",
-              ""]
+              "",
+              "Method settings (the library preset each name stood for when its runs were made):",
+              "",
+              "| method | settings |",
+              "|---|---|"]
+    for m in methods:
+        made = {json.dumps(r["settings"], sort_keys=True) if r.get("settings") is not None else "not recorded"
+                for r in results if r["method"] == m}
+        lines.append(f"| {m} | " + "; ".join(f"`{x}`" if x != "not recorded" else x for x in sorted(made)) + " |")
+    lines.append("")
     for size in sizes:
         lines += [f"## {size} training cases: test-set metrics (mean ± standard deviation over seeds)", "",
                   "| method | seeds | small Dice | small sensitivity | small precision | small HD95 mm | medium Dice | "

@@ -44,9 +44,10 @@ LABEL = {"dice_ce": "supervised only (Dice + CE)", "cps": "CPS", "cps_weighted":
 
 
 def job_dir(work: Path, method: str, n_lab: int, n_unl: int, seed: int, iterations: int, lr: float) -> Path:
+    tag = it.settings_tag(it.method_settings(method))  # a run made under another preset is not reused
     if method == "dice_ce":  # identical to the training benchmark's run: share its folder and cache
-        return work / "runs" / f"dice_ce_n{n_lab}_s{seed}_it{iterations}_lr{lr:g}"
-    return work / "semi_runs" / f"{method}_n{n_lab}_u{n_unl}_s{seed}_it{iterations}_lr{lr:g}"
+        return work / "runs" / f"dice_ce_{tag}_n{n_lab}_s{seed}_it{iterations}_lr{lr:g}"
+    return work / "semi_runs" / f"{method}_{tag}_n{n_lab}_u{n_unl}_s{seed}_it{iterations}_lr{lr:g}"
 
 
 def main(argv=None) -> int:
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "reports" / "semi_supervised.md"))
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
+    why = brain_cohort.missing()
+    if why:
+        print(why, flush=True)
+        return 0
     work = Path(args.work)
     methods = args.methods.split(",")
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
                 n_unl = 0 if m == "dice_ce" else args.pool - n
                 jobs.append({"method": m, "size": n, "seed": s, "iterations": args.iterations, "lr": args.lr,
                              "files": files, "n_unlabeled": n_unl, "need_asd": True,
+                             "settings": it.method_settings(m),
                              "dir": str(job_dir(work, m, n, args.pool - n, s, args.iterations, args.lr))})
     results: List[Dict] = []
     if args.report_only:

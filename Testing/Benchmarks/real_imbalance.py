@@ -1417,17 +1417,17 @@ def estimate_basis() -> str:
             + ".")
 
 
-def report_command(args: Sequence[str]) -> str:
-    """The command a report made after an ``--only`` run is reproduced by: the same arguments without
-    ``--only`` (the report covers the whole plan; finished jobs are read, not rerun)."""
+def command_line(args: Sequence[str], drop_only: bool = False) -> str:
+    """The command line a report names. With ``drop_only``, the arguments without ``--only``: a report
+    made after an ``--only`` run covers the whole plan (finished jobs are read, not rerun)."""
     kept: List[str] = []
     skip = False
     for a in args:
         if skip:
             skip = False
-        elif a == "--only":
+        elif drop_only and a == "--only":
             skip = True
-        elif not a.startswith("--only="):
+        elif not (drop_only and a.startswith("--only=")):
             kept.append(a)
     return "python " + " ".join([os.path.relpath(__file__, ROOT)] + kept)
 
@@ -1564,7 +1564,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--work", default=None, help=f"job folders (default {os.path.relpath(WORK, ROOT)})")
     ap.add_argument("--out", default=None, help=f"report (default {os.path.relpath(REPORT, ROOT)})")
     args = ap.parse_args(argv)
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(argv if argv is not None else sys.argv[1:], drop_only=bool(args.only))
 
     datasets = rd.available(list(rd.DATASETS))
     if not datasets:
@@ -1594,7 +1594,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         first = {j["id"]: min((i for i, s in enumerate(subs) if s in j["id"]), default=-1) for j in jobs}
         # run order: by the first substring a job matches, plan order within one substring
         jobs = sorted((j for j in jobs if first[j["id"]] >= 0), key=lambda j: first[j["id"]])
-        command = report_command(argv if argv is not None else sys.argv[1:])
     threads = max(1, 2 // max(1, args.jobs))
     calibrate_from_results(finished_results(work))
     if args.plan:
